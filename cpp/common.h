@@ -1,0 +1,18 @@
+// Helpers shared by every fcnkern operator, on both devices.
+#pragma once
+
+#include <torch/types.h>
+
+namespace fcnkern {
+
+// Dtype the kernels accumulate in: fp64 for fp64 inputs (gradchecks), fp32 for everything else.
+inline at::ScalarType acc_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// With FCNKERN_POISON=1 in the environment, fresh outputs are filled with NaN before a kernel runs, so that the
+// parity tests see every element a kernel forgot to write. Off (and free) otherwise.
+bool poison_enabled();
+void maybe_poison(const at::Tensor& out);
+
+}  // namespace fcnkern

@@ -1,0 +1,351 @@
+// CPU kernels of the fused pixelwise softmax cross-entropy (see cross_entropy.h for the maths).
+//
+// Work is cut into tiles of up to kTile pixels of one image row (or of the whole H*W plane when it is dense).
+// Each tile's C x kTile logits are gathered once from memory into an fp32 scratch buffer that stays in L1/L2;
+// the max sweep and the exp-sum sweep then run over that buffer with pixels in the vector lanes. So memory is
+// read once per pass even though the softmax needs two sweeps over the classes.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <sys/mman.h>
+
+#include "cpu_math.h"
+#include "common.h"
+#include "cross_entropy.h"
+
+namespace fcnkern {
+namespace {
+
+constexpr int64_t kTile = 64;
+
+struct FloatMath {
+  static inline __attribute__((always_inline)) float exp(float x) { return exp_approx(x); }
+  // s >= 1 for finite logits (the max term contributes exp(0)); anything else came from NaN/inf logits.
+  static inline __attribute__((always_inline)) float log_sum(float s) {
+    return s >= 1.0f ? log_approx(s) : std::numeric_limits<float>::quiet_NaN();
+  }
+};
+struct DoubleMath {
+  static inline __attribute__((always_inline)) double exp(double x) { return std::exp(x); }
+  static inline __attribute__((always_inline)) double log_sum(double s) { return std::log(s); }
+};
+
+// Per-lane class index: the label if it is in [0, C), kIgnored for ignore_index, kBadLabel otherwise. int32 so
+// that compares against it run at the width of the fp32 lanes.
+constexpr int32_t kIgnored = -1;
+constexpr int32_t kBadLabel = -2;
+
+template <typename acc_t>
+inline __attribute__((always_inline)) int32_t decode_labels(const int64_t* labels, int64_t C, int64_t ignore_index,
+                                                              int32_t* cls) {
+  int32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < kTile; ++j) {
+    const int64_t l = labels[j];
+    const int32_t k = l == ignore_index ? kIgnored : (l >= 0 && l < C ? static_cast<int32_t>(l) : kBadLabel);
+    cls[j] = k;
+    bad |= k == kBadLabel;
+  }
+  return bad;
+}
+
+// One tile of the forward: buf holds C x kTile logits (padding lanes finite). Writes the softmax statistics (max and
+// log-sum of exp(x - max)) and the weighted loss of every lane; returns nonzero if a lane had a bad label (its loss
+// is NaN). Max and log-sum stay separate so that x - max is exact: folding them into one fp32 log-sum-exp loses
+// its low bits for large logits (5e-4 relative at +-1e4).
+// kWeighted is a template parameter, not a null check in the loop: a load through a maybe-null pointer cannot be
+// if-converted, and that one branch kept GCC from vectorising the whole per-pixel epilogue.
+template <typename acc_t, typename Math, bool kWeighted>
+inline __attribute__((always_inline)) int32_t fwd_tile_math(const acc_t* buf, int64_t C, const int64_t* labels,
+                                                              int64_t ignore_index, const acc_t* weight, acc_t* mx,
+                                                              acc_t* lsum, acc_t* loss) {
+  int32_t cls[kTile];
+  const int32_t bad = decode_labels<acc_t>(labels, C, ignore_index, cls);
+  acc_t m[kTile], s[kTile], xt[kTile];
+  for (int64_t j = 0; j < kTile; ++j) {
+    m[j] = buf[j];
+    s[j] = 0;
+    xt[j] = 0;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const acc_t* row = buf + c * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* row = buf + c * kTile;
+    const int32_t c32 = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) {
+      s[j] += Math::exp(row[j] - m[j]);
+      xt[j] = cls[j] == c32 ? row[j] : xt[j];
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) {
+    const acc_t ls = Math::log_sum(s[j]);
+    const int32_t k = cls[j];
+    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
+    mx[j] = m[j];
+    lsum[j] = ls;
+    loss[j] = k >= 0 ? wt * ((m[j] - xt[j]) + ls)
+                     : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+  }
+  return bad;
+}
+
+// One tile of the backward, in place: buf holds the logits on entry and their gradient on exit.
+template <typename acc_t, typename Math, bool kWeighted>
+inline __attribute__((always_inline)) void bwd_tile_math(acc_t* buf, int64_t C, const int64_t* labels,
+                                                           int64_t ignore_index, const acc_t* weight,
+                                                           const acc_t* mx, const acc_t* lsum,
+                                                           const acc_t* grad_loss) {
+  int32_t cls[kTile];
+  acc_t g[kTile];
+  decode_labels<acc_t>(labels, C, ignore_index, cls);
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) {
+    const int32_t k = cls[j];
+    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
+    g[j] = k >= 0 ? grad_loss[j] * wt : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* row = buf + c * kTile;
+    const int32_t c32 = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) {
+      const acc_t p = Math::exp((row[j] - mx[j]) - lsum[j]);
+      row[j] = g[j] * (cls[j] == c32 ? p - acc_t(1) : p);
+    }
+  }
+}
+
+FCNK_MULTIVERSION int32_t fwd_tile(const float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
+                                   const float* weight, float* mx, float* lsum, float* loss) {
+  return weight ? fwd_tile_math<float, FloatMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, loss)
+                : fwd_tile_math<float, FloatMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, loss);
+}
+int32_t fwd_tile(const double* buf, int64_t C, const int64_t* labels, int64_t ignore_index, const double* weight,
+                 double* mx, double* lsum, double* loss) {
+  return weight ? fwd_tile_math<double, DoubleMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, loss)
+                : fwd_tile_math<double, DoubleMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, loss);
+}
+FCNK_MULTIVERSION void bwd_tile(float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
+                                const float* weight, const float* mx, const float* lsum, const float* grad_loss) {
+  if (weight) {
+    bwd_tile_math<float, FloatMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, grad_loss);
+  } else {
+    bwd_tile_math<float, FloatMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, grad_loss);
+  }
+}
+void bwd_tile(double* buf, int64_t C, const int64_t* labels, int64_t ignore_index, const double* weight,
+              const double* mx, const double* lsum, const double* grad_loss) {
+  if (weight) {
+    bwd_tile_math<double, DoubleMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, grad_loss);
+  } else {
+    bwd_tile_math<double, DoubleMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, grad_loss);
+  }
+}
+
+// How the N*H*W pixels are cut into tiles. A row is W pixels, or the whole H*W plane when every per-pixel
+// tensor involved has h-stride == W * w-stride (NCHW and channels_last do; a cropped view does not).
+struct Tiling {
+  int64_t rows_per_image, row_len, tiles_per_row;
+  int64_t num_tiles(int64_t n) const { return n * rows_per_image * tiles_per_row; }
+};
+
+Tiling make_tiling(int64_t H, int64_t W, std::initializer_list<const at::Tensor*> pixel_tensors) {
+  bool dense_plane = true;
+  for (const at::Tensor* t : pixel_tensors) {
+    const int64_t d = t->dim();
+    // Size-1 dims have meaningless strides; only a real step between rows matters.
+    if (H > 1 && t->stride(d - 2) != W * t->stride(d - 1)) dense_plane = false;
+  }
+  Tiling tl;
+  tl.rows_per_image = dense_plane ? 1 : H;
+  tl.row_len = dense_plane ? H * W : W;
+  tl.tiles_per_row = (tl.row_len + kTile - 1) / kTile;
+  return tl;
+}
+
+// Element offset of pixel (n, row, col) of a tensor whose last two dims are H x W. With a dense plane row is 0
+// and col runs over all H*W pixels, which is right because then h-stride == W * w-stride.
+inline int64_t pixel_offset(const at::Tensor& t, int64_t n, int64_t row, int64_t col) {
+  const int64_t d = t.dim();
+  return n * t.stride(0) + row * t.stride(d - 2) + col * t.stride(d - 1);
+}
+
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* x, int64_t sC, int64_t sP, int64_t C, int64_t len, acc_t* buf) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* src = x + c * sC;
+    acc_t* dst = buf + c * kTile;
+    if (sP == 1) {
+      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(src[j * sP]);
+    }
+    // Padding lanes compute on harmless finite values and are never stored.
+    for (int64_t j = len; j < kTile; ++j) dst[j] = 0;
+  }
+}
+
+// Copies len per-pixel values at stride `step` into a kTile array, padding the rest with `pad`.
+template <typename T>
+inline void gather_pixels(const T* src, int64_t step, int64_t len, T pad, T* dst) {
+  if (step == 1) {
+    std::memcpy(dst, src, len * sizeof(T));
+  } else {
+    for (int64_t j = 0; j < len; ++j) dst[j] = src[j * step];
+  }
+  for (int64_t j = len; j < kTile; ++j) dst[j] = pad;
+}
+
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* buf, int64_t C, int64_t len, scalar_t* y, int64_t sC, int64_t sP) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* src = buf + c * kTile;
+    scalar_t* dst = y + c * sC;
+    if (sP == 1) {
+      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) dst[j * sP] = static_cast<scalar_t>(src[j]);
+    }
+  }
+}
+
+template <typename F>
+void for_each_tile(const Tiling& tl, int64_t N, int64_t C, F&& body) {
+  const int64_t total = tl.num_tiles(N);
+  // Aim for ~16K logits per task so that tiny images still split and large ones do not over-schedule.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (C * kTile));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t tile = i % tl.tiles_per_row;
+      const int64_t row = (i / tl.tiles_per_row) % tl.rows_per_image;
+      const int64_t n = i / (tl.tiles_per_row * tl.rows_per_image);
+      const int64_t col0 = tile * kTile;
+      body(n, row, col0, std::min(kTile, tl.row_len - col0));
+    }
+  });
+}
+
+// empty_like(t) for big outputs, backed by 2 MiB-aligned memory advised for transparent huge pages: a fresh
+// N x C x H x W gradient is otherwise first-touched 4 KiB page by page, and those page faults cost more than the
+// kernel itself (measured: 176 MB allocate+fill 36 ms vs 10 ms into an existing buffer; 15 ms with huge pages).
+at::Tensor empty_like_large(const at::Tensor& t) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const auto layout = at::empty_like(t, t.options().device(at::kMeta));
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (bytes < 4 * kHuge) return at::empty_like(t);
+  void* ptr = nullptr;
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  if (posix_memalign(&ptr, kHuge, rounded) != 0) return at::empty_like(t);
+  madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: ignored where THP is off
+  return at::from_blob(ptr, layout.sizes(), layout.strides(), [](void* p) { std::free(p); }, t.options());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        int64_t ignore_index) {
+  check_ce_args(logits, target, weight);
+  const int64_t N = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  const auto acc = acc_type_of(logits);
+  auto opts = logits.options().dtype(acc);
+  at::Tensor loss = at::empty({N, H, W}, opts);
+  at::Tensor stats = at::empty({2, N, H, W}, opts);
+  maybe_poison(loss);
+  maybe_poison(stats);
+  if (loss.numel() == 0) return {loss, stats};
+
+  const Tiling tl = make_tiling(H, W, {&logits, &target});
+  const int64_t sC = logits.stride(1), sP = logits.stride(3), tP = target.stride(2);
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> bad_label{0};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t* t = target.data_ptr<int64_t>();
+    const acc_t* w = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+    acc_t* loss_p = loss.data_ptr<acc_t>();
+    acc_t* mx_p = stats.data_ptr<acc_t>();
+    acc_t* lsum_p = mx_p + N * H * W;
+    for_each_tile(tl, N, C, [&](int64_t n, int64_t row, int64_t col0, int64_t len) {
+      thread_local std::vector<acc_t> buf;
+      buf.resize(C * kTile);
+      int64_t labels[kTile];
+      acc_t tile_mx[kTile], tile_lsum[kTile], tile_loss[kTile];
+      gather_pixels(t + pixel_offset(target, n, row, col0), tP, len, ignore_index, labels);
+      load_tile(x + pixel_offset(logits, n, row, col0), sC, sP, C, len, buf.data());
+      if (fwd_tile(buf.data(), C, labels, ignore_index, w, tile_mx, tile_lsum, tile_loss)) {
+        for (int64_t j = 0; j < len; ++j) {
+          if (labels[j] != ignore_index && (labels[j] < 0 || labels[j] >= C)) bad_label.store(labels[j]);
+        }
+        bad.store(true);
+      }
+      // Outputs are contiguous N x H x W: the tile's pixels are consecutive there.
+      const int64_t out0 = n * H * W + (tl.rows_per_image == 1 ? col0 : row * W + col0);
+      std::memcpy(loss_p + out0, tile_loss, len * sizeof(acc_t));
+      std::memcpy(mx_p + out0, tile_mx, len * sizeof(acc_t));
+      std::memcpy(lsum_p + out0, tile_lsum, len * sizeof(acc_t));
+    });
+  });
+  TORCH_CHECK_VALUE(!bad.load(), "target contains label ", bad_label.load(), ", outside [0, ", C,
+                    ") and not ignore_index (", ignore_index, ")");
+  return {loss, stats};
+}
+
+at::Tensor pixelwise_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                int64_t ignore_index) {
+  check_ce_args(logits, target, weight);
+  check_ce_bwd_args(grad_loss, logits, stats);
+  const int64_t N = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  at::Tensor grad = empty_like_large(logits);
+  maybe_poison(grad);
+  if (grad.numel() == 0) return grad;
+
+  const Tiling tl = make_tiling(H, W, {&logits, &target, &grad, &grad_loss});
+  const int64_t sC = logits.stride(1), sP = logits.stride(3), tP = target.stride(2);
+  const int64_t gC = grad.stride(1), gP = grad.stride(3), glP = grad_loss.stride(2);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    const int64_t* t = target.data_ptr<int64_t>();
+    const acc_t* w = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+    const acc_t* gl = grad_loss.data_ptr<acc_t>();
+    const acc_t* mx_p = stats.data_ptr<acc_t>();
+    const acc_t* lsum_p = mx_p + N * H * W;
+    scalar_t* gx = grad.data_ptr<scalar_t>();
+    for_each_tile(tl, N, C, [&](int64_t n, int64_t row, int64_t col0, int64_t len) {
+      thread_local std::vector<acc_t> buf;
+      buf.resize(C * kTile);
+      int64_t labels[kTile];
+      acc_t tile_mx[kTile], tile_lsum[kTile], tile_gl[kTile];
+      const int64_t out0 = n * H * W + (tl.rows_per_image == 1 ? col0 : row * W + col0);
+      gather_pixels(t + pixel_offset(target, n, row, col0), tP, len, ignore_index, labels);
+      gather_pixels(gl + pixel_offset(grad_loss, n, row, col0), glP, len, acc_t(0), tile_gl);
+      gather_pixels(mx_p + out0, int64_t(1), len, acc_t(0), tile_mx);
+      gather_pixels(lsum_p + out0, int64_t(1), len, acc_t(0), tile_lsum);
+      load_tile(x + pixel_offset(logits, n, row, col0), sC, sP, C, len, buf.data());
+      bwd_tile(buf.data(), C, labels, ignore_index, w, tile_mx, tile_lsum, tile_gl);
+      store_tile(buf.data(), C, len, gx + pixel_offset(grad, n, row, col0), gC, gP);
+    });
+  });
+  return grad;
+}
+
+}  // namespace fcnkern

@@ -1,0 +1,189 @@
+// CUDA kernels of the fused pixelwise softmax cross-entropy (see cross_entropy.h for the maths).
+//
+// One thread per pixel walks the C classes with stride H*W: neighbouring threads hold neighbouring pixels, so
+// every class step is one coalesced warp load. The forward keeps an online max and rescaled sum in registers
+// (one pass, one exp per logit); classes go four at a time so that four loads are in flight per thread.
+//
+// Labels outside [0, C) that are not ignore_index cannot raise here without a host sync: the kernel never
+// indexes with them, writes NaN as that pixel's loss (so the reduced loss is NaN, not silently wrong) and the
+// Python layer documents how to check labels eagerly (fcnkern.pixelwise_cross_entropy(check_labels=True)).
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "cross_entropy.h"
+
+namespace fcnkern {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Strides of the per-pixel view of a tensor: element offset of pixel (n, h, w).
+struct PixelStrides {
+  int64_t n, h, w;
+  __device__ __forceinline__ int64_t at(int64_t ni, int64_t hi, int64_t wi) const { return ni * n + hi * h + wi * w; }
+};
+
+PixelStrides pixel_strides(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  return {t.stride(0), t.stride(d - 2), t.stride(d - 1)};
+}
+
+struct Shape {
+  int64_t N, C, H, W;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp_acc(acc_t x) {
+  return ::exp(x);
+}
+template <>
+__device__ __forceinline__ float exp_acc<float>(float x) {
+  return ::expf(x);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ce_fwd_kernel(const scalar_t* __restrict__ x, PixelStrides xs, int64_t x_sc, const int64_t* __restrict__ t,
+                  PixelStrides ts, const acc_t* __restrict__ weight, int64_t ignore_index, Shape shape,
+                  acc_t* __restrict__ loss, acc_t* __restrict__ stats) {
+  const int64_t num_pixels = shape.N * shape.H * shape.W;
+  const int64_t C = shape.C;
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < num_pixels;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t wi = p % shape.W, hi = (p / shape.W) % shape.H, ni = p / (shape.W * shape.H);
+    const scalar_t* xp = x + xs.at(ni, hi, wi);
+    const int64_t label = t[ts.at(ni, hi, wi)];
+    acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0, xt = 0;
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const acc_t v0 = static_cast<acc_t>(xp[c * x_sc]), v1 = static_cast<acc_t>(xp[(c + 1) * x_sc]);
+      const acc_t v2 = static_cast<acc_t>(xp[(c + 2) * x_sc]), v3 = static_cast<acc_t>(xp[(c + 3) * x_sc]);
+      const acc_t mx = max(max(v0, v1), max(v2, v3));
+      if (mx > m) {
+        s *= exp_acc(m - mx);
+        m = mx;
+      }
+      s += exp_acc(v0 - m) + exp_acc(v1 - m) + exp_acc(v2 - m) + exp_acc(v3 - m);
+      const int64_t d = label - c;
+      xt = d == 0 ? v0 : d == 1 ? v1 : d == 2 ? v2 : d == 3 ? v3 : xt;
+    }
+    for (; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(xp[c * x_sc]);
+      if (v > m) {
+        s *= exp_acc(m - v);
+        m = v;
+      }
+      s += exp_acc(v - m);
+      xt = label == c ? v : xt;
+    }
+    const acc_t ls = ::log(s);
+    acc_t out = 0;
+    if (label != ignore_index) {
+      const bool in_range = label >= 0 && label < C;
+      out = in_range ? (weight ? weight[label] : acc_t(1)) * ((m - xt) + ls)
+                     : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    loss[p] = out;
+    stats[p] = m;
+    stats[num_pixels + p] = ls;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ce_bwd_kernel(const acc_t* __restrict__ grad_loss, PixelStrides gls, const scalar_t* __restrict__ x,
+                  PixelStrides xs, int64_t x_sc, const int64_t* __restrict__ t, PixelStrides ts,
+                  const acc_t* __restrict__ weight, const acc_t* __restrict__ stats, int64_t ignore_index, Shape shape,
+                  scalar_t* __restrict__ gx, PixelStrides gs, int64_t g_sc) {
+  const int64_t num_pixels = shape.N * shape.H * shape.W;
+  const int64_t C = shape.C;
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < num_pixels;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t wi = p % shape.W, hi = (p / shape.W) % shape.H, ni = p / (shape.W * shape.H);
+    const scalar_t* xp = x + xs.at(ni, hi, wi);
+    scalar_t* gp = gx + gs.at(ni, hi, wi);
+    const int64_t label = t[ts.at(ni, hi, wi)];
+    acc_t g = 0;
+    if (label != ignore_index) {
+      g = (label >= 0 && label < C) ? grad_loss[gls.at(ni, hi, wi)] * (weight ? weight[label] : acc_t(1))
+                                    : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    const acc_t m = stats[p], ls = stats[num_pixels + p];
+#pragma unroll 4
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t prob = exp_acc((static_cast<acc_t>(xp[c * x_sc]) - m) - ls);
+      gp[c * g_sc] = static_cast<scalar_t>(g * (c == label ? prob - acc_t(1) : prob));
+    }
+  }
+}
+
+int64_t grid_for(int64_t num_pixels) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Enough resident blocks to hide latency; the grid-stride loop covers the rest.
+  return std::max<int64_t>(1, std::min<int64_t>((num_pixels + kThreads - 1) / kThreads, sms * 16));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index) {
+  check_ce_args(logits, target, weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Shape shape{logits.size(0), logits.size(1), logits.size(2), logits.size(3)};
+  const auto acc = acc_type_of(logits);
+  auto opts = logits.options().dtype(acc);
+  at::Tensor loss = at::empty({shape.N, shape.H, shape.W}, opts);
+  at::Tensor stats = at::empty({2, shape.N, shape.H, shape.W}, opts);
+  maybe_poison(loss);
+  maybe_poison(stats);
+  const int64_t num_pixels = loss.numel();
+  if (num_pixels == 0) return {loss, stats};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ce_fwd_kernel<scalar_t, acc_t><<<grid_for(num_pixels), kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
+        pixel_strides(target), weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, ignore_index, shape,
+        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, stats};
+}
+
+at::Tensor pixelwise_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                 int64_t ignore_index) {
+  check_ce_args(logits, target, weight);
+  check_ce_bwd_args(grad_loss, logits, stats);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Shape shape{logits.size(0), logits.size(1), logits.size(2), logits.size(3)};
+  at::Tensor grad = at::empty_like(logits);
+  maybe_poison(grad);
+  const int64_t num_pixels = shape.N * shape.H * shape.W;
+  if (grad.numel() == 0) return grad;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_bwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ce_bwd_kernel<scalar_t, acc_t><<<grid_for(num_pixels), kThreads, 0, stream>>>(
+        grad_loss.data_ptr<acc_t>(), pixel_strides(grad_loss), logits.data_ptr<scalar_t>(), pixel_strides(logits),
+        logits.stride(1), target.data_ptr<int64_t>(), pixel_strides(target),
+        weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, stats.data_ptr<acc_t>(), ignore_index, shape,
+        grad.data_ptr<scalar_t>(), pixel_strides(grad), grad.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace fcnkern
+
+TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
+  m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cuda);
+  m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cuda);
+}

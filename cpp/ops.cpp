@@ -1,0 +1,88 @@
+// Registers fcnkern's C++/CUDA operators with the PyTorch dispatcher.
+//
+// Schemas live here; each device's implementation registers itself with TORCH_LIBRARY_IMPL in its own source
+// file, so a build without nvcc simply has no CUDA kernel for these ops. Fake (meta) kernels and autograd are
+// registered from Python (fcnkern/_ext.py), as in PyTorch's custom-op tutorial.
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+#include "cross_entropy.h"
+
+namespace fcnkern {
+
+bool poison_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FCNKERN_POISON");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return enabled;
+}
+
+void maybe_poison(const at::Tensor& out) {
+  if (poison_enabled() && out.numel() > 0) out.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_VALUE(logits.dim() == 4, "logits must be N x C x H x W, got ", logits.dim(), " dimensions");
+  TORCH_CHECK_VALUE(target.dim() == 3, "target must be N x H x W, got ", target.dim(), " dimensions");
+  TORCH_CHECK_VALUE(logits.size(0) == target.size(0) && logits.size(2) == target.size(1) &&
+                        logits.size(3) == target.size(2),
+                    "target shape ", target.sizes(), " does not match logits shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits need at least one class (C > 0)");
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
+                       logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kDouble,
+                   "logits must be float32, float16, bfloat16 or float64, got ", logits.scalar_type());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "target is on ", target.device(), " but logits on ",
+                    logits.device());
+  if (weight.has_value()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == logits.size(1), "weight must be a vector of ",
+                      logits.size(1), " class weights, got shape ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->device() == logits.device(), "weight is on ", weight->device(), " but logits on ",
+                      logits.device());
+    const auto acc = acc_type_of(logits);
+    TORCH_CHECK_TYPE(weight->scalar_type() == acc, "weight must be ", acc, " (the computation dtype), got ",
+                     weight->scalar_type());
+    TORCH_CHECK_VALUE(weight->is_contiguous(), "weight must be contiguous");
+  }
+}
+
+void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& stats) {
+  const auto n = logits.size(0), h = logits.size(2), w = logits.size(3);
+  const auto acc = acc_type_of(logits);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 3 && grad_loss.size(0) == n && grad_loss.size(1) == h &&
+                        grad_loss.size(2) == w && grad_loss.scalar_type() == acc,
+                    "grad_loss must be a ", acc, " N x H x W tensor (strides may be 0)");
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.size(1) == n && stats.size(2) == h &&
+                        stats.size(3) == w && stats.scalar_type() == acc && stats.is_contiguous(),
+                    "stats must be the contiguous ", acc, " 2 x N x H x W tensor returned by the forward");
+  TORCH_CHECK_VALUE(grad_loss.device() == logits.device() && stats.device() == logits.device(),
+                    "grad_loss, stats and logits must be on one device");
+}
+
+}  // namespace fcnkern
+
+TORCH_LIBRARY(fcnkern, m) {
+  m.def("pixelwise_ce_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "pixelwise_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+      "int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {
+  m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cpu);
+  m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cpu);
+}
+
+// The module itself only says how it was built; the operators are reached through torch.ops.fcnkern.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FCNKERN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

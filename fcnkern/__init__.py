@@ -1,0 +1,35 @@
+"""fcnkern: fused Triton, CUDA C++ and CPU C++ kernels for Fully Convolutional Networks in PyTorch.
+
+Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
+
+- :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
+"""
+
+from fcnkern import _ext, nn
+from fcnkern.backend import (
+    BACKENDS,
+    BackendInfo,
+    BackendUnavailableError,
+    backend_info,
+    backends,
+    use_backend,
+)
+from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "__version__",
+    "backend_info",
+    "backends",
+    "nn",
+    "pixelwise_cross_entropy",
+    "use_backend",
+    "validate_labels",
+]
+
+# The ahead-of-time build registers torch.ops.fcnkern.* now (cheap); a missing one is compiled only on first use.
+_ext.load_prebuilt_quietly()

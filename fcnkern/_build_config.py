@@ -1,0 +1,53 @@
+"""Sources and compiler flags of the C++/CUDA extension, shared by setup.py (ahead-of-time build) and the
+just-in-time loader in ``fcnkern._ext``. Imports nothing but the standard library, so setup.py can load it by path
+before fcnkern is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+EXTENSION_NAME = "fcnkern._C"
+CPP_SOURCES = ("ops.cpp", "cross_entropy_cpu.cpp")
+CUDA_SOURCES = ("cross_entropy_cuda.cu",)
+# sm_80 (A100) and sm_90 (H100/H200) SASS, plus sm_90 PTX so that newer GPUs can JIT it.
+CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-DFCNKERN_WITH_CUDA"]
+LINK_FLAGS = ["-fopenmp"]
+
+
+def source_dir() -> Path:
+    """Folder of the C++/CUDA sources: ``fcnkern/csrc`` in an installed wheel, ``cpp/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "cpp"):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"fcnkern's C++ sources are neither in {here / 'csrc'} nor in {here.parent / 'cpp'}")
+
+
+def cuda_build_reason(torch_cuda_version: str | None) -> str | None:
+    """Why the CUDA part cannot be built here, or None when it can (a CUDA build of torch and nvcc present)."""
+    if os.environ.get("FCNKERN_NO_CUDA", "0") == "1":
+        return "FCNKERN_NO_CUDA=1 is set"
+    if torch_cuda_version is None:
+        return "torch is a CPU-only build"
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if shutil.which("nvcc") is None and not (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def extra_include_dirs() -> list[str]:
+    """CUDA 13 wheels of torch keep cuBLAS/cuSPARSE headers (which ATen's CUDA headers include) in
+    site-packages/nvidia/cu13/include rather than in the toolkit."""
+    import sysconfig
+
+    found = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        inc = Path(base) / "nvidia" / "cu13" / "include"
+        if inc.is_dir():
+            found.append(str(inc))
+    return found

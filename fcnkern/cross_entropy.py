@@ -1,0 +1,276 @@
+"""Fused pixelwise softmax cross-entropy over NCHW logits (the FCN training loss).
+
+``pixelwise_cross_entropy(logits, target)`` equals ``F.cross_entropy(logits, target, weight, ignore_index=255,
+reduction="sum")`` in meaning, without materialising an N x C x H x W log-probability tensor.
+
+Design, chosen by counting passes over the N x C x H x W logits (and measured, see bench/ and the README):
+
+- The forward reads the logits once (online max and sum over classes, fp32 accumulation) and writes small
+  per-pixel fp32 maps: the weighted loss and the softmax statistics ``max`` and ``log sum exp(x - max)`` (kept
+  apart so that ``x - max`` is exact, as in PyTorch's log_softmax; one fp32 log-sum-exp would lose 5e-4 of the
+  exponent at logits of 1e4).
+- The backward *recomputes* the softmax as ``exp((x - max) - logsum)``: one read of the logits, one write of the
+  gradient.
+  The alternative, writing the gradient during the forward, costs a write in the forward and then a read and a
+  write in the backward to scale it by ``grad_output`` (unknown until then, and not inspectable without a host
+  sync): four logits-sized passes instead of three, plus an N x C x H x W buffer kept alive from forward to
+  backward, and wasted work when no gradient is needed.
+- Reductions (sum, mean) run in PyTorch on the per-pixel loss: 1/C of the logits' size, deterministic.
+
+Bad labels (outside [0, C) and not ``ignore_index``): on CPU tensors every backend raises ``ValueError``. On CUDA
+tensors raising would need a device-to-host sync, so by default the ``cuda`` and ``triton`` kernels instead make
+that pixel's loss NaN (never reading out of bounds); pass ``check_labels=True`` to get the ``ValueError`` at the
+cost of one sync. All pixels ignored: ``sum`` gives 0 and ``mean`` gives NaN, as ``F.cross_entropy`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fcnkern import _ext
+from fcnkern import backend as _backend
+
+__all__ = ["pixelwise_cross_entropy", "validate_labels"]
+
+Reduction = Literal["sum", "mean", "none"]
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _validate(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> None:
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("logits and target must be tensors")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be N x C x H x W, got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16 (or float64), got {logits.dtype}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must hold int64 class indices, got {target.dtype}")
+    n, c, h, w = logits.shape
+    if target.shape != (n, h, w):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits: expected {(n, h, w)}")
+    if c == 0:
+        raise ValueError("logits have no classes (C = 0)")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.shape != (c,):
+            raise ValueError(f"weight must be a tensor of {c} class weights, got {getattr(weight, 'shape', weight)}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        if weight.requires_grad:
+            raise ValueError("a gradient with respect to weight is not supported (as in F.cross_entropy)")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def validate_labels(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError if a label is outside [0, num_classes) and not ignore_index. Syncs on CUDA tensors."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target contains label {value}, outside [0, {num_classes}) and not ignore_index ({ignore_index})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton backend: custom ops around the kernels in fcnkern.kernels.cross_entropy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pixel_strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(-2), t.stride(-1)
+
+
+@torch.library.custom_op("fcnkern::triton_pixelwise_ce_fwd", mutates_args=())
+def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Returns (loss N x H x W, stats 2 x N x H x W), as the C++ op ``fcnkern::pixelwise_ce_fwd`` does."""
+    from fcnkern.kernels import cross_entropy as k
+
+    n, c, h, w = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    if logits.device.type == "cpu":  # interpreter: checking costs no sync here
+        validate_labels(target, c, ignore_index)
+    loss = _ext.maybe_poison(torch.empty((n, h, w), dtype=acc, device=logits.device))
+    stats = _ext.maybe_poison(torch.empty((2, n, h, w), dtype=acc, device=logits.device))
+    num_pixels = n * h * w
+    if num_pixels == 0:
+        return loss, stats
+    grid = (_cdiv(num_pixels, k.CE_BLOCK_P),)
+    k.ce_fwd_kernel[grid](
+        logits, target, weight if weight is not None else loss, loss, stats,
+        num_pixels, c, h, w,
+        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
+        *_pixel_strides(target),
+        ignore_index,
+        HAS_WEIGHT=weight is not None, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P, BLOCK_C=k.ce_block_c(c),
+        num_warps=k.CE_NUM_WARPS,
+    )  # fmt: skip
+    return loss, stats
+
+
+@torch.library.custom_op("fcnkern::triton_pixelwise_ce_bwd", mutates_args=())
+def _triton_bwd(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, ignore_index: int
+) -> Tensor:
+    from fcnkern.kernels import cross_entropy as k
+
+    n, c, h, w = logits.shape
+    grad = _ext.maybe_poison(torch.empty_like(logits))
+    num_pixels = n * h * w
+    if grad.numel() == 0:
+        return grad
+    grid = (_cdiv(num_pixels, k.CE_BLOCK_P),)
+    k.ce_bwd_kernel[grid](
+        grad_loss, logits, target, weight if weight is not None else stats, stats, grad,
+        num_pixels, c, h, w,
+        *_pixel_strides(grad_loss),
+        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
+        *_pixel_strides(target),
+        grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+        ignore_index,
+        HAS_WEIGHT=weight is not None, ACC=_tl_dtype(_acc_dtype(logits.dtype)), BLOCK_P=k.CE_BLOCK_P,
+        BLOCK_C=k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
+    )  # fmt: skip
+    return grad
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by the Triton ops and the C++/CUDA ops (registered once those exist)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
+    n, _, h, w = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    return logits.new_empty((n, h, w), dtype=acc), logits.new_empty((2, n, h, w), dtype=acc)
+
+
+def _fake_bwd(grad_loss, logits, target, weight, stats, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _register(fwd_name: str, bwd_op) -> None:
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index = inputs
+        _, stats = output
+        ctx.save_for_backward(logits, target, weight, stats)
+        ctx.ignore_index = ignore_index
+        ctx.mark_non_differentiable(stats)
+
+    def backward(ctx, grad_loss, _grad_stats):
+        logits, target, weight, stats = ctx.saved_tensors
+        grad = bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index)
+        return grad, None, None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _register_cpp_ops() -> None:
+    torch.library.register_fake("fcnkern::pixelwise_ce_fwd")(_fake_fwd)
+    torch.library.register_fake("fcnkern::pixelwise_ce_bwd")(_fake_bwd)
+    _register("fcnkern::pixelwise_ce_fwd", torch.ops.fcnkern.pixelwise_ce_bwd)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_register("fcnkern::triton_pixelwise_ce_fwd", _triton_bwd)
+_ext.on_load(_register_cpp_ops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_forward(be: str, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
+    if be == "triton":
+        return torch.ops.fcnkern.triton_pixelwise_ce_fwd(logits, target, weight, ignore_index)
+    return torch.ops.fcnkern.pixelwise_ce_fwd(logits, target, weight, ignore_index)
+
+
+def pixelwise_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = 255,
+    reduction: Reduction = "sum",
+    *,
+    backend: str | None = None,
+    check_labels: bool | None = None,
+) -> Tensor:
+    """Softmax cross-entropy of every pixel, reduced like ``F.cross_entropy``.
+
+    Args:
+        logits: N x C x H x W class scores, float32/float16/bfloat16 (float64 for gradchecks), any strides
+            (NCHW, channels_last, cropped views).
+        target: N x H x W int64 labels in [0, C), or ``ignore_index``.
+        weight: optional C class weights (any float dtype; used in fp32).
+        ignore_index: label whose pixels contribute neither loss nor gradient (PASCAL VOC's void is 255).
+        reduction: ``"sum"`` over all pixels (the FCN paper's loss), ``"mean"`` (divided by the summed weight of the
+            non-ignored pixels, as PyTorch does) or ``"none"`` (N x H x W).
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice
+            (see :mod:`fcnkern.backend`).
+        check_labels: True: raise ValueError on out-of-range labels on every device (a sync on CUDA). None
+            (default): raise where that costs no sync (CPU tensors); on CUDA a bad label makes the loss NaN.
+            False: never check eagerly.
+
+    Returns:
+        The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32.
+    """
+    _validate(logits, target, weight, ignore_index, reduction)
+    be = _backend.resolve(backend, logits.device.type)
+    num_classes = logits.shape[1]
+    if check_labels:
+        validate_labels(target, num_classes, ignore_index)
+    if be == "torch":
+        if check_labels is None and logits.device.type == "cpu":
+            validate_labels(target, num_classes, ignore_index)
+        if weight is not None:
+            weight = weight.to(logits.dtype)
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+    if weight is not None:
+        weight = weight.to(dtype=_acc_dtype(logits.dtype)).contiguous()
+
+    if be != "triton":
+        _ext.load()
+    loss, _ = _kernel_forward(be, logits, target, weight, ignore_index)
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        valid = target != ignore_index
+        if weight is None:
+            denom = valid.sum(dtype=total.dtype)
+        else:
+            denom = torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0).sum()
+        total = total / denom
+    return total.to(logits.dtype)

@@ -1,0 +1,118 @@
+"""Triton kernels of the fused pixelwise softmax cross-entropy.
+
+A program owns BLOCK_P consecutive pixels and walks the classes BLOCK_C at a time, holding a BLOCK_C x BLOCK_P tile
+whose pixel axis is the fast one: in NCHW the pixel stride is 1 and the class stride H*W, so every tile row is one
+coalesced load. The forward keeps an online max and rescaled sum per pixel (one pass over the logits); the
+backward recomputes softmax as exp((x - max) - logsum) from the two saved per-pixel statistics (one read of the
+logits, one write of the gradient). Max and log-sum stay separate so that x - max is exact for large logits.
+Pixels are addressed through (n, h, w) strides, so NCHW, channels_last and cropped views work unchanged.
+
+Accumulation is fp32 (fp64 for fp64 logits, which exists for gradcheck). Labels outside [0, C) that are not
+ignore_index give a NaN loss at that pixel: raising would need a host sync (the Python layer checks CPU tensors).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["CE_BLOCK_P", "ce_block_c", "ce_bwd_kernel", "ce_fwd_kernel"]
+
+# 256 pixels x up to 32 classes is 64 fp32 values per thread at 4 warps: enough loads in flight to cover DRAM
+# latency, few enough registers for full occupancy.
+CE_BLOCK_P = 256
+CE_NUM_WARPS = 4
+
+
+def ce_block_c(num_classes: int) -> int:
+    """Class-chunk width for C classes: all of them when C <= 32, else chunks of 32."""
+    return min(triton.next_power_of_2(num_classes), 32)
+
+
+@triton.jit
+def _pixel_coords(pid, num_pixels, H, W, BLOCK_P: tl.constexpr):
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    w = p % W
+    h = (p // W) % H
+    n = p // (W * H)
+    return p, p < num_pixels, n, h, w
+
+
+@triton.jit
+def ce_fwd_kernel(
+    x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr,
+    num_pixels, C, H, W,
+    x_sn, x_sc, x_sh, x_sw,
+    t_sn, t_sh, t_sw,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    p, pmask, n, h, w = _pixel_coords(tl.program_id(0), num_pixels, H, W, BLOCK_P)
+    x_pix = n * x_sn + h * x_sh + w * x_sw
+    label = tl.load(t_ptr + n * t_sn + h * t_sh + w * t_sw, mask=pmask, other=ignore_index)
+
+    m = tl.full([BLOCK_P], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_P], ACC)
+    xt = tl.zeros([BLOCK_P], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        v = tl.load(
+            x_ptr + c.to(tl.int64)[:, None] * x_sc + x_pix[None, :],
+            mask=cmask[:, None] & pmask[None, :],
+            other=float("-inf"),
+        ).to(ACC)
+        m_new = tl.maximum(m, tl.max(v, axis=0))
+        # Lanes past the last pixel (and all--inf rows) have m_new = -inf; shift by 0 there instead of making NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[None, :]), axis=0)
+        xt += tl.sum(tl.where(c[:, None] == label[None, :], v, 0.0), axis=0)
+        m = m_new
+    # Lanes past the last pixel are never stored; neutral statistics keep them free of log(0) and inf * 0.
+    m = tl.where(pmask, m, 0.0)
+    ls = tl.log(tl.where(pmask, s, 1.0))
+
+    valid = label != ignore_index
+    in_range = (label >= 0) & (label < C)
+    if HAS_WEIGHT:
+        wt = tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
+    else:
+        wt = tl.full([BLOCK_P], 1.0, ACC)
+    loss = tl.where(valid, tl.where(in_range, wt * ((m - xt) + ls), float("nan")), 0.0)
+    tl.store(loss_ptr + p, loss, mask=pmask)
+    tl.store(stats_ptr + p, m, mask=pmask)
+    tl.store(stats_ptr + num_pixels + p, ls, mask=pmask)
+
+
+@triton.jit
+def ce_bwd_kernel(
+    g_ptr, x_ptr, t_ptr, w_ptr, stats_ptr, gx_ptr,
+    num_pixels, C, H, W,
+    g_sn, g_sh, g_sw,
+    x_sn, x_sc, x_sh, x_sw,
+    t_sn, t_sh, t_sw,
+    gx_sn, gx_sc, gx_sh, gx_sw,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    p, pmask, n, h, w = _pixel_coords(tl.program_id(0), num_pixels, H, W, BLOCK_P)
+    x_pix = n * x_sn + h * x_sh + w * x_sw
+    gx_pix = n * gx_sn + h * gx_sh + w * gx_sw
+    label = tl.load(t_ptr + n * t_sn + h * t_sh + w * t_sw, mask=pmask, other=ignore_index)
+    m = tl.load(stats_ptr + p, mask=pmask, other=0.0)
+    ls = tl.load(stats_ptr + num_pixels + p, mask=pmask, other=0.0)
+    valid = label != ignore_index
+    in_range = (label >= 0) & (label < C)
+    g = tl.load(g_ptr + n * g_sn + h * g_sh + w * g_sw, mask=pmask & valid, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        g = g * tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
+    g = tl.where(valid & ~in_range, float("nan"), g)
+
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & pmask[None, :]
+        c64 = c.to(tl.int64)[:, None]
+        v = tl.load(x_ptr + c64 * x_sc + x_pix[None, :], mask=mask, other=0.0).to(ACC)
+        prob = tl.exp((v - m[None, :]) - ls[None, :])
+        grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
+        tl.store(gx_ptr + c64 * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,59 @@
+"""Shared test helpers: which (device, backend) pairs to run, reference comparisons, random inputs."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import fcnkern
+from fcnkern.backend import _device_problem
+
+DEVICE_BACKENDS = {"cpu": ("cpu", "triton", "torch"), "cuda": ("cuda", "triton", "torch")}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Unit roundoff: the error of rounding one exact result to the dtype.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def skip_reason(device: str, backend: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    info = fcnkern.backend_info(backend)
+    if not info.available:
+        return f"backend {backend!r} unavailable: {info.reason}"
+    return _device_problem(backend, torch.device(device))
+
+
+def device_backend_params() -> list:
+    """Every (device, backend) pair, skipped with the reason where it cannot run here."""
+    params = []
+    for device, names in DEVICE_BACKENDS.items():
+        for backend in names:
+            reason = skip_reason(device, backend)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return params
+
+
+def generator(*key) -> torch.Generator:
+    """A generator seeded from the test's parameters: inputs differ between cases and repeat between runs."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere counts as infinitely wrong."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any() and not torch.isnan(ref).any():
+        return float("inf")
+    diff = torch.linalg.vector_norm(torch.nan_to_num(out - ref))
+    scale = torch.linalg.vector_norm(ref)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_low_precision_ok(ours: torch.Tensor, torch_way: torch.Tensor, ref: torch.Tensor, dtype, what: str):
+    """fp16/bf16 results, judged against the fp64 reference: no worse than twice PyTorch's own low-precision error,
+    with a floor of a few roundings of the output dtype (PyTorch can be exact by luck, e.g. on one class)."""
+    e_ours, e_torch = rel_err(ours, ref), rel_err(torch_way, ref)
+    bound = 2 * e_torch + 4 * UNIT_ROUNDOFF[dtype]
+    assert e_ours <= bound, f"{what}: rel. error {e_ours:.3g} > {bound:.3g} (PyTorch's own: {e_torch:.3g})"
