@@ -240,7 +240,7 @@ def pixelwise_cross_entropy(
             (see :mod:`fcnkern.backend`).
         check_labels: True: raise ValueError on out-of-range labels on every device (a sync on CUDA). None
             (default): raise where that costs no sync (CPU tensors); on CUDA a bad label makes the loss NaN.
-            False: never check eagerly.
+            False: never check eagerly. Under torch.compile no eager check runs; the C++ CPU kernel still raises.
 
     Returns:
         The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32.
@@ -248,10 +248,12 @@ def pixelwise_cross_entropy(
     _validate(logits, target, weight, ignore_index, reduction)
     be = _backend.resolve(backend, logits.device.type)
     num_classes = logits.shape[1]
-    if check_labels:
+    # A data-dependent check cannot be traced; under torch.compile the kernels' own handling stands alone.
+    eager = not torch.compiler.is_compiling()
+    if check_labels and eager:
         validate_labels(target, num_classes, ignore_index)
     if be == "torch":
-        if check_labels is None and logits.device.type == "cpu":
+        if check_labels is None and eager and logits.device.type == "cpu":
             validate_labels(target, num_classes, ignore_index)
         if weight is not None:
             weight = weight.to(logits.dtype)

@@ -116,3 +116,35 @@ def ce_bwd_kernel(
         prob = tl.exp((v - m[None, :]) - ls[None, :])
         grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
         tl.store(gx_ptr + c64 * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.cross_entropy can produce: all
+    logits dtypes, with and without class weights, every class-chunk width. Used to prove they compile for each
+    GPU architecture (see fcnkern.kernels.compile_check)."""
+    import triton.language as tl
+
+    ints = "i32"
+    for logits_ty, acc_ty, acc in (("fp32", "fp32", tl.float32), ("fp16", "fp32", tl.float32),
+                                   ("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):  # fmt: skip
+        for has_weight in (False, True):
+            for block_c in (1, 2, 4, 8, 16, 32):
+                consts = {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_P": CE_BLOCK_P, "BLOCK_C": block_c}
+                fwd_sig = {
+                    "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
+                    "stats_ptr": f"*{acc_ty}", "num_pixels": ints, "C": ints, "H": ints, "W": ints,
+                    "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+                    "t_sn": ints, "t_sh": ints, "t_sw": ints, "ignore_index": ints,
+                }  # fmt: skip
+                bwd_sig = {
+                    "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
+                    "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}",
+                    "num_pixels": ints, "C": ints, "H": ints, "W": ints,
+                    "g_sn": ints, "g_sh": ints, "g_sw": ints,
+                    "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+                    "t_sn": ints, "t_sh": ints, "t_sw": ints,
+                    "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
+                }  # fmt: skip
+                tag = f"{logits_ty}_w{int(has_weight)}_c{block_c}"
+                yield f"ce_fwd_{tag}", ce_fwd_kernel, fwd_sig, consts, CE_NUM_WARPS
+                yield f"ce_bwd_{tag}", ce_bwd_kernel, bwd_sig, consts, CE_NUM_WARPS
