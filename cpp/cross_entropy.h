@@ -22,6 +22,11 @@ namespace fcnkern {
 std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight,
                                                         int64_t ignore_index);
+// CPU only: (loss, grad) with grad the gradient for an upstream gradient of 1, computed in the same pass. On the
+// CPU the forward is compute-bound, so this beats recomputing softmax in the backward (see fcnkern/cross_entropy.py).
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_grad_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index);
 at::Tensor pixelwise_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                 int64_t ignore_index);

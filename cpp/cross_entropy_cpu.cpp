@@ -16,11 +16,11 @@
 #include <limits>
 #include <vector>
 
-#include <sys/mman.h>
 
 #include "cpu_math.h"
 #include "common.h"
 #include "cross_entropy.h"
+#include "large_block_cache.h"
 
 namespace fcnkern {
 namespace {
@@ -64,8 +64,8 @@ inline __attribute__((always_inline)) int32_t decode_labels(const int64_t* label
 // its low bits for large logits (5e-4 relative at +-1e4).
 // kWeighted is a template parameter, not a null check in the loop: a load through a maybe-null pointer cannot be
 // if-converted, and that one branch kept GCC from vectorising the whole per-pixel epilogue.
-template <typename acc_t, typename Math, bool kWeighted>
-inline __attribute__((always_inline)) int32_t fwd_tile_math(const acc_t* buf, int64_t C, const int64_t* labels,
+template <typename acc_t, typename Math, bool kWeighted, bool kKeepExp>
+inline __attribute__((always_inline)) int32_t fwd_tile_math(acc_t* buf, int64_t C, const int64_t* labels,
                                                               int64_t ignore_index, const acc_t* weight, acc_t* mx,
                                                               acc_t* lsum, acc_t* loss) {
   int32_t cls[kTile];
@@ -82,12 +82,14 @@ inline __attribute__((always_inline)) int32_t fwd_tile_math(const acc_t* buf, in
     for (int64_t j = 0; j < kTile; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
   }
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t* row = buf + c * kTile;
+    acc_t* row = buf + c * kTile;
     const int32_t c32 = static_cast<int32_t>(c);
 #pragma omp simd
     for (int64_t j = 0; j < kTile; ++j) {
-      s[j] += Math::exp(row[j] - m[j]);
+      const acc_t e = Math::exp(row[j] - m[j]);
+      s[j] += e;
       xt[j] = cls[j] == c32 ? row[j] : xt[j];
+      if constexpr (kKeepExp) row[j] = e;
     }
   }
 #pragma omp simd
@@ -129,15 +131,69 @@ inline __attribute__((always_inline)) void bwd_tile_math(acc_t* buf, int64_t C, 
   }
 }
 
-FCNK_MULTIVERSION int32_t fwd_tile(const float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
-                                   const float* weight, float* mx, float* lsum, float* loss) {
-  return weight ? fwd_tile_math<float, FloatMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, loss)
-                : fwd_tile_math<float, FloatMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, loss);
+// Gradient of a tile whose buf holds exp(x - max) (kept by the forward sweep), in place, for upstream gradient 1:
+// p = e / s, so no second exp per logit.
+template <typename acc_t, typename Math, bool kWeighted>
+inline __attribute__((always_inline)) void grad_from_exp_math(acc_t* buf, int64_t C, const int64_t* labels,
+                                                                int64_t ignore_index, const acc_t* weight,
+                                                                const acc_t* lsum) {
+  int32_t cls[kTile];
+  acc_t g[kTile], inv_s[kTile];
+  decode_labels<acc_t>(labels, C, ignore_index, cls);
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) {
+    const int32_t k = cls[j];
+    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
+    g[j] = k >= 0 ? wt : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+    inv_s[j] = Math::exp(-lsum[j]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* row = buf + c * kTile;
+    const int32_t c32 = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) {
+      const acc_t p = row[j] * inv_s[j];
+      row[j] = g[j] * (cls[j] == c32 ? p - acc_t(1) : p);
+    }
+  }
 }
-int32_t fwd_tile(const double* buf, int64_t C, const int64_t* labels, int64_t ignore_index, const double* weight,
-                 double* mx, double* lsum, double* loss) {
-  return weight ? fwd_tile_math<double, DoubleMath, true>(buf, C, labels, ignore_index, weight, mx, lsum, loss)
-                : fwd_tile_math<double, DoubleMath, false>(buf, C, labels, ignore_index, weight, mx, lsum, loss);
+
+// Forward of one tile; with keep_exp, buf is left holding exp(x - max) for fwd_grad_tile.
+template <typename acc_t, typename Math>
+inline __attribute__((always_inline)) int32_t fwd_tile_dispatch(acc_t* buf, int64_t C, const int64_t* labels,
+                                                                  int64_t ignore_index, const acc_t* w, acc_t* mx,
+                                                                  acc_t* lsum, acc_t* loss, bool keep_exp) {
+  if (keep_exp) {
+    return w ? fwd_tile_math<acc_t, Math, true, true>(buf, C, labels, ignore_index, w, mx, lsum, loss)
+             : fwd_tile_math<acc_t, Math, false, true>(buf, C, labels, ignore_index, w, mx, lsum, loss);
+  }
+  return w ? fwd_tile_math<acc_t, Math, true, false>(buf, C, labels, ignore_index, w, mx, lsum, loss)
+           : fwd_tile_math<acc_t, Math, false, false>(buf, C, labels, ignore_index, w, mx, lsum, loss);
+}
+
+FCNK_MULTIVERSION int32_t fwd_tile(float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
+                                   const float* weight, float* mx, float* lsum, float* loss, bool keep_exp) {
+  return fwd_tile_dispatch<float, FloatMath>(buf, C, labels, ignore_index, weight, mx, lsum, loss, keep_exp);
+}
+int32_t fwd_tile(double* buf, int64_t C, const int64_t* labels, int64_t ignore_index, const double* weight,
+                 double* mx, double* lsum, double* loss, bool keep_exp) {
+  return fwd_tile_dispatch<double, DoubleMath>(buf, C, labels, ignore_index, weight, mx, lsum, loss, keep_exp);
+}
+FCNK_MULTIVERSION void fwd_grad_tile(float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
+                                     const float* weight, const float* lsum) {
+  if (weight) {
+    grad_from_exp_math<float, FloatMath, true>(buf, C, labels, ignore_index, weight, lsum);
+  } else {
+    grad_from_exp_math<float, FloatMath, false>(buf, C, labels, ignore_index, weight, lsum);
+  }
+}
+void fwd_grad_tile(double* buf, int64_t C, const int64_t* labels, int64_t ignore_index, const double* weight,
+                   const double* lsum) {
+  if (weight) {
+    grad_from_exp_math<double, DoubleMath, true>(buf, C, labels, ignore_index, weight, lsum);
+  } else {
+    grad_from_exp_math<double, DoubleMath, false>(buf, C, labels, ignore_index, weight, lsum);
+  }
 }
 FCNK_MULTIVERSION void bwd_tile(float* buf, int64_t C, const int64_t* labels, int64_t ignore_index,
                                 const float* weight, const float* mx, const float* lsum, const float* grad_loss) {
@@ -239,26 +295,31 @@ void for_each_tile(const Tiling& tl, int64_t N, int64_t C, F&& body) {
   });
 }
 
-// empty_like(t) for big outputs, backed by 2 MiB-aligned memory advised for transparent huge pages: a fresh
-// N x C x H x W gradient is otherwise first-touched 4 KiB page by page, and those page faults cost more than the
-// kernel itself (measured: 176 MB allocate+fill 36 ms vs 10 ms into an existing buffer; 15 ms with huge pages).
+// empty_like(t) for big outputs (gradients): backed by 2 MiB-aligned blocks advised for transparent huge pages and
+// recycled through large_block_cache(). A fresh N x C x H x W gradient is otherwise first-touched page by page on
+// every call; measured at 8x21x512x512 fp32: allocate+fill 36 ms vs 10 ms into a resident buffer, and with huge
+// pages but no reuse the time swung 44-142 ms with the kernel's compaction.
 at::Tensor empty_like_large(const at::Tensor& t) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const auto layout = at::empty_like(t, t.options().device(at::kMeta));
   const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
-  if (bytes < 4 * kHuge) return at::empty_like(t);
-  void* ptr = nullptr;
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  if (posix_memalign(&ptr, kHuge, rounded) != 0) return at::empty_like(t);
-  madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: ignored where THP is off
-  return at::from_blob(ptr, layout.sizes(), layout.strides(), [](void* p) { std::free(p); }, t.options());
+  if (bytes < LargeBlockCache::kMinBytes) return at::empty_like(t);
+  const auto layout = at::empty_like(t, t.options().device(at::kMeta));
+  const size_t rounded = LargeBlockCache::round(bytes);
+  void* ptr = large_block_cache().take(rounded);
+  if (ptr == nullptr) return at::empty_like(t);
+  return at::from_blob(
+      ptr, layout.sizes(), layout.strides(), [rounded](void* p) { large_block_cache().give(p, rounded); },
+      t.options());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                        const std::optional<at::Tensor>& weight,
-                                                        int64_t ignore_index) {
+namespace {
+
+// The forward, and with `grad` also the gradient of every pixel's loss (upstream gradient 1): the tile is still
+// in L1 after its softmax statistics are known, so the gradient costs one more sweep over it and one write.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                at::Tensor* grad) {
   check_ce_args(logits, target, weight);
   const int64_t N = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
   const auto acc = acc_type_of(logits);
@@ -267,9 +328,14 @@ std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits
   at::Tensor stats = at::empty({2, N, H, W}, opts);
   maybe_poison(loss);
   maybe_poison(stats);
-  if (loss.numel() == 0) return {loss, stats};
+  if (grad != nullptr) {
+    *grad = empty_like_large(logits);
+    maybe_poison(*grad);
+  }
+  if (loss.numel() == 0 || C == 0) return {loss, stats};
 
-  const Tiling tl = make_tiling(H, W, {&logits, &target});
+  const at::Tensor& pixel_layout = grad != nullptr ? *grad : logits;
+  const Tiling tl = make_tiling(H, W, {&logits, &target, &pixel_layout});
   const int64_t sC = logits.stride(1), sP = logits.stride(3), tP = target.stride(2);
   std::atomic<bool> bad{false};
   std::atomic<int64_t> bad_label{0};
@@ -282,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits
     acc_t* loss_p = loss.data_ptr<acc_t>();
     acc_t* mx_p = stats.data_ptr<acc_t>();
     acc_t* lsum_p = mx_p + N * H * W;
+    scalar_t* gx = grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr;
     for_each_tile(tl, N, C, [&](int64_t n, int64_t row, int64_t col0, int64_t len) {
       thread_local std::vector<acc_t> buf;
       buf.resize(C * kTile);
@@ -289,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits
       acc_t tile_mx[kTile], tile_lsum[kTile], tile_loss[kTile];
       gather_pixels(t + pixel_offset(target, n, row, col0), tP, len, ignore_index, labels);
       load_tile(x + pixel_offset(logits, n, row, col0), sC, sP, C, len, buf.data());
-      if (fwd_tile(buf.data(), C, labels, ignore_index, w, tile_mx, tile_lsum, tile_loss)) {
+      if (fwd_tile(buf.data(), C, labels, ignore_index, w, tile_mx, tile_lsum, tile_loss, gx != nullptr)) {
         for (int64_t j = 0; j < len; ++j) {
           if (labels[j] != ignore_index && (labels[j] < 0 || labels[j] >= C)) bad_label.store(labels[j]);
         }
@@ -300,11 +367,31 @@ std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits
       std::memcpy(loss_p + out0, tile_loss, len * sizeof(acc_t));
       std::memcpy(mx_p + out0, tile_mx, len * sizeof(acc_t));
       std::memcpy(lsum_p + out0, tile_lsum, len * sizeof(acc_t));
+      if (gx != nullptr) {
+        fwd_grad_tile(buf.data(), C, labels, ignore_index, w, tile_lsum);
+        store_tile(buf.data(), C, len, gx + pixel_offset(*grad, n, row, col0), grad->stride(1), grad->stride(3));
+      }
     });
   });
   TORCH_CHECK_VALUE(!bad.load(), "target contains label ", bad_label.load(), ", outside [0, ", C,
                     ") and not ignore_index (", ignore_index, ")");
   return {loss, stats};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        int64_t ignore_index) {
+  return forward_impl(logits, target, weight, ignore_index, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_grad_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index) {
+  at::Tensor grad;
+  auto [loss, stats] = forward_impl(logits, target, weight, ignore_index, &grad);
+  return {loss, grad};
 }
 
 at::Tensor pixelwise_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cross_entropy.h"
+#include "large_block_cache.h"
 
 namespace fcnkern {
 
@@ -69,17 +70,23 @@ void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& logits, co
 TORCH_LIBRARY(fcnkern, m) {
   m.def("pixelwise_ce_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index) -> (Tensor, Tensor)");
   m.def(
+      "pixelwise_ce_fwd_grad(Tensor logits, Tensor target, Tensor? weight, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
       "pixelwise_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {
   m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cpu);
+  m.impl("pixelwise_ce_fwd_grad", &fcnkern::pixelwise_ce_fwd_grad_cpu);
   m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cpu);
 }
 
-// The module itself only says how it was built; the operators are reached through torch.ops.fcnkern.
+// The module says how it was built and manages the CPU block cache; operators are reached through torch.ops.fcnkern.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("empty_cache", [] { return fcnkern::large_block_cache().clear(); },
+        "Free the CPU kernels' cached large output blocks; returns the bytes released.");
+  m.def("cached_bytes", [] { return fcnkern::large_block_cache().cached_bytes(); });
 #ifdef FCNKERN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

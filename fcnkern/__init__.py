@@ -6,6 +6,7 @@ Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one i
 """
 
 from fcnkern import _ext, nn
+from fcnkern._ext import empty_cache
 from fcnkern.backend import (
     BACKENDS,
     BackendInfo,
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "empty_cache",
     "nn",
     "pixelwise_cross_entropy",
     "use_backend",

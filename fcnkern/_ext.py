@@ -117,6 +117,14 @@ def load() -> ExtensionStatus:
     return _status
 
 
+def empty_cache() -> int:
+    """Return the CPU kernels' cached large output blocks to the OS (see cpp/large_block_cache.h); returns the
+    number of bytes released (0 when the extension is not loaded)."""
+    if _status is None or _status.module is None:
+        return 0
+    return int(_status.module.empty_cache())
+
+
 def load_prebuilt_quietly() -> None:
     """At import time: load the ahead-of-time build if there is one (fast), but never start a compilation."""
     global _status

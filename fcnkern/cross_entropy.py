@@ -3,18 +3,21 @@
 ``pixelwise_cross_entropy(logits, target)`` equals ``F.cross_entropy(logits, target, weight, ignore_index=255,
 reduction="sum")`` in meaning, without materialising an N x C x H x W log-probability tensor.
 
-Design, chosen by counting passes over the N x C x H x W logits (and measured, see bench/ and the README):
+Design, chosen per device by measurement (bench/test_bench_cross_entropy.py, numbers in the README):
 
-- The forward reads the logits once (online max and sum over classes, fp32 accumulation) and writes small
-  per-pixel fp32 maps: the weighted loss and the softmax statistics ``max`` and ``log sum exp(x - max)`` (kept
-  apart so that ``x - max`` is exact, as in PyTorch's log_softmax; one fp32 log-sum-exp would lose 5e-4 of the
-  exponent at logits of 1e4).
-- The backward *recomputes* the softmax as ``exp((x - max) - logsum)``: one read of the logits, one write of the
-  gradient.
-  The alternative, writing the gradient during the forward, costs a write in the forward and then a read and a
-  write in the backward to scale it by ``grad_output`` (unknown until then, and not inspectable without a host
-  sync): four logits-sized passes instead of three, plus an N x C x H x W buffer kept alive from forward to
-  backward, and wasted work when no gradient is needed.
+- CUDA (``cuda``, ``triton``): the forward reads the logits once (online max and sum over classes, fp32
+  accumulation) and writes small per-pixel maps: the weighted loss and the softmax statistics ``max`` and
+  ``log sum exp(x - max)`` (kept apart so that ``x - max`` is exact, as in PyTorch's log_softmax; one fp32
+  log-sum-exp would lose 5e-4 of the exponent at logits of 1e4). The backward *recomputes* the softmax as
+  ``exp((x - max) - logsum)``: one read of the logits and one write of the gradient. A GPU is bandwidth-bound
+  here, and computing the gradient in the forward instead costs four logits-sized passes instead of three, since
+  the backward must still scale it by ``grad_output``, whose value cannot be read without a host sync.
+- CPU (``cpu``): when a gradient is needed, one kernel computes the loss and the gradient for an upstream
+  gradient of 1 while each tile is still in L1. The CPU forward is compute-bound (the exp sweep, not memory,
+  sets its speed), so a second sweep in the backward costs more than it saves (measured 1.45x slower at
+  8x21x512x512). In the backward a scalar upstream gradient (sum/mean reductions) is read from host memory
+  without any sync: 1.0, the usual ``loss.backward()`` of the summed loss, returns the gradient as is; any other
+  upstream gradient costs one scaling pass.
 - Reductions (sum, mean) run in PyTorch on the per-pixel loss: 1/C of the logits' size, deterministic.
 
 Bad labels (outside [0, C) and not ``ignore_index``): on CPU tensors every backend raises ``ValueError``. On CUDA
@@ -184,8 +187,11 @@ def _register(fwd_name: str, bwd_op) -> None:
         ctx.save_for_backward(logits, target, weight, stats)
         ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused stats output
 
     def backward(ctx, grad_loss, _grad_stats):
+        if grad_loss is None:
+            return None, None, None, None
         logits, target, weight, stats = ctx.saved_tensors
         grad = bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index)
         return grad, None, None, None
@@ -193,10 +199,44 @@ def _register(fwd_name: str, bwd_op) -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
+def _fake_fwd_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
+    n, _, h, w = logits.shape
+    return logits.new_empty((n, h, w), dtype=_acc_dtype(logits.dtype)), torch.empty_like(logits)
+
+
+def _setup_fwd_grad(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+    # Otherwise autograd fills an N x C x H x W zero gradient for the grad output: measured 32 ms of a 90 ms step.
+    ctx.set_materialize_grads(False)
+
+
+def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None
+    (grad,) = ctx.saved_tensors
+    return _scale_precomputed_grad(grad, grad_loss), None, None, None
+
+
+def _scale_precomputed_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad (computed for an upstream gradient of 1) times the real upstream gradient. Out of place, so that
+    several backwards through one graph (gradcheck, retain_graph=True) stay right."""
+    if grad_loss.numel() == 0:
+        return grad
+    scalar_upstream = all(step == 0 for step in grad_loss.stride())
+    if scalar_upstream and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = grad_loss.reshape(-1)[0]
+        return grad if float(value) == 1.0 else (grad * value).to(grad.dtype)
+    return (grad * grad_loss.unsqueeze(1)).to(grad.dtype)
+
+
 def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::pixelwise_ce_fwd")(_fake_fwd)
+    torch.library.register_fake("fcnkern::pixelwise_ce_fwd_grad")(_fake_fwd_grad)
     torch.library.register_fake("fcnkern::pixelwise_ce_bwd")(_fake_bwd)
     _register("fcnkern::pixelwise_ce_fwd", torch.ops.fcnkern.pixelwise_ce_bwd)
+    torch.library.register_autograd("fcnkern::pixelwise_ce_fwd_grad", _backward_fwd_grad, setup_context=_setup_fwd_grad)
 
 
 _triton_fwd.register_fake(_fake_fwd)
@@ -210,10 +250,13 @@ _ext.on_load(_register_cpp_ops)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _kernel_forward(be: str, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
+def _kernel_forward(be: str, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """Per-pixel loss from backend ``be``'s kernels, differentiable with respect to logits."""
     if be == "triton":
-        return torch.ops.fcnkern.triton_pixelwise_ce_fwd(logits, target, weight, ignore_index)
-    return torch.ops.fcnkern.pixelwise_ce_fwd(logits, target, weight, ignore_index)
+        return torch.ops.fcnkern.triton_pixelwise_ce_fwd(logits, target, weight, ignore_index)[0]
+    if be == "cpu" and logits.requires_grad and torch.is_grad_enabled():
+        return torch.ops.fcnkern.pixelwise_ce_fwd_grad(logits, target, weight, ignore_index)[0]
+    return torch.ops.fcnkern.pixelwise_ce_fwd(logits, target, weight, ignore_index)[0]
 
 
 def pixelwise_cross_entropy(
@@ -264,7 +307,7 @@ def pixelwise_cross_entropy(
 
     if be != "triton":
         _ext.load()
-    loss, _ = _kernel_forward(be, logits, target, weight, ignore_index)
+    loss = _kernel_forward(be, logits, target, weight, ignore_index)
     if reduction == "none":
         return loss.to(logits.dtype)
     total = loss.sum()

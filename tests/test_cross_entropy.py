@@ -158,6 +158,25 @@ def test_out_of_range_label_raises_on_cpu(device, backend, bad):
             pixelwise_cross_entropy(logits, target, backend=backend, check_labels=True)
 
 
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize("upstream", [1.0, 0.25, "per-pixel"])
+def test_gradient_scaling_and_second_backward(device, backend, upstream):
+    """The cpu backend computes the gradient for an upstream 1 in the forward and scales it in the backward: every
+    upstream value must land, and a second backward through the same graph must add the same gradient again."""
+    logits, target, weight, grad_none, _ = make_inputs((2, 7, 5, 6), torch.float32, device, "scale", str(upstream))
+    reduction = "none" if upstream == "per-pixel" else "sum"
+    up = grad_none if upstream == "per-pixel" else torch.tensor(upstream, device=device)
+    x = logits.clone().requires_grad_()
+    loss = pixelwise_cross_entropy(x, target, weight, reduction=reduction, backend=backend)
+    xr = logits.double().requires_grad_()
+    F.cross_entropy(xr, target, weight.double(), ignore_index=IGNORE, reduction=reduction).backward(up.double())
+    loss.backward(up, retain_graph=True)
+    assert rel_err(x.grad, xr.grad) <= FP32_TOL
+    first = x.grad.clone()
+    loss.backward(up)
+    assert rel_err(x.grad, 2 * first) <= FP32_TOL
+
+
 def test_custom_ignore_index_and_negative_ignore():
     logits, target, *_ = make_inputs((2, 5, 4, 6), torch.float32, "cpu", "ignore")
     target[target == IGNORE] = -100

@@ -51,6 +51,8 @@ def test_opcheck(backend, dtype, weighted):
     loss, stats = fwd(logits.detach(), target, w, IGNORE)
     grad_loss = torch.randn_like(loss).expand(loss.shape)
     torch.library.opcheck(bwd, (grad_loss, logits.detach(), target, w, stats, IGNORE))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.fcnkern.pixelwise_ce_fwd_grad.default, (logits, target, w, IGNORE))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])

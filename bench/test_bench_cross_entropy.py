@@ -1,0 +1,103 @@
+"""Pixelwise softmax cross-entropy: fcnkern backends vs F.cross_entropy(..., ignore_index=255, reduction="sum").
+
+Shapes are the FCN training case: 21 VOC classes at 500x500, batch 1, and 512x512, batch 8. The Triton
+interpreter is never benchmarked (it exists for testing); a backend that cannot run here is skipped with its
+reason, never replaced by another.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _measure import peak_extra_bytes, synchronized
+
+import fcnkern
+
+SHAPES = [(1, 21, 500, 500), (8, 21, 512, 512)]
+DEVICES = ["cpu", "cuda"]
+IMPLS = {"cpu": ["fcnkern-cpu", "torch"], "cuda": ["fcnkern-cuda", "fcnkern-triton", "torch"]}
+
+
+def _params():
+    for device in DEVICES:
+        for impl in IMPLS[device]:
+            marks = []
+            if device == "cuda" and not torch.cuda.is_available():
+                marks.append(pytest.mark.skip(reason="no CUDA device"))
+            elif impl.startswith("fcnkern-"):
+                info = fcnkern.backend_info(impl.removeprefix("fcnkern-"))
+                if not info.available:
+                    marks.append(pytest.mark.skip(reason=f"{info.name} backend unavailable: {info.reason}"))
+            yield pytest.param(device, impl, marks=marks, id=f"{device}-{impl}")
+
+
+def _loss_fn(impl: str):
+    if impl == "torch":
+        return lambda x, t: F.cross_entropy(x, t, ignore_index=255, reduction="sum")
+    backend = impl.removeprefix("fcnkern-")
+    return lambda x, t: fcnkern.pixelwise_cross_entropy(x, t, ignore_index=255, reduction="sum", backend=backend)
+
+
+def _inputs(shape, device):
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = shape
+    logits = (torch.randn(shape, generator=g) * 3).to(device)
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[:, :8] = 255  # a void border, as in VOC labels
+    return logits, target.to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(("device", "impl"), _params())
+def test_cross_entropy(benchmark, shape, mode, device, impl):
+    logits, target = _inputs(shape, device)
+    loss_fn = _loss_fn(impl)
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return loss_fn(logits, target)
+    else:
+        x = logits.requires_grad_()
+
+        def step():
+            x.grad = None
+            loss_fn(x, target).backward()
+
+    run = synchronized(step, device)
+    run()  # warm-up: kernel compilation, allocator
+    benchmark.group = f"cross_entropy {device} {'x'.join(map(str, shape))} {mode}"
+    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(run, device) or 0) / 2**20
+    benchmark.extra_info["logits_MB"] = logits.numel() * logits.element_size() / 2**20
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("design", ["gradient-in-forward (cpu, shipped)", "recompute-in-backward (gpu design)"])
+def test_design_cpu_kernels(benchmark, shape, design):
+    """The design choice, measured on the CPU kernels for one training step at upstream gradient 1: one kernel that
+    writes loss and gradient (what the cpu backend ships), against a forward kernel plus a backward kernel that
+    recomputes softmax from the saved statistics (what the cuda and triton backends ship)."""
+    if not fcnkern.backend_info("cpu").available:
+        pytest.skip(f"cpu backend unavailable: {fcnkern.backend_info('cpu').reason}")
+    logits, target = _inputs(shape, "cpu")
+    ops = torch.ops.fcnkern
+    n, _, h, w = shape
+    upstream = torch.tensor(1.0).expand(n, h, w)
+
+    if design.startswith("gradient-in-forward"):
+
+        def step():
+            return ops.pixelwise_ce_fwd_grad(logits, target, None, 255)
+    else:
+
+        def step():
+            _, stats = ops.pixelwise_ce_fwd(logits, target, None, 255)
+            return ops.pixelwise_ce_bwd(upstream, logits, target, None, stats, 255)
+
+    step()
+    benchmark.group = f"design cpu {'x'.join(map(str, shape))}"
+    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, "cpu") or 0) / 2**20
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
