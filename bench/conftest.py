@@ -1,7 +1,2 @@
 """Benchmarks (``pytest bench/ --benchmark-only``): each group compares fcnkern's backends with the PyTorch way,
 measured in the same run, on every device present. Peak memory is recorded in each result's extra_info."""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _measure import peak_extra_bytes, synchronized
 
 import fcnkern
+from fcnkern.benchmarking import peak_extra_bytes, synchronized
 
 SHAPES = [(1, 21, 500, 500), (8, 21, 512, 512)]
 DEVICES = ["cpu", "cuda"]
@@ -63,8 +63,8 @@ def test_cross_entropy(benchmark, shape, mode, device, impl):
         x = logits.requires_grad_()
 
         def step():
-            x.grad = None
             loss_fn(x, target).backward()
+            x.grad = None  # after, not before: the measured peak then includes the gradient
 
     run = synchronized(step, device)
     run()  # warm-up: kernel compilation, allocator

@@ -1,8 +1,13 @@
-"""Peak-memory measurement for the benchmarks: CUDA through the caching allocator's statistics, CPU through the
-process's resident-set high-water mark (reset via /proc/self/clear_refs, Linux only)."""
+"""Timing and peak-memory measurement shared by ``pytest bench/`` and ``fcnkern bench``.
+
+Peak memory: CUDA through the caching allocator's statistics; CPU through the process's resident-set high-water mark
+(reset via /proc/self/clear_refs, Linux only).
+"""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +24,26 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+_M_MMAP_THRESHOLD = -3
+
+
+def _release_cpu_caches() -> None:
+    """Make the resident-set peak count every large allocation of the measured call: drop fcnkern's recycled
+    output blocks, fix glibc's mmap threshold at 1 MiB (its dynamic threshold otherwise serves blocks up to 32 MiB
+    from a heap that never shrinks, hiding them from the RSS) and trim that heap."""
+    import ctypes
+
+    from fcnkern import _ext
+
+    _ext.empty_cache()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Bytes by which one call of ``fn`` raises peak memory above what was allocated before it (None: unknown)."""
     if device == "cuda":
@@ -28,6 +53,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _release_cpu_caches()
     before = _status_bytes("VmRSS:")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -50,3 +76,16 @@ def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
         return out
 
     return run
+
+
+def median_ms(fn: Callable[[], object], device: str, rounds: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of ``fn`` over ``rounds`` calls (synchronised on CUDA), after ``warmup``."""
+    run = synchronized(fn, device)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
