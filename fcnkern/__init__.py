@@ -3,9 +3,11 @@
 Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
 
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
+
+:mod:`fcnkern.geometry` derives receptive fields and the FCN crop offsets from a network's layers.
 """
 
-from fcnkern import _ext, nn
+from fcnkern import _ext, geometry, nn
 from fcnkern._ext import empty_cache
 from fcnkern.backend import (
     BACKENDS,
@@ -27,6 +29,7 @@ __all__ = [
     "backend_info",
     "backends",
     "empty_cache",
+    "geometry",
     "nn",
     "pixelwise_cross_entropy",
     "use_backend",
