@@ -17,6 +17,7 @@ from fcnkern.backend import (
     backends,
     use_backend,
 )
+from fcnkern.convolutionalize import convolutionalize
 from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "convolutionalize",
     "empty_cache",
     "geometry",
     "nn",
