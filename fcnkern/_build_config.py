@@ -15,7 +15,9 @@ CUDA_SOURCES = ("cross_entropy_cuda.cu",)
 CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-DFCNKERN_WITH_CUDA"]
+# --expt-relaxed-constexpr: device code uses std::numeric_limits (torch adds it too; stated here so nothing
+# depends on that default).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-DFCNKERN_WITH_CUDA"]
 LINK_FLAGS = ["-fopenmp"]
 
 
