@@ -39,10 +39,10 @@ def _loss_fn(impl: str):
     return lambda x, t: fcnkern.pixelwise_cross_entropy(x, t, ignore_index=255, reduction="sum", backend=backend)
 
 
-def _inputs(shape, device):
+def _inputs(shape, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     n, c, h, w = shape
-    logits = (torch.randn(shape, generator=g) * 3).to(device)
+    logits = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype)
     target = torch.randint(0, c, (n, h, w), generator=g)
     target[:, :8] = 255  # a void border, as in VOC labels
     return logits, target.to(device)
@@ -50,9 +50,10 @@ def _inputs(shape, device):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(("device", "impl"), _params())
-def test_cross_entropy(benchmark, shape, mode, device, impl):
-    logits, target = _inputs(shape, device)
+def test_cross_entropy(benchmark, shape, mode, dtype, device, impl):
+    logits, target = _inputs(shape, device, dtype)
     loss_fn = _loss_fn(impl)
     if mode == "fwd":
 
@@ -68,7 +69,7 @@ def test_cross_entropy(benchmark, shape, mode, device, impl):
 
     run = synchronized(step, device)
     run()  # warm-up: kernel compilation, allocator
-    benchmark.group = f"cross_entropy {device} {'x'.join(map(str, shape))} {mode}"
+    benchmark.group = f"cross_entropy {device} {str(dtype)[6:]} {'x'.join(map(str, shape))} {mode}"
     benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(run, device) or 0) / 2**20
     benchmark.extra_info["logits_MB"] = logits.numel() * logits.element_size() / 2**20
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)

@@ -16,6 +16,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 
 #include "cpu_math.h"
 #include "common.h"
@@ -240,16 +244,52 @@ inline int64_t pixel_offset(const at::Tensor& t, int64_t n, int64_t row, int64_t
   return n * t.stride(0) + row * t.stride(d - 2) + col * t.stride(d - 1);
 }
 
+// Row conversions between the tensor's element type and the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* src, int64_t step, int64_t len, acc_t* dst) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(src[j * step]);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, int64_t len, scalar_t* dst, int64_t step) {
+  for (int64_t j = 0; j < len; ++j) dst[j * step] = static_cast<scalar_t>(src[j]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp16 rows convert with F16C, 8 lanes per instruction (vcvtph2ps / vcvtps2ph, round to nearest even like
+// c10::Half), chosen at run time. c10::Half's portable conversion is bit manipulation per element: measured fp16
+// fwd+bwd 89 ms vs 35 ms for bf16 at 8x21x512x512 before this. (GCC 12 does not vectorise _Float16 conversions.)
+__attribute__((target("avx,f16c"))) void load_row_f16c(const c10::Half* src, int64_t len, float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < len; ++j) dst[j] = static_cast<float>(src[j]);
+}
+__attribute__((target("avx,f16c"))) void store_row_f16c(const float* src, int64_t len, c10::Half* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; j < len; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+const bool kHasF16C = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+
+inline void load_row(const c10::Half* src, int64_t step, int64_t len, float* dst) {
+  if (step == 1 && kHasF16C) return load_row_f16c(src, len, dst);
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(src[j * step]);
+}
+inline void store_row(const float* src, int64_t len, c10::Half* dst, int64_t step) {
+  if (step == 1 && kHasF16C) return store_row_f16c(src, len, dst);
+  for (int64_t j = 0; j < len; ++j) dst[j * step] = static_cast<c10::Half>(src[j]);
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void load_tile(const scalar_t* x, int64_t sC, int64_t sP, int64_t C, int64_t len, acc_t* buf) {
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* src = x + c * sC;
     acc_t* dst = buf + c * kTile;
-    if (sP == 1) {
-      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(src[j]);
-    } else {
-      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(src[j * sP]);
-    }
+    load_row(x + c * sC, sP, len, dst);
     // Padding lanes compute on harmless finite values and are never stored.
     for (int64_t j = len; j < kTile; ++j) dst[j] = 0;
   }
@@ -268,15 +308,7 @@ inline void gather_pixels(const T* src, int64_t step, int64_t len, T pad, T* dst
 
 template <typename scalar_t, typename acc_t>
 void store_tile(const acc_t* buf, int64_t C, int64_t len, scalar_t* y, int64_t sC, int64_t sP) {
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t* src = buf + c * kTile;
-    scalar_t* dst = y + c * sC;
-    if (sP == 1) {
-      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(src[j]);
-    } else {
-      for (int64_t j = 0; j < len; ++j) dst[j * sP] = static_cast<scalar_t>(src[j]);
-    }
-  }
+  for (int64_t c = 0; c < C; ++c) store_row(buf + c * kTile, len, y + c * sC, sP);
 }
 
 template <typename F>
