@@ -3,6 +3,7 @@
 Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
 
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
+- :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (torch backend so far).
 
 :mod:`fcnkern.geometry` derives receptive fields and the FCN crop offsets from a network's layers.
 """
@@ -19,6 +20,7 @@ from fcnkern.backend import (
 )
 from fcnkern.convolutionalize import convolutionalize
 from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
+from fcnkern.upsample import bilinear_kernel, bilinear_upsample_crop, bilinear_weight, upsample_crop
 
 __version__ = "0.1.0"
 
@@ -29,11 +31,15 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "bilinear_kernel",
+    "bilinear_upsample_crop",
+    "bilinear_weight",
     "convolutionalize",
     "empty_cache",
     "geometry",
     "nn",
     "pixelwise_cross_entropy",
+    "upsample_crop",
     "use_backend",
     "validate_labels",
 ]

@@ -9,8 +9,9 @@ Four backends compute every op:
 
 Which one runs is decided, first match wins, by the op's ``backend=`` argument, the innermost
 ``with fcnkern.use_backend(...)`` block, the ``FCNKERN_BACKEND`` environment variable, and otherwise by the tensors'
-device (CUDA: cuda, triton, torch; CPU: cpu, torch). A backend that is named explicitly but cannot run raises
-:class:`BackendUnavailableError` saying why; only the automatic choice moves on to the next candidate.
+device (CUDA: cuda, triton, torch; CPU: cpu, torch), among the backends the op has kernels for. A backend that
+is named explicitly but cannot run (or has no kernel for that op) raises :class:`BackendUnavailableError` saying why;
+only the automatic choice moves on to the next candidate.
 """
 
 from __future__ import annotations
@@ -133,18 +134,29 @@ def _device_problem(name: str, device: torch.device) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def resolve(explicit: str | None, device_type: str) -> str:
-    """The backend that runs an op on tensors of ``device_type``. Under torch.compile this is decided once, at
-    trace time, like any other Python-level choice."""
+def resolve(
+    explicit: str | None, device_type: str, op: str = "this op", implemented: tuple[str, ...] = BACKENDS
+) -> str:
+    """The backend that runs ``op`` on tensors of ``device_type``, among the backends it has kernels for
+    (``implemented``). Under torch.compile this is decided once, at trace time, like any other Python-level
+    choice."""
     device = torch.device(device_type)
     name = requested_backend(explicit)
     if name is None:
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if _device_problem(candidate, device) is None and _unavailable_reason(candidate) is None:
+            if (
+                candidate in implemented
+                and _device_problem(candidate, device) is None
+                and _unavailable_reason(candidate) is None
+            ):
                 return candidate
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in implemented:
+        raise BackendUnavailableError(
+            f"fcnkern backend {name!r} has no kernel for {op} yet (it has: {', '.join(implemented)})"
+        )
     problem = _device_problem(name, device) or _unavailable_reason(name)
     if problem is not None:
         raise BackendUnavailableError(f"fcnkern backend {name!r} is not available: {problem}")

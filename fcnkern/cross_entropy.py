@@ -297,7 +297,7 @@ def pixelwise_cross_entropy(
         The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32.
     """
     _validate(logits, target, weight, ignore_index, reduction)
-    be = _backend.resolve(backend, logits.device.type)
+    be = _backend.resolve(backend, logits.device.type, "pixelwise_cross_entropy")
     num_classes = logits.shape[1]
     # A data-dependent check cannot be traced; under torch.compile the kernels' own handling stands alone.
     eager = not torch.compiler.is_compiling()

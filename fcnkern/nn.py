@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from fcnkern.cross_entropy import Reduction, pixelwise_cross_entropy
+from fcnkern.upsample import bilinear_upsample_crop, bilinear_weight, upsample_crop
 
-__all__ = ["PixelwiseCrossEntropy"]
+__all__ = ["PixelwiseCrossEntropy", "UpsampleCrop"]
 
 
 class PixelwiseCrossEntropy(nn.Module):
@@ -39,3 +40,45 @@ class PixelwiseCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class UpsampleCrop(nn.Module):
+    """FCN's upsampling layer with its crop: ``forward(x, crop, out_size)`` upsamples N x C x h x w by ``factor``
+    (kernel 2 * factor) and keeps the ``out_size`` window at ``crop``.
+
+    The state_dict is that of ``nn.ConvTranspose2d(channels, channels, 2 * factor, factor, bias=False)``: one
+    ``weight`` of C x C x 2f x 2f, initialised to the diagonal bilinear kernel as the FCN reference does, so weights
+    load from and into such a layer. ``learnable=True`` makes it a parameter, computed in full (any weight);
+    ``learnable=False`` keeps it as a buffer that must stay bilinear and uses the per-channel bilinear path.
+    """
+
+    weight: Tensor
+
+    def __init__(self, channels: int, factor: int, learnable: bool = True, backend: str | None = None) -> None:
+        super().__init__()
+        if channels < 1 or factor < 1:
+            raise ValueError(f"channels and factor must be >= 1, got {channels} and {factor}")
+        self.channels, self.factor, self.learnable, self.backend = channels, factor, learnable, backend
+        weight = bilinear_weight(channels, 2 * factor)
+        if learnable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    def forward(self, x: Tensor, crop: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+        if self.learnable:
+            return upsample_crop(x, self.weight, self.factor, crop, out_size, backend=self.backend)
+        return bilinear_upsample_crop(x, self.factor, crop, out_size, backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.learnable:
+            expected = bilinear_weight(self.channels, 2 * self.factor, self.weight.dtype).to(self.weight.device)
+            if not torch.equal(self.weight, expected):
+                raise ValueError(
+                    f"{prefix}weight is not the bilinear kernel, but this UpsampleCrop is fixed (learnable=False): "
+                    "load it into a learnable layer instead"
+                )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, factor={self.factor}, learnable={self.learnable}, backend={self.backend!r}"

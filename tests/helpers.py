@@ -43,7 +43,7 @@ def generator(*key) -> torch.Generator:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere counts as infinitely wrong."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if torch.isnan(out).any() and not torch.isnan(ref).any():
         return float("inf")
     diff = torch.linalg.vector_norm(torch.nan_to_num(out - ref))
