@@ -327,21 +327,6 @@ void for_each_tile(const Tiling& tl, int64_t N, int64_t C, F&& body) {
   });
 }
 
-// empty_like(t) for big outputs (gradients): backed by 2 MiB-aligned blocks advised for transparent huge pages and
-// recycled through large_block_cache(). A fresh N x C x H x W gradient is otherwise first-touched page by page on
-// every call; measured at 8x21x512x512 fp32: allocate+fill 36 ms vs 10 ms into a resident buffer, and with huge
-// pages but no reuse the time swung 44-142 ms with the kernel's compaction.
-at::Tensor empty_like_large(const at::Tensor& t) {
-  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
-  if (bytes < LargeBlockCache::kMinBytes) return at::empty_like(t);
-  const auto layout = at::empty_like(t, t.options().device(at::kMeta));
-  const size_t rounded = LargeBlockCache::round(bytes);
-  void* ptr = large_block_cache().take(rounded);
-  if (ptr == nullptr) return at::empty_like(t);
-  return at::from_blob(
-      ptr, layout.sizes(), layout.strides(), [rounded](void* p) { large_block_cache().give(p, rounded); },
-      t.options());
-}
 
 }  // namespace
 

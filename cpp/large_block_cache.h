@@ -6,6 +6,8 @@
 // fcnkern.empty_cache() returns them to the OS.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstddef>
 #include <cstdlib>
 #include <map>
@@ -34,5 +36,10 @@ class LargeBlockCache {
 };
 
 LargeBlockCache& large_block_cache();
+
+// at::empty_like(t) (same layout rules), from this cache when the output is large: the CPU kernels' big outputs.
+at::Tensor empty_like_large(const at::Tensor& t);
+// at::empty(sizes, options) in the given memory format, likewise.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
 
 }  // namespace fcnkern

@@ -74,6 +74,9 @@ TORCH_LIBRARY(fcnkern, m) {
   m.def(
       "pixelwise_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index) -> Tensor");
+  // Fixed bilinear upsampling by `factor`, cropped to rows top:top+out_h and columns left:left+out_w.
+  m.def("bilinear_upsample_crop(Tensor x, int factor, int top, int left, int out_h, int out_w) -> Tensor");
+  m.def("bilinear_upsample_crop_bwd(Tensor grad, int factor, int top, int left, int in_h, int in_w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {

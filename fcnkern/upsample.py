@@ -5,9 +5,10 @@
 upsample class scores and then crop them to the input. ``bilinear_upsample_crop`` is the fixed bilinear case
 (kernel 2f, stride f, one channel at a time), which needs no weight tensor.
 
-Kernels: the gather (output-stationary) Triton, CUDA C++ and CPU C++ kernels of issue 4 compute only the kept pixels
-and are not written yet. Until they land, ``torch`` is the one backend with a kernel for these ops, and asking for
-another raises :class:`fcnkern.BackendUnavailableError` rather than silently running PyTorch.
+Kernels compute only the kept pixels (gather formulation: each output reads the few input taps that reach it).
+Written so far: the CPU C++ kernel of the bilinear path (``cpu``; cpp/upsample_cpu.cpp). The general learned path
+and the Triton and CUDA kernels are still to come (issue 4): until then ``torch`` serves them, and naming a backend
+without a kernel raises :class:`fcnkern.BackendUnavailableError` rather than silently running PyTorch.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fcnkern import _ext
 from fcnkern import backend as _backend
 
 __all__ = ["bilinear_kernel", "bilinear_upsample_crop", "bilinear_weight", "upsample_crop"]
 
-IMPLEMENTED = ("torch",)
+# Backends with a kernel for each op.
+IMPLEMENTED = {"upsample_crop": ("torch",), "bilinear_upsample_crop": ("cpu", "torch")}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -118,7 +121,7 @@ def upsample_crop(
     crop_t, size_t = _pair(tuple(crop), "crop"), _pair(tuple(out_size), "out_size")
     full = ((x.shape[2] - 1) * sh + weight.shape[2], (x.shape[3] - 1) * sw + weight.shape[3])
     _check_window(full, crop_t, size_t)
-    _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED)
+    _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED["upsample_crop"])
     out = F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups)
     (top, left), (h, w) = crop_t, size_t
     return _compact(out[:, :, top : top + h, left : left + w], x)
@@ -150,9 +153,39 @@ def bilinear_upsample_crop(
     k = 2 * factor
     crop_t, size_t = _pair(tuple(crop), "crop"), _pair(tuple(out_size), "out_size")
     _check_window(((x.shape[2] - 1) * factor + k, (x.shape[3] - 1) * factor + k), crop_t, size_t)
-    _backend.resolve(backend, x.device.type, "bilinear_upsample_crop", IMPLEMENTED)
+    be = _backend.resolve(backend, x.device.type, "bilinear_upsample_crop", IMPLEMENTED["bilinear_upsample_crop"])
+    (top, left), (h, w) = crop_t, size_t
+    if be == "cpu":
+        _ext.load()
+        return torch.ops.fcnkern.bilinear_upsample_crop(x, factor, top, left, h, w)
     channels = x.shape[1]
     weight = bilinear_kernel(k, x.dtype).to(x.device).expand(channels, 1, k, k)
     out = F.conv_transpose2d(x, weight, None, factor, groups=channels)
-    (top, left), (h, w) = crop_t, size_t
     return _compact(out[:, :, top : top + h, left : left + w], x)
+
+
+def _register_cpp_ops() -> None:
+    def fake_fwd(x, factor, top, left, out_h, out_w):
+        return x.new_empty((x.shape[0], x.shape[1], out_h, out_w)).contiguous(
+            memory_format=torch._prims_common.suggest_memory_format(x)
+        )
+
+    def fake_bwd(grad, factor, top, left, in_h, in_w):
+        return grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w)).contiguous(
+            memory_format=torch._prims_common.suggest_memory_format(grad)
+        )
+
+    def setup_context(ctx, inputs, output):
+        x, factor, top, left, _, _ = inputs
+        ctx.geometry = (factor, top, left, x.shape[2], x.shape[3])
+
+    def backward(ctx, grad):
+        factor, top, left, h, w = ctx.geometry
+        return torch.ops.fcnkern.bilinear_upsample_crop_bwd(grad, factor, top, left, h, w), None, None, None, None, None
+
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop")(fake_fwd)
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(fake_bwd)
+    torch.library.register_autograd("fcnkern::bilinear_upsample_crop", backward, setup_context=setup_context)
+
+
+_ext.on_load(_register_cpp_ops)

@@ -15,7 +15,7 @@ from fcnkern import BackendUnavailableError, bilinear_upsample_crop, bilinear_we
 from fcnkern import upsample_crop as upsample_crop_fn
 
 
-def _backend_params():
+def _backend_params(op: str = "upsample_crop"):
     params = []
     for device in ("cpu", "cuda"):
         for backend in ("triton", "cuda", "cpu", "torch"):
@@ -24,8 +24,10 @@ def _backend_params():
             reason = None
             if device == "cuda" and not torch.cuda.is_available():
                 reason = "no CUDA device"
-            elif backend not in upsample.IMPLEMENTED:
-                reason = f"no {backend} kernel for upsample_crop yet (issue 4)"
+            elif backend not in upsample.IMPLEMENTED[op]:
+                reason = f"no {backend} kernel for {op} yet (issue 4)"
+            elif not fcnkern.backend_info(backend).available:
+                reason = f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}"
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return params
@@ -103,38 +105,79 @@ def test_bilinear_upsampling_reproduces_constants_and_ramps(factor):
     torch.testing.assert_close(up, float(m.scale) * rows + float(m.shift))
 
 
-@pytest.mark.parametrize("factor", [2, 4, 8, 32])
+BILINEAR_CASES = [  # (channels, factor, h, w, crop, out_size): FCN-32s/8s finals, crop 0, primes, C = 1
+    (21, 32, 3, 2, (19, 19), (41, 29)),
+    (21, 8, 5, 4, (31, 3), (7, 23)),
+    (21, 2, 4, 5, (0, 0), (10, 12)),
+    (1, 4, 6, 3, (1, 2), (23, 13)),
+    (150, 16, 2, 2, (9, 0), (17, 31)),
+]
+
+
+@pytest.mark.parametrize(("device", "backend"), _backend_params("bilinear_upsample_crop"))
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
-def test_bilinear_path_equals_diagonal_full_layer(factor, dtype):
-    c, k = 21, 2 * factor
-    g = generator("diag", factor, dtype)
-    x = torch.randn(2, c, 4, 5, generator=g).to(dtype)
-    layer = nn.ConvTranspose2d(c, c, k, factor, bias=False).to(dtype)
-    layer.weight.data.copy_(bilinear_weight(c, k, dtype))
-    crop, size = (factor - 1, factor // 2), (3 * factor + 1, 4 * factor - 1)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = bilinear_upsample_crop(xa, factor, crop, size)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "cropped_view"])
+@pytest.mark.parametrize("case", BILINEAR_CASES, ids=lambda c: f"c{c[0]}f{c[1]}crop{c[4][0]}")
+def test_bilinear_path_equals_diagonal_full_layer(device, backend, dtype, layout, case):
+    """Forward and gradient equal nn.ConvTranspose2d(C, C, 2f, f) with FCN's diagonal bilinear weight, then the
+    crop, computed in float64."""
+    c, factor, h, w, crop, size = case
+    k = 2 * factor
+    g = generator("diag", case, dtype, layout)
+    x = torch.randn(2, c, h, w, generator=g).to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "cropped_view":
+        big = torch.randn(2, c, h + 3, w + 2, generator=g).to(device, dtype)
+        big[:, :, 1 : 1 + h, 2 : 2 + w] = x
+        x = big[:, :, 1 : 1 + h, 2 : 2 + w]
+    layer = nn.ConvTranspose2d(c, c, k, factor, bias=False).to(device, torch.float64)
+    layer.weight.data.copy_(bilinear_weight(c, k, torch.float64))
+    xa, xb = x.detach().clone().requires_grad_(), x.detach().double().requires_grad_()
+    ours = bilinear_upsample_crop(xa, factor, crop, size, backend=backend)
     ref = layer(xb)[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
+    assert ours.shape == ref.shape and ours.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2e-2
-    assert rel_err(ours, ref.detach()) <= tol
-    upstream = torch.randn(ours.shape, generator=g).to(dtype)
+    assert rel_err(ours, ref) <= tol
+    upstream = torch.randn(ours.shape, generator=g).to(device, dtype)
     ours.backward(upstream)
-    ref.backward(upstream)
+    ref.backward(upstream.double())
     assert rel_err(xa.grad, xb.grad) <= tol
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bilinear_gradcheck_float64(backend):
+    if not fcnkern.backend_info(backend).available:
+        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    x = torch.randn(2, 3, 3, 4, generator=generator("gc-bil"), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: bilinear_upsample_crop(x, 3, (2, 1), (7, 9), backend=backend), (x,))
+
+
+def test_bilinear_cpu_op_registration():
+    if not fcnkern.backend_info("cpu").available:
+        pytest.skip(f"cpu backend unavailable: {fcnkern.backend_info('cpu').reason}")
+    x = torch.randn(2, 3, 4, 5, generator=generator("opcheck-bil"))
+    torch.library.opcheck(torch.ops.fcnkern.bilinear_upsample_crop.default, (x.requires_grad_(), 4, 3, 2, 9, 11))
+    grad = torch.randn(2, 3, 9, 11, generator=generator("opcheck-bil-g"))
+    torch.library.opcheck(torch.ops.fcnkern.bilinear_upsample_crop_bwd.default, (grad, 4, 3, 2, 4, 5))
+    torch._dynamo.reset()
+    step = torch.compile(lambda t: bilinear_upsample_crop(t, 4, (3, 2), (9, 11), backend="cpu"), fullgraph=True,
+                         backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(step(x), bilinear_upsample_crop(x, 4, (3, 2), (9, 11), backend="torch"))
+
+
+def test_upsample_crop_gradcheck_float64():
     g = generator("gradcheck-up")
     x = torch.randn(1, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: upsample_crop_fn(x, w, 2, (1, 2), (5, 6), b), (x, w, b))
-    assert torch.autograd.gradcheck(lambda x: bilinear_upsample_crop(x, 2, (1, 1), (6, 7)), (x,))
 
 
-def test_output_keeps_channels_last():
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_output_keeps_channels_last(backend):
     x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
-    out = bilinear_upsample_crop(x, 2, (1, 1), (8, 9))
+    out = bilinear_upsample_crop(x, 2, (1, 1), (8, 9), backend=backend)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert upsample_crop_fn(torch.randn(2, 4, 5, 6), bilinear_weight(4, 4), 2, (0, 0), (8, 9)).is_contiguous()
 
