@@ -48,6 +48,18 @@ struct DoubleMath {
 constexpr int32_t kIgnored = -1;
 constexpr int32_t kBadLabel = -2;
 
+// A lane's class weight (1 without weights); the index is clamped so the load is safe to if-convert.
+template <typename acc_t, bool kWeighted>
+inline __attribute__((always_inline)) acc_t class_weight(int32_t k, const acc_t* weight) {
+  return kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
+}
+
+// A lane's value by its label: `value` for a class, 0 for an ignored pixel, NaN for a bad label.
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t by_label(int32_t k, acc_t value) {
+  return k >= 0 ? value : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+}
+
 template <typename acc_t>
 inline __attribute__((always_inline)) int32_t decode_labels(const int64_t* labels, int64_t C, int64_t ignore_index,
                                                               int32_t* cls) {
@@ -100,11 +112,9 @@ inline __attribute__((always_inline)) int32_t fwd_tile_math(acc_t* buf, int64_t 
   for (int64_t j = 0; j < kTile; ++j) {
     const acc_t ls = Math::log_sum(s[j]);
     const int32_t k = cls[j];
-    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
     mx[j] = m[j];
     lsum[j] = ls;
-    loss[j] = k >= 0 ? wt * ((m[j] - xt[j]) + ls)
-                     : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+    loss[j] = by_label(k, class_weight<acc_t, kWeighted>(k, weight) * ((m[j] - xt[j]) + ls));
   }
   return bad;
 }
@@ -121,8 +131,7 @@ inline __attribute__((always_inline)) void bwd_tile_math(acc_t* buf, int64_t C, 
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
     const int32_t k = cls[j];
-    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
-    g[j] = k >= 0 ? grad_loss[j] * wt : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+    g[j] = by_label(k, grad_loss[j] * class_weight<acc_t, kWeighted>(k, weight));
   }
   for (int64_t c = 0; c < C; ++c) {
     acc_t* row = buf + c * kTile;
@@ -147,8 +156,7 @@ inline __attribute__((always_inline)) void grad_from_exp_math(acc_t* buf, int64_
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
     const int32_t k = cls[j];
-    const acc_t wt = kWeighted ? weight[k >= 0 ? k : 0] : acc_t(1);
-    g[j] = k >= 0 ? wt : (k == kIgnored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+    g[j] = by_label(k, class_weight<acc_t, kWeighted>(k, weight));
     inv_s[j] = Math::exp(-lsum[j]);
   }
   for (int64_t c = 0; c < C; ++c) {
