@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fcnkern
-from fcnkern.benchmarking import peak_extra_bytes, synchronized
+from fcnkern.benchmarking import cross_entropy_step, peak_extra_bytes, synchronized
 
 SHAPES = [(1, 21, 500, 500), (8, 21, 512, 512)]
 DEVICES = ["cpu", "cuda"]
@@ -32,13 +31,6 @@ def _params():
             yield pytest.param(device, impl, marks=marks, id=f"{device}-{impl}")
 
 
-def _loss_fn(impl: str):
-    if impl == "torch":
-        return lambda x, t: F.cross_entropy(x, t, ignore_index=255, reduction="sum")
-    backend = impl.removeprefix("fcnkern-")
-    return lambda x, t: fcnkern.pixelwise_cross_entropy(x, t, ignore_index=255, reduction="sum", backend=backend)
-
-
 def _inputs(shape, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     n, c, h, w = shape
@@ -54,19 +46,7 @@ def _inputs(shape, device, dtype=torch.float32):
 @pytest.mark.parametrize(("device", "impl"), _params())
 def test_cross_entropy(benchmark, shape, mode, dtype, device, impl):
     logits, target = _inputs(shape, device, dtype)
-    loss_fn = _loss_fn(impl)
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                return loss_fn(logits, target)
-    else:
-        x = logits.requires_grad_()
-
-        def step():
-            loss_fn(x, target).backward()
-            x.grad = None  # after, not before: the measured peak then includes the gradient
-
+    step = cross_entropy_step(impl.removeprefix("fcnkern-"), logits, target, mode)
     run = synchronized(step, device)
     run()  # warm-up: kernel compilation, allocator
     benchmark.group = f"cross_entropy {device} {str(dtype)[6:]} {'x'.join(map(str, shape))} {mode}"

@@ -3,7 +3,8 @@
 Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
 
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
-- :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (torch backend so far).
+- :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (bilinear path: cpu and
+  torch backends; learned path: torch so far).
 
 :mod:`fcnkern.geometry` derives receptive fields and the FCN crop offsets from a network's layers.
 """

@@ -16,11 +16,10 @@ import platform
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import fcnkern
 from fcnkern import _ext
-from fcnkern.benchmarking import median_ms, peak_extra_bytes
+from fcnkern.benchmarking import cross_entropy_step, median_ms, peak_extra_bytes
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -53,27 +52,6 @@ def _bench_cases(args: argparse.Namespace):
                     print(f"  skipped {backend} on {device}: {info.reason}", file=sys.stderr)
 
 
-def _ce_step(impl: str, logits: torch.Tensor, target: torch.Tensor, mode: str):
-    def loss(x):
-        if impl == "torch":
-            return F.cross_entropy(x, target, ignore_index=255, reduction="sum")
-        return fcnkern.pixelwise_cross_entropy(x, target, reduction="sum", backend=impl)
-
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                loss(logits)
-    else:
-        x = logits.detach().requires_grad_()
-
-        def step():
-            loss(x).backward()
-            x.grad = None  # after, not before: the measured peak then includes the gradient
-
-    return step
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     rows = []
     print(f"{'op':<14} {'device':<6} {'shape':<14} {'mode':<8} {'impl':<8} {'ms':>9} {'vs torch':>9} {'peak MB':>9}")
@@ -85,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for mode in ("fwd", "fwd+bwd"):
             timings = {}
             for impl in ("torch", backend):
-                step = _ce_step(impl, logits, target, mode)
+                step = cross_entropy_step(impl, logits, target, mode)
                 ms = median_ms(step, device, rounds=args.rounds)
                 peak = (peak_extra_bytes(step, device) or 0) / 2**20
                 timings[impl] = ms

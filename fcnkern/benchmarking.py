@@ -84,3 +84,32 @@ def median_ms(fn: Callable[[], object], device: str, rounds: int = 5, warmup: in
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def cross_entropy_step(impl: str, logits: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], object]:
+    """One timed cross-entropy call (summed, ignore label 255): ``impl`` is "torch" (F.cross_entropy) or an fcnkern
+    backend name; ``mode`` is "fwd" (no autograd) or "fwd+bwd" (the gradient is dropped after each call, not
+    before, so that a measured peak includes it)."""
+    import torch.nn.functional as F
+
+    import fcnkern
+
+    def loss(x):
+        if impl == "torch":
+            return F.cross_entropy(x, target, ignore_index=255, reduction="sum")
+        return fcnkern.pixelwise_cross_entropy(x, target, reduction="sum", backend=impl)
+
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return loss(logits)
+
+        return step
+    x = logits.detach().requires_grad_()
+
+    def step():
+        loss(x).backward()
+        x.grad = None
+
+    return step

@@ -73,10 +73,13 @@ def _check_input(x: Tensor) -> None:
         raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
 
 
-def _compact(out: Tensor, like: Tensor) -> Tensor:
-    """A dense copy of the cropped view in the input's memory format (a view would pin the full output)."""
+def _crop(full: Tensor, crop: tuple[int, int], size: tuple[int, int], like: Tensor) -> Tensor:
+    """The kept window of the full output, as a dense copy in ``like``'s memory format (a view would pin the full
+    output)."""
+    (top, left), (h, w) = crop, size
+    window = full[:, :, top : top + h, left : left + w]
     channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return window.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def upsample_crop(
@@ -122,9 +125,7 @@ def upsample_crop(
     full = ((x.shape[2] - 1) * sh + weight.shape[2], (x.shape[3] - 1) * sw + weight.shape[3])
     _check_window(full, crop_t, size_t)
     _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED["upsample_crop"])
-    out = F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups)
-    (top, left), (h, w) = crop_t, size_t
-    return _compact(out[:, :, top : top + h, left : left + w], x)
+    return _crop(F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups), crop_t, size_t, x)
 
 
 def bilinear_upsample_crop(
@@ -160,19 +161,13 @@ def bilinear_upsample_crop(
         return torch.ops.fcnkern.bilinear_upsample_crop(x, factor, top, left, h, w)
     channels = x.shape[1]
     weight = bilinear_kernel(k, x.dtype).to(x.device).expand(channels, 1, k, k)
-    out = F.conv_transpose2d(x, weight, None, factor, groups=channels)
-    return _compact(out[:, :, top : top + h, left : left + w], x)
+    return _crop(F.conv_transpose2d(x, weight, None, factor, groups=channels), crop_t, size_t, x)
 
 
 def _register_cpp_ops() -> None:
-    def fake_fwd(x, factor, top, left, out_h, out_w):
-        return x.new_empty((x.shape[0], x.shape[1], out_h, out_w)).contiguous(
-            memory_format=torch._prims_common.suggest_memory_format(x)
-        )
-
-    def fake_bwd(grad, factor, top, left, in_h, in_w):
-        return grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w)).contiguous(
-            memory_format=torch._prims_common.suggest_memory_format(grad)
+    def fake(t, factor, top, left, h, w):  # both ops: N x C x h x w in t's memory format
+        return t.new_empty((t.shape[0], t.shape[1], h, w)).contiguous(
+            memory_format=torch._prims_common.suggest_memory_format(t)
         )
 
     def setup_context(ctx, inputs, output):
@@ -183,8 +178,8 @@ def _register_cpp_ops() -> None:
         factor, top, left, h, w = ctx.geometry
         return torch.ops.fcnkern.bilinear_upsample_crop_bwd(grad, factor, top, left, h, w), None, None, None, None, None
 
-    torch.library.register_fake("fcnkern::bilinear_upsample_crop")(fake_fwd)
-    torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(fake_bwd)
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop")(fake)
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(fake)
     torch.library.register_autograd("fcnkern::bilinear_upsample_crop", backward, setup_context=setup_context)
 
 
