@@ -76,6 +76,14 @@ TORCH_LIBRARY(fcnkern, m) {
       "int ignore_index) -> Tensor");
   // Fixed bilinear upsampling by `factor`, cropped to rows top:top+out_h and columns left:left+out_w.
   m.def("bilinear_upsample_crop(Tensor x, int factor, int top, int left, int out_h, int out_w) -> Tensor");
+  // Conv2d (+ ReLU when relu): y = relu(conv2d(x, weight, bias, stride, padding, dilation, groups)).
+  m.def(
+      "conv2d_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool relu) -> Tensor");
+  // Its gradients (dx, dweight, dbias) for the saved output y, as output_mask asks; zero-size where not asked.
+  m.def(
+      "conv2d_relu_bwd(Tensor grad, Tensor y, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("bilinear_upsample_crop_bwd(Tensor grad, int factor, int top, int left, int in_h, int in_w) -> Tensor");
 }
 

@@ -2,6 +2,7 @@
 
 Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
 
+- :func:`conv2d_relu`: fused Conv2d + ReLU, forward and backward (triton, cpu and torch backends so far).
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
 - :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (bilinear path: cpu and
   torch backends; learned path: torch so far).
@@ -19,6 +20,7 @@ from fcnkern.backend import (
     backends,
     use_backend,
 )
+from fcnkern.conv_relu import conv2d_relu
 from fcnkern.convolutionalize import convolutionalize
 from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
 from fcnkern.upsample import bilinear_kernel, bilinear_upsample_crop, bilinear_weight, upsample_crop
@@ -35,6 +37,7 @@ __all__ = [
     "bilinear_kernel",
     "bilinear_upsample_crop",
     "bilinear_weight",
+    "conv2d_relu",
     "convolutionalize",
     "empty_cache",
     "geometry",

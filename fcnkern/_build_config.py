@@ -9,7 +9,13 @@ import shutil
 from pathlib import Path
 
 EXTENSION_NAME = "fcnkern._C"
-CPP_SOURCES = ("ops.cpp", "large_block_cache.cpp", "cross_entropy_cpu.cpp", "upsample_cpu.cpp")
+CPP_SOURCES = (
+    "ops.cpp",
+    "large_block_cache.cpp",
+    "cross_entropy_cpu.cpp",
+    "upsample_cpu.cpp",
+    "conv_relu_cpu.cpp",
+)
 CUDA_SOURCES = ("cross_entropy_cuda.cu",)
 # sm_80 (A100) and sm_90 (H100/H200) SASS, plus sm_90 PTX so that newer GPUs can JIT it.
 CUDA_ARCH_LIST = "8.0;9.0+PTX"

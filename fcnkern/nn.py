@@ -5,10 +5,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fcnkern.conv_relu import conv2d_relu
 from fcnkern.cross_entropy import Reduction, pixelwise_cross_entropy
 from fcnkern.upsample import bilinear_upsample_crop, bilinear_weight, upsample_crop
 
-__all__ = ["PixelwiseCrossEntropy", "UpsampleCrop"]
+__all__ = ["Conv2dReLU", "PixelwiseCrossEntropy", "UpsampleCrop"]
+
+
+class Conv2dReLU(nn.Conv2d):
+    """``nn.Conv2d`` followed by ReLU, on :func:`fcnkern.conv2d_relu`'s fused kernels (``relu=False``: the plain
+    conv through the same kernels, as FCN's score layers use).
+
+    Same constructor, parameters and state_dict keys (``weight``, ``bias``) as ``nn.Conv2d``, so weights load from
+    one; :meth:`from_conv` wraps an existing layer. Only numeric padding with ``padding_mode="zeros"``.
+    """
+
+    def __init__(self, *args, relu: bool = True, backend: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("Conv2dReLU supports numeric zero padding only (padding_mode='zeros')")
+        self.relu, self.backend = relu, backend
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, relu: bool = True, backend: str | None = None) -> Conv2dReLU:
+        """A Conv2dReLU with ``conv``'s geometry that shares ``conv``'s parameters."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, relu=relu, backend=backend,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        layer.weight, layer.bias = conv.weight, conv.bias
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv2d_relu(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.relu,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
 
 class PixelwiseCrossEntropy(nn.Module):

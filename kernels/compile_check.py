@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-OP_MODULES = ("fcnkern.kernels.cross_entropy",)
+OP_MODULES = ("fcnkern.kernels.cross_entropy", "fcnkern.kernels.conv_relu")
 
 
 def compile_all(cc: int):

@@ -1,0 +1,322 @@
+"""Fused Conv2d + ReLU, forward and backward: the convolutions of an FCN (VGG16's 3x3 layers, fc6 as a 7x7 conv,
+fc7 and the score layers as 1x1 convs).
+
+``conv2d_relu(x, weight, bias, stride, padding, dilation, groups)`` equals
+``F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``; ``relu=False`` gives the plain conv
+through the same kernels (FCN's score layers).
+
+Kernels (see kernels/conv_relu.py and cpp/conv_relu_cpu.cpp):
+
+- ``triton``: implicit GEMMs, bias and ReLU in the forward's epilogue; the backward's dgrad and wgrad kernels load
+  the output gradient through the ReLU mask of the saved output, so the masked gradient is never materialised.
+- ``cpu``: blocked im2col + the BLAS GEMM ATen links, bias and ReLU applied to each output block while it is in
+  cache; the backward masks each gradient block once and feeds it to both gradient GEMMs.
+- ``torch``: the reference, ``F.relu(F.conv2d(...))``.
+
+The output keeps x's memory format (NCHW or channels_last). The backward saves x, weight and the output (the mask
+is ``output > 0``, exactly PyTorch's rule: an output of exactly 0 passes no gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fcnkern import _ext
+from fcnkern import backend as _backend
+
+__all__ = ["conv2d_relu", "conv_output_size"]
+
+IMPLEMENTED = ("triton", "cpu", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+IntPair = int | Sequence[int]
+
+
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device}, x is {x.dtype} on {x.device}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cout, c_per_group = weight.shape[0], weight.shape[1]
+    if x.shape[1] != c_per_group * groups or cout % groups != 0:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} with groups={groups} does not fit x with {x.shape[1]} channels "
+            f"(need C = weight.shape[1] * groups and weight.shape[0] divisible by groups)"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (cout,):
+            raise ValueError(f"bias must be a vector of {cout}, got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"input {tuple(x.shape[2:])} padded by {padding} is smaller than the dilated kernel "
+            f"{tuple(weight.shape[2:])} (dilation {dilation}): the output would be empty"
+        )
+    return oh, ow
+
+
+def _out_like(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+    fmt = torch._prims_common.suggest_memory_format(x)
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(x: Tensor) -> str:
+    """TF32 for fp32 only where PyTorch's own convolutions may use it; bf16 tiles upcast in the CPU interpreter."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "upcast"
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+
+
+@torch.library.custom_op("fcnkern::triton_conv2d_relu", mutates_args=())
+def _triton_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int, relu: bool,
+) -> Tensor:  # fmt: skip
+    from fcnkern.kernels import conv_relu as k
+
+    n, _, h, w = x.shape
+    cout, c_g, r, s = weight.shape
+    oh, ow = (conv_output_size((h, w)[a], (r, s)[a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    y = _ext.maybe_poison(_out_like(x, (n, cout, oh, ow)))
+    m, k_g = n * oh * ow, cout // groups
+    if y.numel() == 0:
+        return y
+    flat = c_g < k.FLAT_K_BELOW
+    bm, bn, bk, warps = k.pick_blocks(m, k_g, x.element_size())
+    if flat and x.element_size() < 8:
+        bk = k.FLAT_BLOCK_K
+    if bias is None:  # one kernel variant: a zero bias costs one Cout-vector load per program
+        bias = x.new_zeros((cout,))
+    grid = (_cdiv(m, bm), _cdiv(k_g, bn), groups)
+    k.conv_fwd_kernel[grid](
+        x, weight, bias, y,
+        m, c_g, h, w, k_g, oh, ow,
+        *x.stride(), *weight.stride(), *y.stride(),
+        *_geometry_args(stride, padding, dilation),
+        r, s, RELU=relu, FLAT_K=flat, ACC=_acc(x.dtype),
+        DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def _triton_dgrad(
+    grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int, relu: bool,
+) -> Tensor:  # fmt: skip
+    """Gradient with respect to x of the conv (+ ReLU, masked by the saved output y)."""
+    from fcnkern.kernels import conv_relu as k
+
+    n, _, h, w = x.shape
+    cout, c_g, r, s = weight.shape
+    oh, ow = y.shape[2:]
+    dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
+    m, k_g = n * h * w, cout // groups
+    if dx.numel() == 0:
+        return dx
+    bm, bn, bk, warps = k.pick_blocks(m, c_g, x.element_size())
+    grid = (_cdiv(m, bm), _cdiv(c_g, bn), groups)
+    k.conv_dgrad_kernel[grid](
+        grad, y, weight, dx,
+        m, c_g, h, w, k_g, oh, ow,
+        *grad.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+        *_geometry_args(stride, padding, dilation),
+        r, s, RELU=relu, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    return dx
+
+
+def _wgrad_splits(m: int, programs: int, block_pixels: int, device: torch.device) -> int:
+    """How many ways to split the pixel reduction so the GPU has a few waves of programs (each split costs one
+    weight-sized fp32 partial in the workspace)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = _cdiv(4 * sms, programs)
+    return max(1, min(want, _cdiv(m, 8 * block_pixels), 64))
+
+
+def _triton_wgrad(
+    grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, has_bias: bool, stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, relu: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Gradients with respect to weight and bias (an empty tensor when there is no bias)."""
+    from fcnkern.kernels import conv_relu as k
+
+    n, _, h, w = x.shape
+    cout, c_g, r, s = weight.shape
+    oh, ow = y.shape[2:]
+    m, k_g, j = n * oh * ow, cout // groups, c_g * r * s
+    bm, bn, bk, warps = k.wgrad_blocks(x.element_size())
+    programs = _cdiv(k_g, bm) * _cdiv(j, bn) * groups
+    splits = _wgrad_splits(m, programs, bk, x.device)
+    per_split = _cdiv(_cdiv(m, splits), bk) * bk
+    splits = max(1, _cdiv(m, per_split))
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dw_parts = _ext.maybe_poison(torch.empty((splits, groups * k_g, j), dtype=acc_dtype, device=x.device))
+    db_parts = _ext.maybe_poison(torch.empty((splits, cout if has_bias else 0), dtype=acc_dtype, device=x.device))
+    if m == 0:
+        dw_parts.zero_()
+        db_parts.zero_()
+    else:
+        grid = (_cdiv(k_g, bm), _cdiv(j, bn), splits * groups)
+        k.conv_wgrad_kernel[grid](
+            grad, y, x, dw_parts, db_parts if has_bias else dw_parts,
+            m, c_g, h, w, k_g, oh, ow, groups, per_split,
+            *grad.stride(), *y.stride(), *x.stride(),
+            *_geometry_args(stride, padding, dilation),
+            r, s, HAS_BIAS=has_bias, RELU=relu, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        )  # fmt: skip
+    dw = dw_parts.sum(0).reshape(weight.shape).to(weight.dtype)
+    return dw, db_parts.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("fcnkern::triton_conv2d_relu_bwd", mutates_args=())
+def _triton_bwd(
+    grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int, relu: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract)."""
+    need_x, need_w, need_b = output_mask
+    empty = x.new_empty((0,))
+    dx = _triton_dgrad(grad, y, x, weight, stride, padding, dilation, groups, relu) if need_x else empty
+    dw, db = empty, empty
+    if need_w or need_b:
+        dw, db = _triton_wgrad(grad, y, x, weight, need_b, stride, padding, dilation, groups, relu)
+    return dx, dw if need_w else empty, db
+
+
+def _fake_fwd(x, weight, bias, stride, padding, dilation, groups, relu):
+    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    return _out_like(x, (x.shape[0], weight.shape[0], oh, ow))
+
+
+def _fake_bwd(grad, y, x, weight, stride, padding, dilation, groups, relu, output_mask):
+    need_x, need_w, need_b = output_mask
+    empty = x.new_empty((0,))
+    dx = _out_like(x, tuple(x.shape)) if need_x else empty
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty
+    return dx, dw, weight.new_empty((weight.shape[0],)) if need_b else empty
+
+
+def _register_autograd(fwd_name: str, bwd_op) -> None:
+    """One autograd formula for the Triton and the C++ forward ops, which share the schema
+    (x, weight, bias, stride, padding, dilation, groups, relu) -> y and the backward op's."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups, relu = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.conv = (stride, padding, dilation, groups, relu)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w, need_b and ctx.has_bias]
+        dx, dw, db = bwd_op(grad, y, x, weight, *ctx.conv, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                None, None, None, None, None)  # fmt: skip
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_register_autograd("fcnkern::triton_conv2d_relu", _triton_bwd)
+
+
+def _register_cpp_ops() -> None:
+    torch.library.register_fake("fcnkern::conv2d_relu")(_fake_fwd)
+    torch.library.register_fake("fcnkern::conv2d_relu_bwd")(_fake_bwd)
+    _register_autograd("fcnkern::conv2d_relu", torch.ops.fcnkern.conv2d_relu_bwd)
+
+
+_ext.on_load(_register_cpp_ops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def conv2d_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (without the ReLU if
+    ``relu=False``), forward and backward, on fused kernels.
+
+    Args:
+        x: N x C x H x W, float32/float16/bfloat16 (float64 for gradchecks), NCHW, channels_last or any strides.
+        weight: Cout x C/groups x R x S, x's dtype and device.
+        bias: optional Cout vector, x's dtype.
+        stride, padding, dilation: ints or (h, w) pairs, as in F.conv2d (padding as numbers only).
+        groups: as in F.conv2d.
+        relu: apply the ReLU (the default) or not.
+        backend: ``"triton"``, ``"cpu"``, ``"torch"`` or None for the current choice (see :mod:`fcnkern.backend`).
+
+    Returns:
+        N x Cout x OH x OW in x's dtype and memory format. Accumulation is fp32 (fp64 for fp64).
+    """
+    stride_t, padding_t, dilation_t = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _validate(x, weight, bias, stride_t, padding_t, dilation_t, groups)
+    be = _backend.resolve(backend, x.device.type, "conv2d_relu", IMPLEMENTED)
+    if be == "torch":
+        y = F.conv2d(x, weight, bias, stride_t, padding_t, dilation_t, groups)
+        return F.relu(y) if relu else y
+    args = (x, weight, bias, list(stride_t), list(padding_t), list(dilation_t), groups, relu)
+    if be == "triton":
+        return torch.ops.fcnkern.triton_conv2d_relu(*args)
+    _ext.load()
+    return torch.ops.fcnkern.conv2d_relu(*args)

@@ -1,0 +1,304 @@
+"""Triton kernels of the fused Conv2d + ReLU: forward, input gradient (dgrad) and weight + bias gradient (wgrad),
+all implicit GEMMs that gather their operands from the NCHW-indexed tensors through strides (so NCHW,
+channels_last and non-contiguous views need no copy).
+
+Forward, per group g: Y[m, k] = relu(sum_j X[m, j] W[j, k] + b[k]) with m = (n, oh, ow) output pixels, k the
+group's output channels, and j = (c, r, s) the reduction. The reduction walks the R x S taps and, inside each tap,
+BLOCK_K channels at a time, so each operand row is one strided load. Layers with fewer than 16 channels per group
+(an RGB first layer) would waste most of every 16-deep ``tl.dot`` on padding; they flatten j = (c, r, s) into one
+axis instead (FLAT_K) and decode (c, r, s) per element.
+
+Backward: the ReLU mask is applied where the output gradient is loaded (``where(y > 0, dy, 0)``, y being the saved
+output), so the masked gradient is never written out.
+
+- dgrad, per group: dX[m', c] = sum over (k, r, s) of dY'[n, k, oh, ow] W[k, c, r, s] with m' = (n, ih, iw) input
+  pixels and oh = (ih + pad - r * dil) / stride, only where that divides exactly and lands inside the output.
+- wgrad, per group: dW[k, j] = sum over output pixels of dY'[m, k] X[m, j], with j = (c, r, s) flattened (the
+  weight's own layout) so that no channel padding is wasted. The pixel reduction is split SPLIT ways into an fp32
+  workspace that the launcher sums (deterministic, no atomics); programs owning the first j block also reduce
+  dY' over their pixels for the bias gradient.
+
+Accumulation is fp32 (fp64 for fp64 inputs, which exists for gradcheck). fp16/bf16 use tensor cores; fp32 uses TF32
+only when the launcher passes ``DOT_PRECISION="tf32"`` (PyTorch's ``torch.backends.cudnn.allow_tf32``);
+``"upcast"`` is the interpreter's way to multiply bf16 tiles (see ``_dot``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["conv_dgrad_kernel", "conv_fwd_kernel", "conv_wgrad_kernel", "launch_configs", "pick_blocks", "wgrad_blocks"]
+
+# Below this many channels per group a BLOCK_K-deep channel chunk is mostly padding: flatten (c, r, s) instead.
+FLAT_K_BELOW = 16
+
+
+def pick_blocks(m: int, n: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward and dgrad GEMMs, M pixels x N channels.
+
+    Few shapes on purpose, so that every one can be compile-checked: 128 x 128 tiles (64 deep in 16-bit types,
+    32 in fp32) on large layers, 32 or 64 wide on the narrow ones (21-class score layers), 64 rows for small images.
+    Masks cover the ragged edges. num_warps stays at 4: Inductor's conv template miscompiled non-1x1 kernels at
+    num_warps >= 8 on some Triton versions.
+    """
+    if elem_bytes >= 8:  # fp64, for gradchecks in the interpreter only
+        return 32, 32, 16, 4
+    block_n = 32 if n <= 32 else 64 if n <= 64 else 128
+    block_m = 128 if m >= 4096 else 64
+    return block_m, block_n, 64 if elem_bytes <= 2 else 32, 4
+
+
+def all_blocks(elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Every result pick_blocks can give for this element size."""
+    return sorted({pick_blocks(m, n, elem_bytes) for m in (1, 4096) for n in (1, 33, 65)})
+
+
+def wgrad_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M output channels, BLOCK_N of (c, r, s), BLOCK_K pixels, num_warps) of the weight-gradient GEMM."""
+    if elem_bytes >= 8:
+        return 32, 32, 16, 4
+    return 64, 64, 64 if elem_bytes <= 2 else 32, 4
+
+
+# The FLAT_K forward's reduction depth (small C * R * S, e.g. 27 for an RGB 3x3 layer).
+FLAT_BLOCK_K = 32
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    # "upcast" exists for the CPU interpreter only, whose tl.dot on bf16 operands is wrong (it has no bf16 math):
+    # bf16 x bf16 products are exact in fp32, so an fp32 dot of the upcast tiles gives what tensor cores give.
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, C_G, H, W, K_G, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    w_sk, w_sc, w_sr, w_ss,
+    y_sn, y_sc, y_sh, y_sw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R, S,
+    RELU: tl.constexpr, FLAT_K: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    group = tl.program_id(2)
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    k_ok = kk < K_G
+    ow = m % OW
+    oh = (m // OW) % OH
+    n = m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_base = x_ptr + n * x_sn + group * C_G * x_sc
+    w_base = w_ptr + (group * K_G + kk) * w_sk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    if FLAT_K:
+        for j0 in range(0, C_G * R * S, BLOCK_K):
+            j = j0 + tl.arange(0, BLOCK_K)
+            j_ok = j < C_G * R * S
+            c = j // (R * S)
+            r = (j // S) % R
+            s = j % S
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_ok = m_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_base[:, None] + c[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=a_ok, other=0.0)
+            b_off = (c * w_sc + r * w_sr + s * w_ss)[:, None]
+            b = tl.load(w_base[None, :] + b_off, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_PRECISION)
+    else:
+        for rs in range(R * S):
+            r = rs // S
+            s = rs % S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_row = x_base + ih * x_sh + iw * x_sw
+            b_col = w_base + r * w_sr + s * w_ss
+            for c0 in range(0, C_G, BLOCK_K):
+                c = c0 + tl.arange(0, BLOCK_K)
+                c_ok = c < C_G
+                a = tl.load(a_row[:, None] + c[None, :] * x_sc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_col[None, :] + (c * w_sc)[:, None], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, DOT_PRECISION)
+
+    acc += tl.load(b_ptr + group * K_G + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + ((group * K_G + kk) * y_sc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _masked_grad(g_ptr, y_ptr, g_off, y_off, mask, RELU: tl.constexpr):
+    """The output gradient with the ReLU mask applied on load: 0 where the saved output is not > 0."""
+    g = tl.load(g_ptr + g_off, mask=mask, other=0.0)
+    if RELU:
+        y = tl.load(y_ptr + y_off, mask=mask, other=0.0)
+        g = tl.where(y > 0, g, tl.zeros_like(g))
+    return g
+
+
+@triton.jit
+def conv_dgrad_kernel(
+    g_ptr, y_ptr, w_ptr, dx_ptr,
+    M, C_G, H, W, K_G, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    y_sn, y_sc, y_sh, y_sw,
+    w_sk, w_sc, w_sr, w_ss,
+    dx_sn, dx_sc, dx_sh, dx_sw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R, S, RELU: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    group = tl.program_id(2)
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (n, ih, iw)
+    cc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # the group's input channels
+    m_ok = m < M
+    c_ok = cc < C_G
+    iw = m % W
+    ih = (m // W) % H
+    n = m // (W * H)
+    w_base = w_ptr + group * K_G * w_sk + cc * w_sc
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for rs in range(R * S):
+        r = rs // S
+        s = rs % S
+        oh_num = ih + pad_h - r * dil_h
+        ow_num = iw + pad_w - s * dil_w
+        # An input pixel gets this tap only where the output coordinate is a whole, in-range number.
+        oh = tl.where(oh_num >= 0, oh_num, 0) // stride_h
+        ow = tl.where(ow_num >= 0, ow_num, 0) // stride_w
+        pix_ok = m_ok & (oh_num >= 0) & (ow_num >= 0) & (oh * stride_h == oh_num) & (ow * stride_w == ow_num)
+        pix_ok = pix_ok & (oh < OH) & (ow < OW)
+        g_row = n * g_sn + group * K_G * g_sc + oh * g_sh + ow * g_sw
+        y_row = n * y_sn + group * K_G * y_sc + oh * y_sh + ow * y_sw
+        b_col = w_base + r * w_sr + s * w_ss
+        for k0 in range(0, K_G, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K_G
+            a_ok = pix_ok[:, None] & k_ok[None, :]
+            g_off = g_row[:, None] + (k * g_sc)[None, :]
+            y_off = y_row[:, None] + (k * y_sc)[None, :]
+            a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
+            b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_PRECISION)
+
+    dx_off = (n * dx_sn + ih * dx_sh + iw * dx_sw)[:, None] + ((group * C_G + cc) * dx_sc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def conv_wgrad_kernel(
+    g_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
+    M, C_G, H, W, K_G, OH, OW, G, PIX_PER_SPLIT,
+    g_sn, g_sc, g_sh, g_sw,
+    y_sn, y_sc, y_sh, y_sw,
+    x_sn, x_sc, x_sh, x_sw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R, S, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Grid (output-channel blocks, (c, r, s) blocks, SPLIT * G). Writes this split's partial sums to the ACC
+    workspaces dw: SPLIT x G x K_G x (C_G * R * S) and db: SPLIT x G x K_G."""
+    pid_j = tl.program_id(1)
+    group = tl.program_id(2) % G
+    split = tl.program_id(2) // G
+    k = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = k < K_G
+    J = C_G * R * S
+    j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < J
+    c = j // (R * S)
+    r = (j // S) % R
+    s = j % S
+    x_chan = (group * C_G + c) * x_sc
+    g_chan = (group * K_G + k) * g_sc
+    y_chan = (group * K_G + k) * y_sc
+    p_start = split.to(tl.int64) * PIX_PER_SPLIT
+    p_stop = tl.minimum(p_start + PIX_PER_SPLIT, M)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    bias_acc = tl.zeros([BLOCK_M], ACC)
+    for p0 in range(p_start, p_stop, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = p < p_stop
+        ow = p % OW
+        oh = (p // OW) % OH
+        n = p // (OW * OH)
+        a_ok = k_ok[:, None] & p_ok[None, :]
+        g_off = g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :]
+        y_off = y_chan[:, None] + (n * y_sn + oh * y_sh + ow * y_sw)[None, :]
+        a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
+        ih = (oh * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
+        iw = (ow * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
+        b_ok = p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b_off = (n * x_sn)[:, None] + x_chan[None, :] + ih * x_sh + iw * x_sw
+        b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+        acc = _dot(a, b, acc, DOT_PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(a.to(ACC), axis=1)
+    row = (split * G + group).to(tl.int64) * K_G + k
+    tl.store(dw_ptr + row[:, None] * J + j[None, :], acc, mask=k_ok[:, None] & j_ok[None, :])
+    if HAS_BIAS:  # noqa: SIM102 (HAS_BIAS is resolved at compile time, pid_j at run time)
+        if pid_j == 0:
+            tl.store(db_ptr + row, bias_acc, mask=k_ok)
+
+
+def _signature(pointers: dict[str, str], *stride_groups: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    i = "i32"
+    sig = dict(pointers)
+    sig.update(dict.fromkeys(("M", "C_G", "H", "W", "K_G", "OH", "OW", *extra), i))
+    for prefix in stride_groups:
+        axes = ("k", "c", "r", "s") if prefix == "w" else ("n", "c", "h", "w")
+        sig.update({f"{prefix}_s{a}": i for a in axes})
+    sig.update(dict.fromkeys(("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "R", "S"), i))
+    return sig
+
+
+def launch_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.conv_relu can produce on a GPU:
+    fp32 (IEEE and TF32), fp16 and bf16; with and without ReLU; every block shape of pick_blocks / wgrad_blocks;
+    flat and per-tap forward; wgrad with and without bias. Kernel sizes are run-time arguments. Used to prove that
+    they all compile for each architecture (fcnkern.kernels.compile_check)."""
+    import triton.language as tl
+
+    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+        ptr = f"*{ty}"
+        fwd_sig = _signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr}, "x", "w", "y")
+        dgrad_sig = _signature({"g_ptr": ptr, "y_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr}, "g", "y", "w", "dx")
+        wgrad_sig = _signature(
+            {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": "*fp32", "db_ptr": "*fp32"}, "g", "y", "x",
+            extra=("G", "PIX_PER_SPLIT"),
+        )  # fmt: skip
+        for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
+            for relu in (False, True):
+                base = {"RELU": relu, "ACC": tl.float32, "DOT_PRECISION": precision}
+                tag = f"{ty}_{precision}_relu{int(relu)}"
+                for bm, bn, bk, warps in all_blocks(elem):
+                    blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
+                    for flat, depth in ((False, bk), (True, FLAT_BLOCK_K)):
+                        consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth}
+                        yield (
+                            f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}",
+                            conv_fwd_kernel,
+                            fwd_sig,
+                            consts,
+                            warps,
+                        )
+                    consts = {**base, **blocks, "BLOCK_K": bk}
+                    yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}", conv_dgrad_kernel, dgrad_sig, consts, warps
+                bm, bn, bk, warps = wgrad_blocks(elem)
+                for has_bias in (False, True):
+                    consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}"
+                    yield name, conv_wgrad_kernel, wgrad_sig, consts, warps

@@ -1,0 +1,263 @@
+"""Parity of fcnkern.conv2d_relu with F.relu(F.conv2d(...)), forward and all gradients, on every backend and dtype,
+over FCN's geometries and odd ones; ReLU boundary; gradcheck; Hypothesis; memory formats; nn.Conv2dReLU; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, generator
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fcnkern
+from fcnkern import BackendUnavailableError, conv2d_relu, conv_relu
+from fcnkern.nn import Conv2dReLU
+
+
+def _backend_params():
+    params = []
+    for device in ("cpu", "cuda"):
+        for backend in ("triton", "cuda", "cpu", "torch"):
+            if (device, backend) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
+            reason = None
+            if device == "cuda" and not torch.cuda.is_available():
+                reason = "no CUDA device"
+            elif backend not in conv_relu.IMPLEMENTED:
+                reason = f"no {backend} kernel for conv2d_relu yet (issue 3)"
+            elif not fcnkern.backend_info(backend).available:
+                reason = f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}"
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return params
+
+
+BACKENDS = _backend_params()
+
+# (n, c, h, w, cout, k, stride, padding, dilation, groups): VGG/FCN layers scaled down, and odd ones.
+CASES = [
+    (1, 3, 11, 13, 8, 3, 1, 100, 1, 1),  # conv1_1: RGB, padding 100 (flat reduction path)
+    (2, 16, 9, 7, 16, 3, 1, 1, 1, 1),  # a VGG 3x3 layer
+    (1, 32, 7, 7, 24, 7, 1, 0, 1, 1),  # fc6 as a 7x7 conv on a 7x7 map: one output pixel
+    (3, 40, 5, 3, 21, 1, 1, 0, 1, 1),  # score layer: 1x1, 21 classes
+    (2, 5, 13, 11, 7, 3, 2, 1, 1, 1),  # stride 2, odd channels
+    (1, 1, 17, 19, 1, 3, 1, 3, 2, 1),  # C = 1, dilation 2, padding 3
+    (2, 6, 8, 10, 4, 3, 1, 1, 1, 2),  # groups 2
+    (1, 64, 6, 5, 64, 3, 2, 2, 2, 64),  # depthwise, stride 2, dilation 2
+    (1, 20, 2, 3, 17, 3, 1, 1, 1, 1),  # tiny map, prime channels
+]
+
+
+def _case_id(case):
+    n, c, h, w, cout, k, s, p, d, g = case
+    return f"n{n}c{c}x{h}x{w}-k{cout}r{k}s{s}p{p}d{d}g{g}"
+
+
+def _inputs(case, dtype, device, *key):
+    n, c, h, w, cout, k, stride, padding, dilation, groups = case
+    g = generator("conv", case, dtype, *key)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(cout, c // groups, k, k, generator=g) / (c // groups * k * k) ** 0.5
+    bias = torch.randn(cout, generator=g) * 0.1
+    return [t.to(device, dtype) for t in (x, weight, bias)], dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+
+
+def _run(fn, tensors, upstream_seed):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+    return out.detach(), grads
+
+
+def _reference(x, weight, bias, relu=True, **geometry):
+    y = F.conv2d(x, weight, bias, **geometry)
+    return F.relu(y) if relu else y
+
+
+def _check(device, backend, dtype, tensors, geometry, relu=True):
+    def ours(x, w, b):
+        return conv2d_relu(x, w, b, relu=relu, backend=backend, **geometry)
+
+    def torch_way(x, w, b):
+        return _reference(x, w, b, relu, **geometry)
+
+    out, grads = _run(ours, tensors, 7)
+    assert out.dtype == dtype and out.shape == torch_way(*tensors).shape
+    ref_out, ref_grads = _run(torch_way, [t.double() for t in tensors], 7)
+    t_out, t_grads = _run(torch_way, tensors, 7)
+    names = ("y", "dx", "dweight", "dbias")
+    for name, a, t, r in zip(names, (out, *grads), (t_out, *t_grads), (ref_out, *ref_grads), strict=True):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        if dtype == torch.float32:
+            assert_fp32_ok(a, t, r, name)
+        else:
+            assert_low_precision_ok(a, t, r, dtype, name)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_relu_conv2d_forward_and_backward(device, backend, dtype, case):
+    tensors, geometry = _inputs(case, dtype, device)
+    _check(device, backend, dtype, tensors, geometry)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_relu_is_plain_conv(device, backend, dtype):
+    tensors, geometry = _inputs(CASES[3], dtype, device)
+    _check(device, backend, dtype, tensors, geometry, relu=False)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided_view"])
+def test_memory_formats_and_views(device, backend, layout):
+    (x, weight, bias), geometry = _inputs(CASES[1], torch.float32, device, layout)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:  # every other column of a wider tensor, and a transposed-storage weight
+        x = torch.cat([x, x.flip(-1)], dim=-1)[..., ::2]
+        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not x.is_contiguous() and not weight.is_contiguous()
+    y = conv2d_relu(x, weight, bias, backend=backend, **geometry)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    _check(device, backend, torch.float32, (x, weight, bias), geometry)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_relu_boundary_outputs_of_exactly_zero_pass_no_gradient(device, backend):
+    """A pre-activation of exactly 0 gets gradient 0, as in PyTorch (the mask is y > 0)."""
+    g = generator("boundary")
+    x = torch.randn(2, 4, 6, 6, generator=g).to(device)
+    weight = torch.randn(6, 4, 3, 3, generator=g).to(device)
+    weight[::2] = 0  # channels 0, 2, 4: pre-activation exactly 0 (the bias is 0 there)
+    bias = torch.zeros(6, device=device)
+    bias[1::2] = 0.5
+    for fn in (lambda *a: conv2d_relu(*a, padding=1, backend=backend), lambda *a: _reference(*a, padding=1)):
+        out, (_dx, dw, db) = _run(fn, (x, weight, bias), 3)
+        assert (out[:, ::2] == 0).all()
+        assert (dw[::2] == 0).all() and (db[::2] == 0).all()
+    ours = _run(lambda *a: conv2d_relu(*a, padding=1, backend=backend), (x, weight, bias), 3)[1]
+    ref = _run(lambda *a: _reference(*a, padding=1), (x, weight, bias), 3)[1]
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
+def test_gradcheck_float64(backend, case):
+    if not fcnkern.backend_info(backend).available:
+        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    _n, c, h, w, cout, k, stride, padding, dilation, groups = case
+    padding = min(padding, 2)  # the padding-100 case would spend the gradcheck on zeros
+    g = generator("gradcheck", case)
+    x = torch.randn(1, c, min(h, 5), min(w, 6), generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(min(cout, 4), c // groups, k, k, generator=g, dtype=torch.float64) * 0.5
+    weight = weight[: (min(cout, 4) // groups) * groups].clone().requires_grad_()
+    bias = torch.randn(weight.shape[0], generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return conv2d_relu(x, w, b, stride, padding, dilation, groups, backend=backend)
+
+    # The interpreter runs each launch in Python: the Triton backend gets gradcheck's randomised fast mode.
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_only_requested_gradients_are_computed(device, backend):
+    (x, weight, _bias), geometry = _inputs(CASES[1], torch.float32, device)
+    weight.requires_grad_()
+    y = conv2d_relu(x, weight, None, backend=backend, **geometry)
+    (dw,) = torch.autograd.grad(y.sum(), [weight])
+    ref = torch.autograd.grad(_reference(x, weight, None, **geometry).sum(), [weight])[0]
+    torch.testing.assert_close(dw, ref, rtol=1e-4, atol=1e-4)
+    assert x.grad is None
+
+
+@given(
+    n=st.integers(1, 2),
+    c_g=st.integers(1, 9),
+    k_g=st.integers(1, 9),
+    groups=st.integers(1, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    k=st.sampled_from([1, 2, 3, 5]),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 3),
+    dilation=st.integers(1, 2),
+    backend=st.sampled_from(["cpu", "triton"]),
+)
+def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, padding, dilation, backend):
+    if conv_relu.conv_output_size(h, k, stride, padding, dilation) < 1 or (
+        conv_relu.conv_output_size(w, k, stride, padding, dilation) < 1
+    ):
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            conv2d_relu(torch.randn(n, c_g * groups, h, w), torch.randn(k_g * groups, c_g, k, k), padding=padding,
+                        stride=stride, dilation=dilation, groups=groups, backend="torch")  # fmt: skip
+        return
+    case = (n, c_g * groups, h, w, k_g * groups, k, stride, padding, dilation, groups)
+    tensors, geometry = _inputs(case, torch.float32, "cpu")
+    _check("cpu", backend, torch.float32, tensors, geometry)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_and_compile_fullgraph(backend):
+    if not fcnkern.backend_info(backend).available:
+        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    (x, weight, bias), _ = _inputs(CASES[1], torch.float32, "cpu", "opcheck")
+    op = torch.ops.fcnkern.triton_conv2d_relu if backend == "triton" else torch.ops.fcnkern.conv2d_relu
+    args = (x, weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [1, 1], 1, True)
+    torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: conv2d_relu(*a, padding=1, backend=backend), fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight, bias), _reference(x, weight, bias, padding=1))
+
+
+def test_module_is_a_drop_in_for_conv2d():
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding=1, dilation=1, bias=True)
+    layer = Conv2dReLU(5, 7, 3, stride=2, padding=1)
+    assert layer.state_dict().keys() == conv.state_dict().keys()
+    layer.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 5, 9, 8)
+    torch.testing.assert_close(layer(x), F.relu(conv(x)))
+    wrapped = Conv2dReLU.from_conv(conv, relu=False)
+    assert wrapped.weight is conv.weight
+    torch.testing.assert_close(wrapped(x), conv(x))
+    assert "relu=False" in repr(wrapped)
+    with pytest.raises(ValueError, match="zero padding"):
+        Conv2dReLU(3, 3, 3, padding="same")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(x=torch.randn(2, 3, 5)), ValueError, "4-d"),
+        (dict(x=torch.randint(0, 3, (1, 3, 5, 5))), TypeError, "float32"),
+        (dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)), ValueError, "weight is torch.float64"),
+        (dict(weight=torch.randn(4, 2, 3, 3)), ValueError, "does not fit"),
+        (dict(bias=torch.randn(5)), ValueError, "bias must be a vector of 4"),
+        (dict(stride=0), ValueError, "stride >= 1"),
+        (dict(padding=-1), ValueError, "padding >= 0"),
+        (dict(stride=(1, 2, 3)), TypeError, "pair of ints"),
+        (dict(x=torch.randn(1, 3, 2, 2)), ValueError, "smaller than the dilated kernel"),
+        (dict(groups=2), ValueError, "does not fit"),
+    ],
+)
+def test_bad_input_gives_clear_errors(kwargs, error, match):
+    args = dict(x=torch.randn(1, 3, 5, 5), weight=torch.randn(4, 3, 3, 3), bias=None)
+    args.update(kwargs)
+    for backend in ("torch", "cpu"):
+        with pytest.raises(error, match=match):
+            conv2d_relu(**args, backend=backend)
+
+
+def test_missing_backend_is_an_error():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(BackendUnavailableError, match="no kernel for conv2d_relu"):
+        conv2d_relu(x, w, backend="cuda")
