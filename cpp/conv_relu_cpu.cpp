@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <vector>
 
 #include "common.h"
@@ -59,10 +60,36 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const Geometry& g
   TORCH_CHECK_VALUE(g.oh >= 1 && g.ow >= 1, "the padded input is smaller than the dilated kernel");
 }
 
-// Pixels per block: the im2col buffer (J x block, fp32) at about 512 KiB, a multiple of 16, 64..4096.
+// Pixels per block: the im2col buffer (J x block, fp32) at about FCNKERN_CONV_BLOCK_KB (default 1536 KiB, most
+// of a 2 MiB L2), a multiple of 16, 256..8192.
 int64_t pixel_block(const Geometry& g, int64_t elem_bytes) {
-  const int64_t fit = (int64_t(512) << 10) / std::max<int64_t>(g.j * elem_bytes, 1);
-  return std::clamp<int64_t>(fit / 16 * 16, 64, 4096);
+  static const int64_t budget = [] {
+    const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");
+    return (v != nullptr ? std::atoll(v) : 1536) << 10;
+  }();
+  const int64_t fit = budget / std::max<int64_t>(g.j * elem_bytes, 1);
+  return std::clamp<int64_t>(fit / 16 * 16, 256, 8192);
+}
+
+// Calls fn(q, oh, ow0, len) for each run of a pixel block that lies in one output row: the block's pixels
+// q .. q + len - 1 are (oh, ow0 .. ow0 + len - 1). Inner loops over a run are plain strided loops that vectorise.
+template <typename Fn>
+inline void for_each_row_run(const Geometry& g, int64_t p0, int64_t count, Fn&& fn) {
+  int64_t q = 0, oh = p0 / g.ow, ow = p0 % g.ow;
+  while (q < count) {
+    const int64_t len = std::min(g.ow - ow, count - q);
+    fn(q, oh, ow, len);
+    q += len, ++oh, ow = 0;
+  }
+}
+
+// Output columns ow whose input column ow * sw - pw + s * dw lies inside [0, w): the range [lo, hi).
+inline std::pair<int64_t, int64_t> valid_columns(const Geometry& g, int64_t s) {
+  const int64_t offset = s * g.dil_w - g.pad_w;  // iw = ow * sw + offset
+  const int64_t lo = offset >= 0 ? 0 : (-offset + g.stride_w - 1) / g.stride_w;
+  const int64_t last = g.w - 1 - offset;
+  const int64_t hi = last < 0 ? 0 : last / g.stride_w + 1;
+  return {lo, std::max(lo, std::min(hi, g.ow))};
 }
 
 // cols[jj][q] = x[n, group * c_g + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw] for the `count` output pixels
@@ -71,18 +98,25 @@ template <typename scalar_t, typename acc_t>
 void im2col(const scalar_t* x, const int64_t* xs, const Geometry& g, int64_t n, int64_t group, int64_t p0,
             int64_t count, acc_t* cols) {
   const scalar_t* xn = x + n * xs[0] + group * g.c_g * xs[1];
+  const int64_t step = g.stride_w * xs[3];
   for (int64_t jj = 0; jj < g.j; ++jj) {
     const int64_t c = jj / (g.r * g.s), r = (jj / g.s) % g.r, s = jj % g.s;
-    const scalar_t* xc = xn + c * xs[1];
+    const auto [lo, hi] = valid_columns(g, s);
+    const scalar_t* xc = xn + c * xs[1] + (s * g.dil_w - g.pad_w) * xs[3];
     acc_t* out = cols + jj * count;
-    int64_t oh = p0 / g.ow, ow = p0 % g.ow;
-    for (int64_t q = 0; q < count; ++q) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-      const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
-      out[q] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? static_cast<acc_t>(xc[ih * xs[2] + iw * xs[3]])
-                                                            : acc_t(0);
-      if (++ow == g.ow) ow = 0, ++oh;
-    }
+    for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
+      acc_t* dst = out + q - ow0;  // dst[ow] for ow in [ow0, ow0 + len)
+      const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h, end = ow0 + len;
+      if (ih < 0 || ih >= g.h) {
+        std::fill(dst + ow0, dst + end, acc_t(0));
+        return;
+      }
+      const int64_t a = std::clamp(lo, ow0, end), b = std::clamp(hi, a, end);
+      std::fill(dst + ow0, dst + a, acc_t(0));
+      const scalar_t* src = xc + ih * xs[2];
+      for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<acc_t>(src[ow * step]);
+      std::fill(dst + b, dst + end, acc_t(0));
+    });
   }
 }
 
@@ -92,15 +126,30 @@ void col2im_add(const acc_t* dcols, const Geometry& g, int64_t group, int64_t p0
   // dx_img: this image's c x h x w gradient, contiguous, in acc_t.
   for (int64_t jj = 0; jj < g.j; ++jj) {
     const int64_t c = jj / (g.r * g.s), r = (jj / g.s) % g.r, s = jj % g.s;
-    acc_t* dst = dx_img + (group * g.c_g + c) * g.h * g.w;
-    const acc_t* src = dcols + jj * count;
-    int64_t oh = p0 / g.ow, ow = p0 % g.ow;
-    for (int64_t q = 0; q < count; ++q) {
+    const auto [lo, hi] = valid_columns(g, s);
+    acc_t* dc = dx_img + (group * g.c_g + c) * g.h * g.w + (s * g.dil_w - g.pad_w);
+    const acc_t* in = dcols + jj * count;
+    for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
       const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-      const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
-      if (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) dst[ih * g.w + iw] += src[q];
-      if (++ow == g.ow) ow = 0, ++oh;
-    }
+      if (ih < 0 || ih >= g.h) return;
+      const int64_t a = std::clamp(lo, ow0, ow0 + len), b = std::clamp(hi, a, ow0 + len);
+      const acc_t* src = in + q - ow0;
+      acc_t* dst = dc + ih * g.w;
+      for (int64_t ow = a; ow < b; ++ow) dst[ow * g.stride_w] += src[ow];
+    });
+  }
+}
+
+// Runs body(begin, end) over [0, tasks): spread across threads when there are enough tasks to go round, else on
+// this thread, so that the GEMMs inside get ATen's threads instead (fc6 / fc7 have one or two pixel blocks).
+inline bool spread_tasks(int64_t tasks) { return tasks >= 2 * at::get_num_threads(); }
+
+template <typename Body>
+void run_tasks(int64_t tasks, bool spread, const Body& body) {
+  if (spread) {
+    at::parallel_for(0, tasks, 1, body);
+  } else {
+    body(0, tasks);
   }
 }
 
@@ -122,7 +171,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
   at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
-  at::parallel_for(0, g.n * g.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = g.n * g.groups * blocks;
+  run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cols(g.j * block), out(g.k_g * block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task % blocks, group = (task / blocks) % g.groups, n = task / (blocks * g.groups);
@@ -136,41 +186,49 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
         const acc_t add = bp != nullptr ? bp[k] : acc_t(0);
         const acc_t* src = out.data() + kk * count;
         scalar_t* dst = yp + n * ys[0] + k * ys[1];
-        int64_t oh = p0 / g.ow, ow = p0 % g.ow;
-        for (int64_t q = 0; q < count; ++q) {
-          acc_t v = src[q] + add;
-          if (relu) v = v > acc_t(0) ? v : acc_t(0);
-          dst[oh * ys[2] + ow * ys[3]] = static_cast<scalar_t>(v);
-          if (++ow == g.ow) ow = 0, ++oh;
-        }
+        for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
+          scalar_t* row = dst + oh * ys[2] + ow0 * ys[3];
+          const acc_t* in = src + q;
+          if (relu) {
+            for (int64_t i = 0; i < len; ++i) row[i * ys[3]] = static_cast<scalar_t>(std::max(in[i] + add, acc_t(0)));
+          } else {
+            for (int64_t i = 0; i < len; ++i) row[i * ys[3]] = static_cast<scalar_t>(in[i] + add);
+          }
+        });
       }
     }
   });
 }
 
+// Bands of whole output rows, tall enough that a band's input rows overlap only its neighbours' (see top).
+int64_t backward_band_rows(const Geometry& g) {
+  const int64_t min_rows = ((g.r - 1) * g.dil_h + g.stride_h - 1) / g.stride_h + 1;
+  return std::min(g.oh, std::max(min_rows, pixel_block(g, 4) / std::max<int64_t>(g.ow, 1)));
+}
+
+int64_t backward_bands(const Geometry& g) {
+  const int64_t rows = backward_band_rows(g);
+  return (g.oh + rows - 1) / rows;
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& w_acc,
-                   const Geometry& g, bool relu, const at::Tensor& dx_acc, const at::Tensor& dw_parts,
+                   const Geometry& g, bool relu, bool spread, const at::Tensor& dx_acc, const at::Tensor& dw_parts,
                    const at::Tensor& db_parts) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const bool need_x = dx_acc.defined(), need_w = dw_parts.defined(), need_b = db_parts.defined();
-  // Bands of whole output rows, tall enough that a band's input rows overlap only its neighbours' (see top).
-  const int64_t min_rows = ((g.r - 1) * g.dil_h + g.stride_h - 1) / g.stride_h + 1;
-  const int64_t band_rows =
-      std::min(g.oh, std::max(min_rows, pixel_block(g, sizeof(acc_t)) / std::max<int64_t>(g.ow, 1)));
-  const int64_t bands = (g.oh + band_rows - 1) / band_rows;
+  const int64_t band_rows = backward_band_rows(g), bands = backward_bands(g);
   const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
-  const at::Tensor w_t = need_x ? w_acc.transpose(1, 2).contiguous() : at::Tensor();  // G x J x K/G
 
   for (int64_t n = 0; n < g.n; ++n) {
     acc_t* dx_img = need_x ? dx_acc.mutable_data_ptr<acc_t>() + n * g.c * g.h * g.w : nullptr;
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t tasks = g.groups * ((bands - parity + 1) / 2);
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         const int64_t max_count = band_rows * g.ow;
         std::vector<acc_t> cols(g.j * max_count), dy(g.k_g * max_count);
@@ -184,12 +242,15 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
             const scalar_t* gk = gp + n * gs[0] + k * gs[1];
             const scalar_t* yk = yp + n * ys[0] + k * ys[1];
             acc_t* dst = dy.data() + kk * count;
-            int64_t oh = p0 / g.ow, ow = p0 % g.ow;
-            for (int64_t q = 0; q < count; ++q) {
-              const acc_t v = static_cast<acc_t>(gk[oh * gs[2] + ow * gs[3]]);
-              dst[q] = (!relu || static_cast<acc_t>(yk[oh * ys[2] + ow * ys[3]]) > acc_t(0)) ? v : acc_t(0);
-              if (++ow == g.ow) ow = 0, ++oh;
-            }
+            for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
+              const scalar_t* gr = gk + oh * gs[2] + ow0 * gs[3];
+              const scalar_t* yr = yk + oh * ys[2] + ow0 * ys[3];
+              acc_t* d = dst + q;
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t v = static_cast<acc_t>(gr[i * gs[3]]);
+                d[i] = (!relu || static_cast<acc_t>(yr[i * ys[3]]) > acc_t(0)) ? v : acc_t(0);
+              }
+            });
           }
           auto dy_m = matrix(dy.data(), g.k_g, count, acc);
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
@@ -199,7 +260,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           }
           if (need_x) {
             auto dcols = matrix(cols.data(), g.j, count, acc);
-            at::mm_out(dcols, w_t[group], dy_m);
+            at::mm_out(dcols, w_acc[group].t(), dy_m);  // BLAS reads the transpose in place
             col2im_add(cols.data(), g, group, p0, count, dx_img);
           }
         }
@@ -254,7 +315,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
                    "grad, y and x must have one dtype");
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
-  const int threads = at::get_num_threads();
+  // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
+  // needs its own weight-gradient accumulator.
+  const bool spread = spread_tasks(g.groups * (backward_bands(g) / 2));
+  const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor dw_parts = need_w ? at::zeros({threads, g.groups, g.k_g, g.j}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor db_parts = need_b ? at::zeros({threads, g.k}, x.options().dtype(acc)) : at::Tensor();
@@ -262,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
     const at::Tensor w_acc = weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_bwd_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      backward_impl<scalar_t, acc_t>(grad, y, x, w_acc, g, relu, dx_acc, dw_parts, db_parts);
+      backward_impl<scalar_t, acc_t>(grad, y, x, w_acc, g, relu, spread, dx_acc, dw_parts, db_parts);
     });
   }
   at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
@@ -270,8 +334,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
     dx = empty_like_format(x, x.sizes(), x.scalar_type());
     dx.copy_(dx_acc);
   }
-  if (need_w) dw = dw_parts.sum(0).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
-  if (need_b) db = db_parts.sum(0).to(x.scalar_type());
+  // One accumulator (fc6's is 400 MB) is the gradient itself: no summing pass.
+  if (need_w) dw = (threads == 1 ? dw_parts[0] : dw_parts.sum(0)).reshape(weight.sizes()).to(weight.scalar_type());
+  if (need_b) db = (threads == 1 ? db_parts[0] : db_parts.sum(0)).to(x.scalar_type());
   return {dx, dw, db};
 }
 

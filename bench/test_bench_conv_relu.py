@@ -1,0 +1,91 @@
+"""Fused Conv2d + ReLU: fcnkern's backends vs PyTorch, per FCN-8s layer at a 500 x 500 input, measured in the same
+run. Baselines: eager ``F.relu(F.conv2d(...))`` (oneDNN / cuDNN conv, then a separate ReLU) and, on CPU, oneDNN's
+own fused ``torch.ops.mkldnn._convolution_pointwise(..., "relu")`` (forward only: it has no autograd formula).
+
+Shapes follow the network from conv1_1 (padding 100: a 698 x 698 output) down to fc6 (7 x 7 on 22 x 22) and fc7 /
+score_fr (1 x 1). Batch 1, as in the paper's training. Peak memory is in each result's extra_info.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fcnkern
+from fcnkern.benchmarking import peak_extra_bytes, synchronized
+
+# name: (in channels, out channels, input size, kernel, padding, relu)
+FCN8S_LAYERS = {
+    "conv1_1": (3, 64, 500, 3, 100, True),
+    "conv1_2": (64, 64, 698, 3, 1, True),
+    "conv2_1": (64, 128, 349, 3, 1, True),
+    "conv2_2": (128, 128, 349, 3, 1, True),
+    "conv3_1": (128, 256, 175, 3, 1, True),
+    "conv3_2": (256, 256, 175, 3, 1, True),
+    "conv4_1": (256, 512, 88, 3, 1, True),
+    "conv4_2": (512, 512, 88, 3, 1, True),
+    "conv5_1": (512, 512, 44, 3, 1, True),
+    "fc6": (512, 4096, 22, 7, 0, True),
+    "fc7": (4096, 4096, 16, 1, 0, True),
+    "score_fr": (4096, 21, 16, 1, 0, False),
+}
+
+
+def _impls():
+    for device in ("cpu", "cuda"):
+        names = ["fcnkern-cpu", "eager", "onednn-fused"] if device == "cpu" else ["fcnkern-triton", "eager"]
+        for name in names:
+            marks = [] if device == "cpu" or torch.cuda.is_available() else [pytest.mark.skip(reason="no CUDA device")]
+            yield pytest.param(device, name, marks=marks, id=f"{device}-{name}")
+
+
+def _fn(impl: str, weight, bias, padding, relu):
+    if impl.startswith("fcnkern-"):
+        backend = impl.removeprefix("fcnkern-")
+        info = fcnkern.backend_info(backend)
+        if not info.available:
+            pytest.skip(f"{backend} backend unavailable: {info.reason}")
+        return lambda x: fcnkern.conv2d_relu(x, weight, bias, 1, padding, relu=relu, backend=backend)
+    if impl == "onednn-fused":
+        attr = "relu" if relu else "none"
+        return lambda x: torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, [padding] * 2, [1, 1], [1, 1], 1, attr, [], ""
+        )
+    return lambda x: F.relu(F.conv2d(x, weight, bias, 1, padding)) if relu else F.conv2d(x, weight, bias, 1, padding)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(("device", "impl"), _impls())
+@pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
+def test_fcn8s_layer(benchmark, layer, device, impl, mode):
+    cin, cout, size, k, padding, relu = FCN8S_LAYERS[layer]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if impl == "onednn-fused" and mode != "fwd":
+        pytest.skip("oneDNN's fused conv+ReLU op has no backward")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, size, size, generator=g).to(device, dtype)
+    weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
+    bias = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
+    fn = _fn(impl, weight, bias, padding, relu)
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return fn(x)
+    else:
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        fn_grad = _fn(impl, leaves[1], leaves[2], padding, relu)
+        out = fn_grad(leaves[0])
+        upstream = torch.randn(out.shape, generator=g).to(device, dtype)
+
+        def step():
+            fn_grad(leaves[0]).backward(upstream)
+            for t in leaves:
+                t.grad = None
+
+    step = synchronized(step, device)
+    step()
+    benchmark.group = f"conv+relu {device} {layer} {mode}"
+    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, device) or 0) / 2**20
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
