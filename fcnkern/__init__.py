@@ -7,10 +7,11 @@ Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one i
 - :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (bilinear path: cpu and
   torch backends; learned path: torch so far).
 
+:mod:`fcnkern.models` has the paper's VGG16 FCN-32s/16s/8s on these layers, each with a pure-PyTorch twin.
 :mod:`fcnkern.geometry` derives receptive fields and the FCN crop offsets from a network's layers.
 """
 
-from fcnkern import _ext, geometry, nn
+from fcnkern import _ext, geometry, models, nn
 from fcnkern._ext import empty_cache
 from fcnkern.backend import (
     BACKENDS,
@@ -23,6 +24,7 @@ from fcnkern.backend import (
 from fcnkern.conv_relu import conv2d_relu
 from fcnkern.convolutionalize import convolutionalize
 from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
+from fcnkern.models import receptive_field
 from fcnkern.upsample import bilinear_kernel, bilinear_upsample_crop, bilinear_weight, upsample_crop
 
 __version__ = "0.1.0"
@@ -41,8 +43,10 @@ __all__ = [
     "convolutionalize",
     "empty_cache",
     "geometry",
+    "models",
     "nn",
     "pixelwise_cross_entropy",
+    "receptive_field",
     "upsample_crop",
     "use_backend",
     "validate_labels",
