@@ -224,16 +224,18 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
 
-  for (int64_t n = 0; n < g.n; ++n) {
-    acc_t* dx_img = need_x ? dx_acc.mutable_data_ptr<acc_t>() + n * g.c * g.h * g.w : nullptr;
+  // Images write disjoint parts of dx, so one phase covers the bands of one parity in every image.
+  {
     for (int64_t parity = 0; parity < 2; ++parity) {
-      const int64_t tasks = g.groups * ((bands - parity + 1) / 2);
-      run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
+      const int64_t per_image = g.groups * ((bands - parity + 1) / 2);
+      run_tasks(g.n * per_image, spread, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         const int64_t max_count = band_rows * g.ow;
         std::vector<acc_t> cols(g.j * max_count), dy(g.k_g * max_count);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t group = task % g.groups, band = 2 * (task / g.groups) + parity;
+          const int64_t n = task / per_image, in_image = task % per_image;
+          acc_t* dx_img = need_x ? dx_acc.mutable_data_ptr<acc_t>() + n * g.c * g.h * g.w : nullptr;
+          const int64_t group = in_image % g.groups, band = 2 * (in_image / g.groups) + parity;
           const int64_t p0 = band * band_rows * g.ow;
           const int64_t count = std::min(band_rows, g.oh - band * band_rows) * g.ow;
           // The masked output gradient of this block, once, in acc_t.
@@ -317,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const auto acc = acc_type_of(x);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
   // needs its own weight-gradient accumulator.
-  const bool spread = spread_tasks(g.groups * (backward_bands(g) / 2));
+  const bool spread = spread_tasks(g.n * g.groups * (backward_bands(g) / 2));
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor dw_parts = need_w ? at::zeros({threads, g.groups, g.k_g, g.j}, x.options().dtype(acc)) : at::Tensor();

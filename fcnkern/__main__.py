@@ -3,9 +3,11 @@
 - ``fcnkern info``: versions, how the C++/CUDA extension was obtained, and which backends can run here and why not.
 - ``fcnkern bench``: each op's fcnkern backends against the PyTorch way on the devices present, time and peak memory,
   as a table (and JSON with ``--json FILE``).
+- ``fcnkern train``: train an FCN end to end (default: a small FCN-8s on built-in synthetic scenes, a few minutes
+  on 2 CPU cores), evaluate it with the paper's metrics and time a training step against the pure-PyTorch twin.
+- ``fcnkern eval --checkpoint FILE``: the paper's four metrics and a PNG of predictions.
 
-With no sub-command it runs ``info`` and then ``bench``. Training and evaluating an FCN end to end arrive with the
-model and main-job work (issues 5 and 6).
+With no sub-command it runs ``info`` and then ``train`` with its defaults.
 """
 
 from __future__ import annotations
@@ -79,6 +81,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from fcnkern.train import TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def _compare_with_twin(cfg, steps: int) -> dict:
+    """Median training-step time of the fcnkern model and its pure-PyTorch twin on one batch, same weights."""
+    import dataclasses
+
+    from fcnkern import train as t
+
+    train_set, _, num_classes = t.make_datasets(cfg)
+    images, labels = zip(*(train_set[i] for i in range(cfg.batch)), strict=True)
+    image = torch.stack(images).to(cfg.device, t.DTYPES[cfg.dtype])
+    label = torch.stack(labels).to(cfg.device)
+    result = {}
+    for name, twin in (("fcnkern", False), ("pytorch", True)):
+        c = dataclasses.replace(cfg, twin=twin)
+        model = t.build_model(c, num_classes).to(cfg.device, t.DTYPES[cfg.dtype])
+        opt = t.make_optimizer(c, model)
+
+        def step(model=model, opt=opt, c=c):
+            opt.zero_grad(set_to_none=True)
+            t.loss_fn(c, model(image), label).backward()
+            opt.step()
+
+        result[name] = median_ms(step, cfg.device, rounds=steps)
+    result["speedup"] = result["pytorch"] / result["fcnkern"]
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fcnkern import train as t
+
+    cfg = _config(args)
+    print(f"training {cfg.model} (width {cfg.width}) on {cfg.data} data, {cfg.size}x{cfg.size}, batch {cfg.batch}, "
+          f"{cfg.iters} iterations, recipe {cfg.recipe}, backend {cfg.backend or 'auto'}, {cfg.dtype} on {cfg.device}",
+          flush=True)  # fmt: skip
+    summary = t.train(cfg, resume=args.resume)
+    if not t._is_main():
+        return 0
+    before, after = summary["before"], summary["after"]
+    line = f"after {summary['iterations']} iterations: "
+    if before:
+        line += f"mean IU {100 * before['mean_iu']:.1f}% -> "
+    line += (f"{100 * after['mean_iu']:.1f}% | pixel acc {100 * after['pixel_acc']:.1f}% | mean acc "
+             f"{100 * after['mean_acc']:.1f}% | fw IU {100 * after['fw_iu']:.1f}%")  # fmt: skip
+    print(line)
+    if summary["ms_per_iter"]:
+        print(f"speed: {summary['ms_per_iter']:.0f} ms/iter, {summary['images_per_s']:.1f} images/s")
+    if args.compare_steps > 0:
+        cmp = _compare_with_twin(cfg, args.compare_steps)
+        summary["vs_pytorch"] = cmp
+        print(f"training step, same batch and weights: fcnkern {cmp['fcnkern']:.0f} ms vs pure PyTorch "
+              f"{cmp['pytorch']:.0f} ms ({cmp['speedup']:.2f}x)")  # fmt: skip
+    print(f"checkpoint: {summary['checkpoint']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fcnkern import train as t
+
+    state = t.load_checkpoint(args.checkpoint)
+    cfg = t.TrainConfig(**state["config"])
+    for key in ("backend", "device", "data", "root"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
+    _, val_set, num_classes = t.make_datasets(cfg)
+    model = t.build_model(cfg, num_classes)
+    t._restore(model, state, args.checkpoint)
+    model = model.to(cfg.device, t.DTYPES[cfg.dtype])
+    scores, _ = t.evaluate(model, val_set, num_classes, cfg)
+    print(f"{len(val_set)} images: pixel acc {100 * scores['pixel_acc']:.1f}% | mean acc "
+          f"{100 * scores['mean_acc']:.1f}% | mean IU {100 * scores['mean_iu']:.1f}% | fw IU "
+          f"{100 * scores['fw_iu']:.1f}%")  # fmt: skip
+    png = Path(args.png or Path(cfg.out) / "predictions.png")
+    t.save_prediction_grid(model, val_set, cfg, png)
+    print(f"predictions: {png}")
+    return 0
+
+
 def _shape(text: str) -> tuple[int, int, int, int]:
     parts = tuple(int(p) for p in text.lower().split("x"))
     if len(parts) != 4 or min(parts) < 1:
@@ -95,6 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="NxCxHxW", help="logits shapes (default: 1x21x500x500 8x21x512x512)")  # fmt: skip
     bench.add_argument("--rounds", type=int, default=5, help="timed calls per case; the median is reported")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    train = sub.add_parser("train", help="train an FCN end to end (default: synthetic scenes, a few CPU minutes)")
+    train.add_argument("--model", choices=("fcn32s", "fcn16s", "fcn8s"), help="architecture (default fcn8s)")
+    train.add_argument("--width", type=float, help="channel multiplier of VGG16 (default 0.125; 1 = the paper's)")
+    train.add_argument("--data", choices=("synthetic", "voc"), help="built-in synthetic scenes or PASCAL VOC")
+    train.add_argument("--root", help="PASCAL VOC / SBD directory (with --data voc)")
+    train.add_argument("--size", type=int, help="image side: synthetic scene size, or VOC resize (default 64)")
+    train.add_argument("--num-classes", dest="num_classes", type=int, help="synthetic classes incl. background")
+    train.add_argument("--train-len", dest="train_len", type=int, help="synthetic training scenes")
+    train.add_argument("--val-len", dest="val_len", type=int, help="synthetic validation scenes")
+    train.add_argument("--batch", type=int, help="images per step per process (default 8)")
+    train.add_argument("--iters", type=int, help="training iterations (default 300)")
+    train.add_argument("--recipe", choices=("modern", "paper"),
+                       help="modern: Adam 1e-3 on the mean loss (default); paper: SGD momentum 0.99, weight decay "
+                            "5e-4, summed loss, lr 1e-10")  # fmt: skip
+    train.add_argument("--lr", type=float, help="learning rate (overrides the recipe's)")
+    train.add_argument("--backend", choices=fcnkern.BACKENDS, help="fcnkern backend (default: automatic)")
+    train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="model and input dtype (default fp32)")
+    train.add_argument("--device", help="cpu or cuda (default cpu)")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    train.add_argument("--seed", type=int, help="seed of weights, data order and dropout")
+    train.add_argument("--out", help="output directory for checkpoints (default runs/fcn)")
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="iterations between saves")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue exactly from this checkpoint")
+    train.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
+                       help="start from a coarser FCN's weights (FCN-16s from FCN-32s, ...)")  # fmt: skip
+    train.add_argument("--vgg16-weights", dest="vgg16_weights", metavar="FILE",
+                       help="a torchvision VGG16 state_dict file for the backbone (nothing is downloaded)")  # fmt: skip
+    train.add_argument("--compare-steps", dest="compare_steps", type=int, default=5,
+                       help="training steps timed against the pure-PyTorch twin at the end (0: skip)")  # fmt: skip
+    train.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+
+    ev = sub.add_parser("eval", help="the paper's four metrics for a checkpoint, and a PNG of predictions")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint written by fcnkern train")
+    ev.add_argument("--backend", choices=fcnkern.BACKENDS, help="fcnkern backend (default: the checkpoint's)")
+    ev.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
+    ev.add_argument("--data", choices=("synthetic", "voc"), help="default: the checkpoint's")
+    ev.add_argument("--root", help="PASCAL VOC directory (with --data voc)")
+    ev.add_argument("--png", help="where to write the prediction grid (default OUT/predictions.png)")
     return parser
 
 
@@ -104,9 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_info(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command in ("train", "eval"):
+        try:
+            return cmd_train(args) if args.command == "train" else cmd_eval(args)
+        except (ValueError, FileNotFoundError, fcnkern.BackendUnavailableError) as exc:
+            print(f"fcnkern {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     cmd_info(args)
     print()
-    return cmd_bench(build_parser().parse_args(["bench"]))
+    return cmd_train(build_parser().parse_args(["train"]))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,13 @@ class SyntheticScenes(Dataset):
             raise ValueError(f"num_classes must be in 2..9, got {num_classes}")
         if length < 1 or size < 8:
             raise ValueError(f"need length >= 1 and size >= 8, got {length} and {size}")
-        self.length, self.size, self.num_classes, self.seed, self.void_width = length, size, num_classes, seed, void_width
+        self.length, self.size, self.num_classes, self.seed, self.void_width = (
+            length,
+            size,
+            num_classes,
+            seed,
+            void_width,
+        )
         hues = torch.linspace(0, 1, num_classes)[:-1] if num_classes > 1 else torch.zeros(0)
         self.class_colors = torch.stack([_hue_to_rgb(float(h)) for h in hues]) if len(hues) else torch.zeros(0, 3)
 
@@ -91,7 +97,9 @@ class SyntheticScenes(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} scenes")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         s = self.size
-        yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
+        yy, xx = torch.meshgrid(
+            torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij"
+        )
         grey = 0.45 + 0.15 * _smooth_noise(g, s, 6)
         image = grey.expand(3, s, s).clone() + 0.05 * _smooth_noise(g, s, 16)
         label = torch.zeros(s, s, dtype=torch.int64)

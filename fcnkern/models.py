@@ -156,6 +156,17 @@ class FCN(nn.Module):
             self.upscore_pool4 = upsample(2, learnable=True)
         final, factor = FINAL_UPSAMPLE[variant]
         self.add_module(final, upsample(factor, learnable=False))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (Kaiming) normal weights and zero biases for the ReLU layers, so that a network trained from scratch
+        keeps its signal through 15 layers without normalisation (PyTorch's default init shrinks it); zero score
+        layers, as the paper initialises them; bilinear upsampling (set at construction). Loading VGG16 weights
+        replaces the ReLU layers'."""
+        for module in self.modules():
+            if isinstance(module, (Conv2dReLU, _TorchConv)) and module.relu:
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
         self.reset_scores()
 
     def reset_scores(self) -> None:

@@ -1,0 +1,313 @@
+"""Training and evaluation of an FCN end to end: the main job behind ``python -m fcnkern train`` / ``eval``.
+
+One process, or several through ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on CUDA): each rank takes
+its share of every epoch's shuffled order (DistributedSampler), gradients are averaged by DDP, and the confusion
+matrix of the evaluation is summed over ranks. Rank 0 alone prints, saves checkpoints and writes files.
+
+Checkpoints hold the model, the optimiser, the iteration, the RNG state and the configuration; they are written to a
+temporary file and renamed, so a crash never leaves a half-written one. Resuming continues exactly: the epoch's
+order is a function of (seed, epoch), and the batches already done are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import fcnkern
+from fcnkern import models
+from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, voc_palette
+from fcnkern.metrics import confusion_matrix, segmentation_scores
+
+__all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in checkpoints). Defaults: the built-in synthetic scenes and a small
+    FCN-8s (width 1/8) that learns them in a few minutes on 2 CPU cores."""
+
+    model: str = "fcn8s"
+    width: float = 0.125
+    data: str = "synthetic"
+    root: str | None = None
+    size: int = 64
+    num_classes: int = 5
+    train_len: int = 2048
+    val_len: int = 128
+    batch: int = 8
+    iters: int = 300
+    recipe: str = "modern"  # modern: Adam, mean loss; paper: SGD momentum 0.99, summed loss, fixed tiny lr
+    lr: float | None = None
+    backend: str | None = None
+    twin: bool = False
+    dtype: str = "fp32"
+    device: str = "cpu"
+    compile: bool = False
+    seed: int = 0
+    out: str = "runs/fcn"
+    checkpoint_every: int = 100
+    init_from: str | None = None
+    vgg16_weights: str | None = None
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.recipe == "modern" else 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed(device: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _is_main() -> bool:
+    return _world()[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, model, checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    """(train, val, num_classes) for the configured data."""
+    if cfg.data == "synthetic":
+        train = SyntheticScenes(cfg.train_len, cfg.size, cfg.num_classes, seed=cfg.seed)
+        val = SyntheticScenes(cfg.val_len, cfg.size, cfg.num_classes, seed=cfg.seed + 1_000)
+        return train, val, cfg.num_classes
+    if cfg.data == "voc":
+        if cfg.root is None:
+            raise ValueError("--data voc needs --root DIR (a PASCAL VOC / SBD directory)")
+        train = VOCSegmentation(cfg.root, "train", size=cfg.size)
+        val = VOCSegmentation(cfg.root, "val", size=cfg.size)
+        return train, val, VOCSegmentation.NUM_CLASSES
+    raise ValueError(f"unknown data {cfg.data!r}; choose synthetic or voc")
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> models.FCN:
+    torch.manual_seed(cfg.seed)
+    model = models.FCN(cfg.model, num_classes, backend=cfg.backend, twin=cfg.twin, width=cfg.width)
+    if cfg.vgg16_weights:
+        state = torch.load(cfg.vgg16_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(models.vgg16_backbone_from_state_dict(state), strict=False)
+    if cfg.init_from:
+        source = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        models.init_from(model, source["model"] if isinstance(source, dict) and "model" in source else source)
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.recipe == "paper":
+        return torch.optim.SGD(params, lr=cfg.learning_rate(), momentum=0.99, weight_decay=5e-4)
+    if cfg.recipe == "modern":
+        return torch.optim.Adam(params, lr=cfg.learning_rate())
+    raise ValueError(f"unknown recipe {cfg.recipe!r}; choose modern or paper")
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+                    cfg: TrainConfig) -> None:  # fmt: skip
+    """Write atomically: to a temporary file in the same directory, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": "fcnkern-checkpoint-1",
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "rng": torch.get_rng_state(),
+        "config": dataclasses.asdict(cfg),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`; ValueError (not a traceback from pickle) if it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != "fcnkern-checkpoint-1":
+        raise ValueError(f"{path} is not an fcnkern checkpoint")
+    return state
+
+
+def _restore(model: nn.Module, state: dict, path: str) -> None:
+    try:
+        _unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {path} does not fit this model ({first}); check --model / --width") from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def loss_fn(cfg: TrainConfig, logits: Tensor, target: Tensor) -> Tensor:
+    reduction = "mean" if cfg.recipe == "modern" else "sum"
+    if cfg.twin:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return fcnkern.pixelwise_cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction,
+                                           backend=cfg.backend)  # fmt: skip
+
+
+def _progress(iterable, total: int, desc: str, initial: int = 0):
+    if not _is_main():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, cfg: TrainConfig) -> tuple[dict, Tensor]:
+    """The paper's four metrics on ``dataset`` (each rank its share; the confusion matrix is summed over ranks)."""
+    rank, world = _world()
+    model.eval()
+    sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=cfg.batch, sampler=sampler)
+    hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=cfg.device)
+    for image, label in _progress(loader, len(loader), "eval"):
+        logits = model(image.to(cfg.device, DTYPES[cfg.dtype]))
+        hist += confusion_matrix(logits.argmax(1), label.to(cfg.device), num_classes, IGNORE_INDEX)
+    if world > 1:
+        dist.all_reduce(hist)
+    model.train()
+    return segmentation_scores(hist), hist
+
+
+def _batches(sampler: DistributedSampler, epoch: int, batch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
+    """Train for cfg.iters iterations, evaluate, save the final checkpoint; returns a summary dict."""
+    _init_distributed(cfg.device)
+    rank, world = _world()
+    train_set, val_set, num_classes = make_datasets(cfg)
+    model = build_model(cfg, num_classes).to(cfg.device, DTYPES[cfg.dtype])
+    optimizer = make_optimizer(cfg, model)
+    start = 0
+    if resume:
+        state = load_checkpoint(resume)
+        _restore(model, state, resume)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+        torch.set_rng_state(state["rng"])
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_epoch = len(_batches(sampler, 0, cfg.batch))
+    if per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images over {world} ranks) is smaller than one batch")
+    out = Path(cfg.out)
+    before = evaluate(net, val_set, num_classes, cfg)[0] if start == 0 else None
+    if before is not None and _is_main():
+        log(f"before training: mean IU {100 * before['mean_iu']:.1f}%, pixel acc {100 * before['pixel_acc']:.1f}%")
+
+    net.train()
+    it, losses, step_times = start, [], []
+    bar = _progress(range(start, cfg.iters), cfg.iters, "train", initial=start)
+    for _ in bar:
+        epoch, pos = divmod(it, per_epoch)
+        indices = _batches(sampler, epoch, cfg.batch)[pos]
+        images, labels = zip(*(train_set[i] for i in indices), strict=True)
+        image = torch.stack(images).to(cfg.device, DTYPES[cfg.dtype])
+        label = torch.stack(labels).to(cfg.device)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(cfg, net(image), label)
+        loss.backward()
+        optimizer.step()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        it += 1
+        losses.append(float(loss.detach()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if (it % per_epoch == 0 or it == cfg.iters) and _is_main():
+            recent = losses[-min(len(losses), per_epoch) :]
+            log(f"epoch {it / per_epoch:.2f} | iter {it}/{cfg.iters} | loss {sum(recent) / len(recent):.4g} | "
+                f"{1000 * sum(step_times[-len(recent):]) / len(recent):.0f} ms/iter")  # fmt: skip
+        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iters and _is_main():
+            save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
+    scores, _ = evaluate(net, val_set, num_classes, cfg)
+    if _is_main():
+        save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
+    timed = step_times[len(step_times) // 5 :] or step_times  # the first steps warm up
+    summary = {
+        "iterations": it,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "ms_per_iter": 1000 * sum(timed) / len(timed) if timed else None,
+        "images_per_s": cfg.batch * world * len(timed) / sum(timed) if timed else None,
+        "before": before,
+        "after": scores,
+        "checkpoint": str(out / "last.pt"),
+    }
+    return summary
+
+
+def save_prediction_grid(model: nn.Module, dataset: Dataset, cfg: TrainConfig, path: Path, count: int = 4) -> None:
+    """A PNG of ``count`` rows: image | ground truth | prediction, labels in the VOC palette (void white)."""
+    from PIL import Image
+
+    palette = voc_palette()
+    palette[255] = (255, 255, 255)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for i in range(min(count, len(dataset))):
+            image, label = dataset[i]
+            pred = model(image[None].to(cfg.device, DTYPES[cfg.dtype])).argmax(1)[0].cpu()
+            rgb = image * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+                3, 1, 1
+            )
+            rgb = (rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            rows.append([rgb, palette[label.numpy()], palette[pred.numpy()]])
+    import numpy as np
+
+    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
