@@ -196,7 +196,14 @@ def _progress(iterable, total: int, desc: str, initial: int = 0):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, cfg: TrainConfig) -> tuple[dict, Tensor]:
-    """The paper's four metrics on ``dataset`` (each rank its share; the confusion matrix is summed over ranks)."""
+    """The paper's four metrics on ``dataset`` (each rank its share; the confusion matrix is summed over ranks).
+    Leaves the global RNG as it found it (a DataLoader draws a seed from it), so evaluating never changes how
+    training continues: a resumed run repeats an uninterrupted one exactly."""
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model, dataset, num_classes, cfg)
+
+
+def _evaluate(model: nn.Module, dataset: Dataset, num_classes: int, cfg: TrainConfig) -> tuple[dict, Tensor]:
     rank, world = _world()
     model.eval()
     sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
@@ -217,8 +224,9 @@ def _batches(sampler: DistributedSampler, epoch: int, batch: int) -> list[list[i
     return [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
 
 
-def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
-    """Train for cfg.iters iterations, evaluate, save the final checkpoint; returns a summary dict."""
+def train(cfg: TrainConfig, resume: str | None = None, log=print, on_finish=None) -> dict:
+    """Train for cfg.iters iterations, evaluate, save the final checkpoint; returns a summary dict (JSON-ready).
+    ``on_finish(model)``, if given, sees the trained model (every rank's replica under DDP)."""
     _init_distributed(cfg.device)
     rank, world = _world()
     train_set, val_set, num_classes = make_datasets(cfg)
@@ -273,6 +281,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
         if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iters and _is_main():
             save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
     scores, _ = evaluate(net, val_set, num_classes, cfg)
+    if on_finish is not None:
+        on_finish(model)
     if _is_main():
         save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
     timed = step_times[len(step_times) // 5 :] or step_times  # the first steps warm up
