@@ -121,7 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {cfg.model} (width {cfg.width}) on {cfg.data} data, {cfg.size}x{cfg.size}, batch {cfg.batch}, "
           f"{cfg.iters} iterations, recipe {cfg.recipe}, backend {cfg.backend or 'auto'}, {cfg.dtype} on {cfg.device}",
           flush=True)  # fmt: skip
-    summary = t.train(cfg, resume=args.resume)
+    from tqdm import tqdm
+
+    summary = t.train(cfg, resume=args.resume, log=tqdm.write)  # between progress-bar redraws
     if not t._is_main():
         return 0
     before, after = summary["before"], summary["after"]

@@ -1,0 +1,61 @@
+"""The whole network: VGG16 FCN-8s (the paper's, width 1) on fcnkern layers vs its pure-PyTorch twin, eager and under
+torch.compile, measured in the same run: forward, and a training step (forward + loss + backward + SGD), with peak
+memory in extra_info. CPU: 1 x 3 x 256 x 256 in fp32. CUDA: 1 x 3 x 500 x 500 in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fcnkern
+from fcnkern import models
+from fcnkern.benchmarking import peak_extra_bytes, synchronized
+
+CASES = {"cpu": ((1, 3, 256, 256), torch.float32), "cuda": ((1, 3, 500, 500), torch.bfloat16)}
+
+
+def _params():
+    for device in ("cpu", "cuda"):
+        for impl in ("fcnkern", "pytorch-eager", "pytorch-compile"):
+            marks = [] if device == "cpu" or torch.cuda.is_available() else [pytest.mark.skip(reason="no CUDA device")]
+            yield pytest.param(device, impl, marks=marks, id=f"{device}-{impl}")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "train-step"])
+@pytest.mark.parametrize(("device", "impl"), list(_params()))
+def test_fcn8s(benchmark, device, impl, mode):
+    shape, dtype = CASES[device]
+    torch.manual_seed(0)
+    model = models.fcn8s(21, twin=impl != "fcnkern").to(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    target = torch.randint(0, 21, (shape[0], *shape[2:]), generator=g).to(device)
+    net = torch.compile(model) if impl == "pytorch-compile" else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+    def loss_of(out):
+        if impl == "fcnkern":
+            return fcnkern.pixelwise_cross_entropy(out, target)
+        return F.cross_entropy(out, target, ignore_index=255, reduction="sum")
+
+    if mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return net(x)
+    else:
+        model.train()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_of(net(x)).backward()
+            opt.step()
+
+    step = synchronized(step, device)
+    step()
+    benchmark.group = f"FCN-8s {device} {'x'.join(map(str, shape))} {mode}"
+    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, device) or 0) / 2**20
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
