@@ -1,8 +1,9 @@
 """Command line: ``python -m fcnkern`` (or ``fcnkern``).
 
 - ``fcnkern info``: versions, how the C++/CUDA extension was obtained, and which backends can run here and why not.
-- ``fcnkern bench``: each op's fcnkern backends against the PyTorch way on the devices present, time and peak memory,
-  as a table (and JSON with ``--json FILE``).
+- ``fcnkern bench``: each op's fcnkern backends (cross-entropy, conv + ReLU, bilinear upsampling) and the whole FCN-8s
+  training step against the PyTorch way on the devices present, time and peak memory, as a table (and JSON with
+  ``--json FILE``).
 - ``fcnkern train``: train an FCN end to end (default: a small FCN-8s on built-in synthetic scenes, a few minutes
   on 2 CPU cores), evaluate it with the paper's metrics and time a training step against the pure-PyTorch twin.
 - ``fcnkern eval --checkpoint FILE``: the paper's four metrics and a PNG of predictions.
@@ -16,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+from functools import partial
 
 import torch
 
@@ -41,39 +43,141 @@ def cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_cases(args: argparse.Namespace):
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        backends = ["cpu"] if device == "cpu" else ["cuda", "triton"]
-        for shape in args.shapes:
-            for backend in backends:
-                info = fcnkern.backend_info(backend)
-                if info.available:
-                    yield device, shape, backend
-                else:
-                    print(f"  skipped {backend} on {device}: {info.reason}", file=sys.stderr)
+def _available(backend: str, device: str) -> bool:
+    info = fcnkern.backend_info(backend)
+    if not info.available:
+        print(f"  skipped {backend} on {device}: {info.reason}", file=sys.stderr)
+    return info.available
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    rows = []
-    print(f"{'op':<14} {'device':<6} {'shape':<14} {'mode':<8} {'impl':<8} {'ms':>9} {'vs torch':>9} {'peak MB':>9}")
-    for device, shape, backend in _bench_cases(args):
+def _ce_cases(args: argparse.Namespace, device: str):
+    for shape in args.shapes:
         g = torch.Generator().manual_seed(0)
         n, c, h, w = shape
         logits = (torch.randn(shape, generator=g) * 3).to(device)
         target = torch.randint(0, c, (n, h, w), generator=g).to(device)
         for mode in ("fwd", "fwd+bwd"):
-            timings = {}
-            for impl in ("torch", backend):
-                step = cross_entropy_step(impl, logits, target, mode)
-                ms = median_ms(step, device, rounds=args.rounds)
-                peak = (peak_extra_bytes(step, device) or 0) / 2**20
-                timings[impl] = ms
-                row = {"op": "cross_entropy", "device": device, "shape": list(shape), "mode": mode, "impl": impl,
-                       "ms": ms, "speedup_vs_torch": timings["torch"] / ms, "peak_extra_MB": peak}  # fmt: skip
-                rows.append(row)
-                print(f"{'cross_entropy':<14} {device:<6} {'x'.join(map(str, shape)):<14} {mode:<8} {impl:<8} "
-                      f"{ms:9.2f} {row['speedup_vs_torch']:8.2f}x {peak:9.1f}", flush=True)  # fmt: skip
+            impls = {"torch": cross_entropy_step("torch", logits, target, mode)}
+            for backend in ("cpu",) if device == "cpu" else ("cuda", "triton"):
+                if _available(backend, device):
+                    impls[backend] = cross_entropy_step(backend, logits, target, mode)
+            yield "cross_entropy", "x".join(map(str, shape)), mode, impls
+
+
+def _grad_step(fn, leaves, mode):
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return fn(*leaves)
+
+        return step
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    upstream = torch.randn_like(fn(*leaves).detach())
+
+    def step():
+        fn(*leaves).backward(upstream)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
+def _conv_relu_eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.relu(F.conv2d(x, w, b, 1, padding))
+
+
+def _conv_cases(args: argparse.Namespace, device: str):
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    # FCN-8s layers at a 500 x 500 input: conv2_2 (3x3, 128 channels, 349^2) and fc6 (7x7 on a 22^2 map).
+    for name, (cin, cout, size, k, pad) in {"conv2_2": (128, 128, 349, 3, 1), "fc6": (512, 4096, 22, 7, 0)}.items():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, cin, size, size, generator=g).to(device, dtype)
+        w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
+        b = torch.zeros(cout).to(device, dtype)
+        for mode in ("fwd", "fwd+bwd"):
+            impls = {"torch": _grad_step(partial(_conv_relu_eager, padding=pad), [x, w, b], mode)}
+            for backend in ("cpu",) if device == "cpu" else ("triton",):
+                if _available(backend, device):
+                    fn = partial(fcnkern.conv2d_relu, stride=1, padding=pad, backend=backend)
+                    impls[backend] = _grad_step(fn, [x, w, b], mode)
+            yield "conv2d_relu", f"{name} {cin}x{size}x{size}", mode, impls
+
+
+def _bilinear_fcn32s(t: torch.Tensor, backend: str) -> torch.Tensor:
+    return fcnkern.bilinear_upsample_crop(t, 32, (19, 19), (500, 500), backend=backend)
+
+
+def _upsample_cases(args: argparse.Namespace, device: str):
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 21, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    weight = fcnkern.bilinear_weight(21, 64).to(device)
+
+    def full(t):  # pytorch-fcn's way: the whole ConvTranspose2d, then the crop
+        return F.conv_transpose2d(t, weight, stride=32)[:, :, 19:519, 19:519]
+
+    for mode in ("fwd", "fwd+bwd"):
+        impls = {"torch": _grad_step(full, [x], mode)}
+        for backend in fcnkern.upsample.IMPLEMENTED["bilinear_upsample_crop"]:
+            runs_here = backend != "torch" and fcnkern.backend._device_problem(backend, x.device) is None
+            if runs_here and _available(backend, device):
+                impls[backend] = _grad_step(partial(_bilinear_fcn32s, backend=backend), [x], mode)
+        yield "upsample", "FCN-32s final 21x16x16", mode, impls
+
+
+def _model_cases(args: argparse.Namespace, device: str):
+    import torch.nn.functional as F
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    size = 256 if device == "cpu" else 500
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=g).to(device, dtype)
+    target = torch.randint(0, 21, (1, size, size), generator=g).to(device)
+    impls = {}
+    for impl, twin in (("torch", True), ("fcnkern", False)):
+        torch.manual_seed(0)
+        model = fcnkern.models.fcn8s(21, twin=twin).to(device, dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+        def step(model=model, opt=opt, twin=twin):
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            if twin:
+                loss = F.cross_entropy(out, target, ignore_index=255, reduction="sum")
+            else:
+                loss = fcnkern.pixelwise_cross_entropy(out, target)
+            loss.backward()
+            opt.step()
+
+        impls[impl] = step
+    yield "fcn8s", f"1x3x{size}x{size}", "train-step", impls
+
+
+_BENCH_OPS = {"cross_entropy": _ce_cases, "conv2d_relu": _conv_cases, "upsample": _upsample_cases,
+              "fcn8s": _model_cases}  # fmt: skip
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rows = []
+    print(f"{'op':<14} {'device':<6} {'case':<24} {'mode':<10} {'impl':<8} {'ms':>9} {'vs torch':>9} {'peak MB':>9}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for op in args.ops:
+            for op_name, case, mode, impls in _BENCH_OPS[op](args, device):
+                base = None
+                for impl, step in impls.items():
+                    ms = median_ms(step, device, rounds=args.rounds)
+                    base = base or ms
+                    peak = (peak_extra_bytes(step, device) or 0) / 2**20
+                    row = {"op": op_name, "device": device, "case": case, "mode": mode, "impl": impl, "ms": ms,
+                           "speedup_vs_torch": base / ms, "peak_extra_MB": peak}  # fmt: skip
+                    rows.append(row)
+                    print(f"{op_name:<14} {device:<6} {case:<24} {mode:<10} {impl:<8} {ms:9.2f} "
+                          f"{row['speedup_vs_torch']:8.2f}x {peak:9.1f}", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "fcnkern": fcnkern.__version__, "results": rows}, f, indent=1)
@@ -184,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, extension origin and available backends")
     bench = sub.add_parser("bench", help="fcnkern ops vs PyTorch: time and peak memory")
     bench.add_argument("--shapes", type=_shape, nargs="+", default=[(1, 21, 500, 500), (8, 21, 512, 512)],
-                       metavar="NxCxHxW", help="logits shapes (default: 1x21x500x500 8x21x512x512)")  # fmt: skip
+                       metavar="NxCxHxW", help="cross-entropy logits (default 1x21x500x500 8x21x512x512)")  # fmt: skip
+    bench.add_argument("--ops", nargs="+", choices=list(_BENCH_OPS), default=list(_BENCH_OPS),
+                       help="which ops (default: all, the whole FCN-8s training step included)")  # fmt: skip
     bench.add_argument("--rounds", type=int, default=5, help="timed calls per case; the median is reported")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 

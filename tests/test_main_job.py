@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import fcnkern
 from fcnkern import metrics
 from fcnkern import train as t
 from fcnkern.__main__ import main
@@ -198,3 +199,15 @@ def test_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["sum"] == r1["sum"] and r0["iu"] == r1["iu"]
+
+
+def test_cli_bench_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--ops", "upsample", "cross_entropy", "--shapes", "1x5x8x8", "--rounds", "1",
+                 "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    impls = {(r["op"], r["mode"], r["impl"]) for r in rows}
+    assert ("upsample", "fwd+bwd", "torch") in impls and ("cross_entropy", "fwd", "torch") in impls
+    if fcnkern.backend_info("cpu").available:
+        assert ("upsample", "fwd+bwd", "cpu") in impls and ("cross_entropy", "fwd+bwd", "cpu") in impls
+    assert all(r["ms"] > 0 for r in rows) and "vs torch" in capsys.readouterr().out
