@@ -47,6 +47,8 @@ CASES = [
     (2, 6, 8, 10, 4, 3, 1, 1, 1, 2),  # groups 2
     (1, 64, 6, 5, 64, 3, 2, 2, 2, 64),  # depthwise, stride 2, dilation 2
     (1, 20, 2, 3, 17, 3, 1, 1, 1, 1),  # tiny map, prime channels
+    (2, 37, 6, 9, 11, 3, 1, 1, 1, 1),  # >= 32 channels, stride 1: the CPU's shifted-GEMM forward
+    (1, 64, 7, 5, 8, 3, 1, 2, 2, 2),  # ... with dilation 2 and 2 groups of 32
 ]
 
 
@@ -116,8 +118,9 @@ def test_without_relu_is_plain_conv(device, backend, dtype):
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "strided_view"])
-def test_memory_formats_and_views(device, backend, layout):
-    (x, weight, bias), geometry = _inputs(CASES[1], torch.float32, device, layout)
+@pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=_case_id)
+def test_memory_formats_and_views(device, backend, layout, case):
+    (x, weight, bias), geometry = _inputs(case, torch.float32, device, layout)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     else:  # every other column of a wider tensor, and a transposed-storage weight
