@@ -25,12 +25,15 @@ def skip_reason(device: str, backend: str) -> str | None:
     return _device_problem(backend, torch.device(device))
 
 
-def device_backend_params() -> list:
-    """Every (device, backend) pair, skipped with the reason where it cannot run here."""
+def device_backend_params(op: str = "", implemented: tuple[str, ...] = fcnkern.BACKENDS, issue: int = 0) -> list:
+    """Every (device, backend) pair, skipped with the reason where it cannot run here, or where ``op`` has no kernel
+    on that backend yet (``implemented`` lists the ones it has; ``issue`` is where the rest is tracked)."""
     params = []
     for device, names in DEVICE_BACKENDS.items():
         for backend in names:
             reason = skip_reason(device, backend)
+            if backend not in implemented and reason != "no CUDA device":
+                reason = f"no {backend} kernel for {op} yet (issue {issue})"
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return params

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, generator
+from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, device_backend_params, generator
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -15,26 +15,7 @@ import fcnkern
 from fcnkern import BackendUnavailableError, conv2d_relu, conv_relu
 from fcnkern.nn import Conv2dReLU
 
-
-def _backend_params():
-    params = []
-    for device in ("cpu", "cuda"):
-        for backend in ("triton", "cuda", "cpu", "torch"):
-            if (device, backend) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            reason = None
-            if device == "cuda" and not torch.cuda.is_available():
-                reason = "no CUDA device"
-            elif backend not in conv_relu.IMPLEMENTED:
-                reason = f"no {backend} kernel for conv2d_relu yet (issue 3)"
-            elif not fcnkern.backend_info(backend).available:
-                reason = f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}"
-            marks = [pytest.mark.skip(reason=reason)] if reason else []
-            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
-    return params
-
-
-BACKENDS = _backend_params()
+BACKENDS = device_backend_params("conv2d_relu", conv_relu.IMPLEMENTED, issue=3)
 
 # (n, c, h, w, cout, k, stride, padding, dilation, groups): VGG/FCN layers scaled down, and odd ones.
 CASES = [

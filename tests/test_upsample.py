@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW_PRECISION, generator, rel_err
+from helpers import LOW_PRECISION, device_backend_params, generator, rel_err
 from torch import nn
 
 import fcnkern
@@ -15,22 +15,8 @@ from fcnkern import BackendUnavailableError, bilinear_upsample_crop, bilinear_we
 from fcnkern import upsample_crop as upsample_crop_fn
 
 
-def _backend_params(op: str = "upsample_crop"):
-    params = []
-    for device in ("cpu", "cuda"):
-        for backend in ("triton", "cuda", "cpu", "torch"):
-            if (device, backend) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            reason = None
-            if device == "cuda" and not torch.cuda.is_available():
-                reason = "no CUDA device"
-            elif backend not in upsample.IMPLEMENTED[op]:
-                reason = f"no {backend} kernel for {op} yet (issue 4)"
-            elif not fcnkern.backend_info(backend).available:
-                reason = f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}"
-            marks = [pytest.mark.skip(reason=reason)] if reason else []
-            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
-    return params
+def _backend_params(op: str = "upsample_crop") -> list:
+    return device_backend_params(op, upsample.IMPLEMENTED[op], issue=4)
 
 
 def _reference(x, weight, stride, crop, out_size, bias=None, groups=1):
