@@ -47,6 +47,12 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    """(OH, OW) of the convolution of x by weight."""
+    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    return oh, ow
+
+
 def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -70,7 +76,7 @@ def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, 
             raise ValueError(f"bias is {bias.dtype} on {bias.device}, x is {x.dtype} on {x.device}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise ValueError(
             f"input {tuple(x.shape[2:])} padded by {padding} is smaller than the dilated kernel "
@@ -120,7 +126,7 @@ def _triton_fwd(
 
     n, _, h, w = x.shape
     cout, c_g, r, s = weight.shape
-    oh, ow = (conv_output_size((h, w)[a], (r, s)[a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
     y = _ext.maybe_poison(_out_like(x, (n, cout, oh, ow)))
     m, k_g = n * oh * ow, cout // groups
     if y.numel() == 0:
@@ -230,7 +236,7 @@ def _triton_bwd(
 
 
 def _fake_fwd(x, weight, bias, stride, padding, dilation, groups, relu):
-    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    oh, ow = _output_hw(x, weight, stride, padding, dilation)
     return _out_like(x, (x.shape[0], weight.shape[0], oh, ow))
 
 

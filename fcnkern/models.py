@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from fcnkern import conv_relu, geometry
 from fcnkern import upsample as upsample_ops
-from fcnkern.nn import Conv2dReLU, UpsampleCrop
-from fcnkern.upsample import bilinear_weight
+from fcnkern.nn import Conv2dReLU, UpsampleCrop, add_bilinear_weight
 
 __all__ = [
     "FCN",
@@ -75,11 +74,7 @@ class _TorchUpsample(nn.Module):
     def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
         super().__init__()
         self.factor = factor
-        weight = bilinear_weight(channels, 2 * factor)
-        if learnable:
-            self.weight = nn.Parameter(weight)
-        else:
-            self.register_buffer("weight", weight)
+        add_bilinear_weight(self, channels, factor, learnable)
 
     def forward(self, x: Tensor, crop: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
         full = F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.factor)

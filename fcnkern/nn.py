@@ -78,6 +78,17 @@ class PixelwiseCrossEntropy(nn.Module):
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
+def add_bilinear_weight(module: nn.Module, channels: int, factor: int, learnable: bool) -> None:
+    """Give ``module`` the ``weight`` of ``nn.ConvTranspose2d(channels, channels, 2 * factor, factor)`` initialised
+    to the diagonal bilinear kernel: a parameter when learnable, else a buffer (the state_dict key is ``weight``
+    either way)."""
+    weight = bilinear_weight(channels, 2 * factor)
+    if learnable:
+        module.weight = nn.Parameter(weight)
+    else:
+        module.register_buffer("weight", weight)
+
+
 class UpsampleCrop(nn.Module):
     """FCN's upsampling layer with its crop: ``forward(x, crop, out_size)`` upsamples N x C x h x w by ``factor``
     (kernel 2 * factor) and keeps the ``out_size`` window at ``crop``.
@@ -95,11 +106,7 @@ class UpsampleCrop(nn.Module):
         if channels < 1 or factor < 1:
             raise ValueError(f"channels and factor must be >= 1, got {channels} and {factor}")
         self.channels, self.factor, self.learnable, self.backend = channels, factor, learnable, backend
-        weight = bilinear_weight(channels, 2 * factor)
-        if learnable:
-            self.weight = nn.Parameter(weight)
-        else:
-            self.register_buffer("weight", weight)
+        add_bilinear_weight(self, channels, factor, learnable)
 
     def forward(self, x: Tensor, crop: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
         if self.learnable:
