@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace):
     from fcnkern.train import TrainConfig
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
+    fields = set(TrainConfig.__dataclass_fields__)
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 

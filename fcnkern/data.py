@@ -15,12 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["IGNORE_INDEX", "SyntheticScenes", "VOCSegmentation", "voc_palette"]
+__all__ = ["IGNORE_INDEX", "SyntheticScenes", "VOCSegmentation", "denormalize", "voc_palette"]
 
 IGNORE_INDEX = 255
 # Mean and std of ImageNet, which VGG16 weights expect.
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def denormalize(image: Tensor) -> Tensor:
+    """A dataset image (3 x H x W, ImageNet-normalised) back to RGB in [0, 1] (unclamped)."""
+    return image * _STD + _MEAN
 
 
 def voc_palette() -> np.ndarray:

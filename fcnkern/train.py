@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import fcnkern
 from fcnkern import models
-from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, voc_palette
+from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, denormalize, voc_palette
 from fcnkern.metrics import confusion_matrix, segmentation_scores
 
 __all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
@@ -255,10 +255,13 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, on_finish=None
 
     net.train()
     it, losses, step_times = start, [], []
+    order_epoch, order = -1, []  # the batches of the current epoch, drawn once per epoch
     bar = _progress(range(start, cfg.iters), cfg.iters, "train", initial=start)
     for _ in bar:
         epoch, pos = divmod(it, per_epoch)
-        indices = _batches(sampler, epoch, cfg.batch)[pos]
+        if epoch != order_epoch:
+            order_epoch, order = epoch, _batches(sampler, epoch, cfg.batch)
+        indices = order[pos]
         images, labels = zip(*(train_set[i] for i in indices), strict=True)
         image = torch.stack(images).to(cfg.device, DTYPES[cfg.dtype])
         label = torch.stack(labels).to(cfg.device)
@@ -311,10 +314,7 @@ def save_prediction_grid(model: nn.Module, dataset: Dataset, cfg: TrainConfig, p
         for i in range(min(count, len(dataset))):
             image, label = dataset[i]
             pred = model(image[None].to(cfg.device, DTYPES[cfg.dtype])).argmax(1)[0].cpu()
-            rgb = image * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
-                3, 1, 1
-            )
-            rgb = (rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            rgb = (denormalize(image).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             rows.append([rgb, palette[label.numpy()], palette[pred.numpy()]])
     import numpy as np
 
