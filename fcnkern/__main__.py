@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     summary = t.train(cfg, resume=args.resume, log=tqdm.write)  # between progress-bar redraws
-    if not t._is_main():
+    if summary["rank"] != 0:  # the process group has ended: ranks speak through the summary
         return 0
     before, after = summary["before"], summary["after"]
     line = f"after {summary['iterations']} iterations: "

@@ -78,11 +78,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _init_distributed(device: str) -> None:
+def _init_distributed(device: str) -> bool:
+    """Join the torchrun job if there is one; True if this call created the process group (and must end it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return True
+    return False
 
 
 def _is_main() -> bool:
@@ -226,8 +229,20 @@ def _batches(sampler: DistributedSampler, epoch: int, batch: int) -> list[list[i
 
 def train(cfg: TrainConfig, resume: str | None = None, log=print, on_finish=None) -> dict:
     """Train for cfg.iters iterations, evaluate, save the final checkpoint; returns a summary dict (JSON-ready).
-    ``on_finish(model)``, if given, sees the trained model (every rank's replica under DDP)."""
-    _init_distributed(cfg.device)
+    ``on_finish(model)``, if given, sees the trained model (every rank's replica under DDP). A process group this
+    call created is ended before it returns: a rank leaving with gloo's threads still up aborts the process."""
+    owns_group = _init_distributed(cfg.device)
+    try:
+        summary = _train(cfg, resume, log, on_finish)
+        if owns_group:
+            dist.barrier()  # rank 0 may still be writing the checkpoint
+        return summary
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
     rank, world = _world()
     train_set, val_set, num_classes = make_datasets(cfg)
     model = build_model(cfg, num_classes).to(cfg.device, DTYPES[cfg.dtype])
@@ -298,6 +313,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, on_finish=None
         "before": before,
         "after": scores,
         "checkpoint": str(out / "last.pt"),
+        "rank": rank,
     }
     return summary
 
