@@ -28,6 +28,7 @@ def main() -> int:
                         print(f"MISMATCH {backend} {dtype} {shape} {reduction}", flush=True)
                         failures += 1
     failures += _conv_relu(g)
+    failures += _upsample(g)
     torch.cuda.synchronize()
     print(f"sanitize run done: {failures} mismatches")
     return 1 if failures else 0
@@ -52,6 +53,33 @@ def _conv_relu(g: torch.Generator) -> int:
             if err > 2e-2 or not all(t.isfinite().all() for t in grads):
                 print(f"MISMATCH conv2d_relu {dtype} {(n, c, h, w, cout, k)} rel err {float(err):.3g}", flush=True)
                 failures += 1
+    return failures
+
+
+def _upsample(g: torch.Generator) -> int:
+    """The CUDA C++ and Triton upsampling kernels, learned (tensor-core and CUDA-core variants) and bilinear, forward
+    and backward, on FCN and odd geometries, every dtype."""
+    failures = 0
+    # (n, c, h, w, factor, kernel, groups, crop, out_size)
+    cases = [(1, 21, 3, 2, 32, 64, 21, (19, 19), (37, 5)), (2, 21, 5, 7, 2, 4, 1, (0, 0), (12, 16)),
+             (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5))]  # fmt: skip
+    for backend in ("cuda", "triton"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for n, c, h, w, f, k, groups, crop, size in cases:
+                x = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
+                weight = torch.randn(c, c // groups, k, k, device="cuda", generator=g).to(dtype).requires_grad_()
+                bias = torch.randn(c, device="cuda", generator=g).to(dtype).requires_grad_()
+                out = fcnkern.upsample_crop(x, weight, f, crop, size, bias, groups, backend=backend)
+                grads = torch.autograd.grad(out.float().square().sum(), (x, weight, bias))
+                full = F.conv_transpose2d(x.double(), weight.double(), bias.double(), f, groups=groups)
+                ref = full[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
+                bil = fcnkern.bilinear_upsample_crop(x, f, crop, size, backend=backend) if k == 2 * f else None
+                (bil_grad,) = torch.autograd.grad(bil.float().sum(), x) if bil is not None else (x,)
+                err = (out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+                finite = all(t.isfinite().all() for t in (*grads, bil_grad))
+                if err > 2e-2 or not finite:
+                    print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {float(err):.3g}")
+                    failures += 1
     return failures
 
 

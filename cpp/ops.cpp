@@ -85,6 +85,15 @@ TORCH_LIBRARY(fcnkern, m) {
       "conv2d_relu_bwd(Tensor grad, Tensor y, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("bilinear_upsample_crop_bwd(Tensor grad, int factor, int top, int left, int in_h, int in_w) -> Tensor");
+  // Learned transposed conv, cropped: conv_transpose2d(x, weight, bias, stride, groups=groups) restricted to rows
+  // crop[0]:crop[0]+out_size[0] and columns crop[1]:crop[1]+out_size[1].
+  m.def(
+      "upsample_crop(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] crop, int[2] out_size, "
+      "int groups) -> Tensor");
+  // Its gradients (dx, dweight, dbias) as output_mask asks; zero-size where not asked.
+  m.def(
+      "upsample_crop_bwd(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] crop, int groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {

@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "large_block_cache.h"
+#include "upsample.h"
 
 namespace fcnkern {
 namespace {
@@ -39,6 +40,8 @@ Taps make_taps(int64_t factor, int64_t start, int64_t count, int64_t in_len) {
   return t;
 }
 
+}  // namespace
+
 void check_bilinear_args(const at::Tensor& x, int64_t factor, int64_t top, int64_t left, int64_t out_h,
                          int64_t out_w) {
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be N x C x h x w");
@@ -48,8 +51,6 @@ void check_bilinear_args(const at::Tensor& x, int64_t factor, int64_t top, int64
                         left + out_w <= (x.size(3) - 1) * factor + 2 * factor,
                     "crop window outside the upsampled output");
 }
-
-}  // namespace
 
 at::Tensor bilinear_upsample_crop_cpu(const at::Tensor& x, int64_t factor, int64_t top, int64_t left, int64_t out_h,
                                       int64_t out_w) {

@@ -128,6 +128,17 @@ def _upsample_cases(args: argparse.Namespace, device: str):
                 impls[backend] = _grad_step(partial(_bilinear_fcn32s, backend=backend), [x], mode)
         yield "upsample", "FCN-32s final 21x16x16", mode, impls
 
+    learned = (weight + 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))).to(device)
+    for mode in ("fwd", "fwd+bwd"):
+        impls = {"torch": _grad_step(lambda t, w: F.conv_transpose2d(t, w, stride=32)[:, :, 19:519, 19:519],
+                                     [x, learned], mode)}  # fmt: skip
+        for backend in fcnkern.upsample.IMPLEMENTED["upsample_crop"]:
+            runs_here = backend != "torch" and fcnkern.backend._device_problem(backend, x.device) is None
+            if runs_here and _available(backend, device):
+                fn = partial(fcnkern.upsample_crop, stride=32, crop=(19, 19), out_size=(500, 500), backend=backend)
+                impls[backend] = _grad_step(fn, [x, learned], mode)
+        yield "upsample", "FCN-32s learned 21x21x64x64", mode, impls
+
 
 def _model_cases(args: argparse.Namespace, device: str):
     import torch.nn.functional as F

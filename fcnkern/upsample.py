@@ -5,10 +5,20 @@
 upsample class scores and then crop them to the input. ``bilinear_upsample_crop`` is the fixed bilinear case
 (kernel 2f, stride f, one channel at a time), which needs no weight tensor.
 
-Kernels compute only the kept pixels (gather formulation: each output reads the few input taps that reach it).
-Written so far: the CPU C++ kernel of the bilinear path (``cpu``; cpp/upsample_cpu.cpp). The general learned path
-and the Triton and CUDA kernels are still to come (issue 4): until then ``torch`` serves them, and naming a backend
-without a kernel raises :class:`fcnkern.BackendUnavailableError` rather than silently running PyTorch.
+Kernels compute only the kept pixels (gather formulation: each output reads the few input taps that reach it), so
+the crop costs nothing and the forward needs no atomics; the backward is a strided gather of the kept gradient
+(dx) and a reduction over input pixels (dweight), never materialising the full uncropped output or its gradient.
+
+- ``cpu`` (cpp/upsample_learned_cpu.cpp, cpp/upsample_cpu.cpp): the learned forward as one GEMM per output phase
+  (Y mod s, X mod s) over gathered taps; the backward gathers each input block's kept-gradient taps once and feeds
+  both dx and dweight GEMMs. Bilinear: separable 2 x 2-tap tables built for the window only.
+- ``triton`` (kernels/upsample.py): the same phase GEMMs on tensor cores for layers with >= 8 channels per group,
+  CUDA-core gathers for per-channel layers; bilinear forward with 2 x 2 taps and a separable two-pass backward.
+- ``cuda`` (cpp/upsample_cuda.cu): one thread per output element of each kernel, CUDA cores (FCN's 21-channel
+  layers are too narrow to pay for tensor-core tiles there); a shared-memory tree per weight element for dweight.
+- ``torch``: the reference, ``F.conv_transpose2d`` then slicing.
+
+Outputs keep x's memory format; accumulation is fp32 (fp64 for fp64).
 """
 
 from __future__ import annotations
@@ -21,11 +31,15 @@ from torch import Tensor
 
 from fcnkern import _ext
 from fcnkern import backend as _backend
+from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _wgrad_splits
 
 __all__ = ["bilinear_kernel", "bilinear_upsample_crop", "bilinear_weight", "upsample_crop"]
 
 # Backends with a kernel for each op.
-IMPLEMENTED = {"upsample_crop": ("torch",), "bilinear_upsample_crop": ("cpu", "torch")}
+IMPLEMENTED = {
+    "upsample_crop": ("triton", "cuda", "cpu", "torch"),
+    "bilinear_upsample_crop": ("triton", "cuda", "cpu", "torch"),
+}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -71,6 +85,14 @@ def _check_input(x: Tensor) -> None:
         raise ValueError(f"x must be an N x C x h x w tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"x must have at least one pixel, got spatial size {tuple(x.shape[2:])}")
+
+
+def _out_like(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(
+        memory_format=torch._prims_common.suggest_memory_format(x)
+    )
 
 
 def _crop(full: Tensor, crop: tuple[int, int], size: tuple[int, int], like: Tensor) -> Tensor:
@@ -104,7 +126,8 @@ def upsample_crop(
         out_size: (H, W) of the kept window, which must lie inside the full (h - 1) * s + k output.
         bias: optional Cout vector.
         groups: as in ConvTranspose2d (Cin for a per-channel layer).
-        backend: see :mod:`fcnkern.backend`; only ``torch`` has a kernel so far.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice (see
+            :mod:`fcnkern.backend`).
 
     Returns:
         N x Cout x H x W in x's dtype and memory format.
@@ -116,16 +139,27 @@ def upsample_crop(
         raise ValueError(f"weight {tuple(weight.shape)} and groups={groups} do not fit {x.shape[1]} input channels")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight is {weight.dtype} on {weight.device}, x is {x.dtype} on {x.device}")
-    if bias is not None and (bias.shape != (weight.shape[1] * groups,) or bias.device != x.device):
-        raise ValueError(f"bias must be a vector of {weight.shape[1] * groups} on {x.device}")
+    if bias is not None and (
+        not isinstance(bias, Tensor)
+        or bias.shape != (weight.shape[1] * groups,)
+        or bias.device != x.device
+        or bias.dtype != x.dtype
+    ):
+        raise ValueError(f"bias must be a {x.dtype} vector of {weight.shape[1] * groups} on {x.device}")
     sh, sw = _pair(stride, "stride")
     if min(sh, sw) < 1:
         raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
     crop_t, size_t = _pair(tuple(crop), "crop"), _pair(tuple(out_size), "out_size")
     full = ((x.shape[2] - 1) * sh + weight.shape[2], (x.shape[3] - 1) * sw + weight.shape[3])
     _check_window(full, crop_t, size_t)
-    _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED["upsample_crop"])
-    return _crop(F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups), crop_t, size_t, x)
+    be = _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED["upsample_crop"])
+    if be == "torch":
+        return _crop(F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups), crop_t, size_t, x)
+    args = (x, weight, bias, [sh, sw], list(crop_t), list(size_t), groups)
+    if be == "triton":
+        return torch.ops.fcnkern.triton_upsample_crop(*args)
+    _ext.load()
+    return torch.ops.fcnkern.upsample_crop(*args)
 
 
 def bilinear_upsample_crop(
@@ -156,7 +190,9 @@ def bilinear_upsample_crop(
     _check_window(((x.shape[2] - 1) * factor + k, (x.shape[3] - 1) * factor + k), crop_t, size_t)
     be = _backend.resolve(backend, x.device.type, "bilinear_upsample_crop", IMPLEMENTED["bilinear_upsample_crop"])
     (top, left), (h, w) = crop_t, size_t
-    if be == "cpu":
+    if be == "triton":
+        return torch.ops.fcnkern.triton_bilinear_upsample_crop(x, factor, top, left, h, w)
+    if be in ("cpu", "cuda"):
         _ext.load()
         return torch.ops.fcnkern.bilinear_upsample_crop(x, factor, top, left, h, w)
     channels = x.shape[1]
@@ -164,23 +200,205 @@ def bilinear_upsample_crop(
     return _crop(F.conv_transpose2d(x, weight, None, factor, groups=channels), crop_t, size_t, x)
 
 
-def _register_cpp_ops() -> None:
-    def fake(t, factor, top, left, h, w):  # both ops: N x C x h x w in t's memory format
-        return t.new_empty((t.shape[0], t.shape[1], h, w)).contiguous(
-            memory_format=torch._prims_common.suggest_memory_format(t)
-        )
+def _fake_upsample(x, weight, bias, stride, crop, out_size, groups):
+    return _out_like(x, (x.shape[0], weight.shape[1] * groups, *out_size))
+
+
+def _fake_upsample_bwd(grad, x, weight, stride, crop, groups, output_mask):
+    need_x, need_w, need_b = output_mask
+    empty = x.new_empty((0,))
+    dx = _out_like(x, tuple(x.shape)) if need_x else empty
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty
+    return dx, dw, x.new_empty((grad.shape[1],)) if need_b else empty
+
+
+def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
+    """One autograd formula for the Triton and the C++ learned ops, which share the schema
+    (x, weight, bias, stride, crop, out_size, groups) -> out and the backward op's."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, crop, _, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, crop, groups)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w, need_b and ctx.has_bias]
+        dx, dw, db = bwd_op(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(grad)), x,
+                            weight, *ctx.geometry, mask)  # fmt: skip
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _fake_bilinear(t, factor, top, left, h, w):  # forward and backward: N x C x h x w in t's memory format
+    return _out_like(t, (t.shape[0], t.shape[1], h, w))
+
+
+def _register_bilinear_autograd(fwd_name: str, bwd_op) -> None:
+    """One autograd formula for the Triton and the C++ bilinear ops (x, factor, top, left, out_h, out_w) -> out,
+    whose backward ops take (grad, factor, top, left, in_h, in_w)."""
 
     def setup_context(ctx, inputs, output):
         x, factor, top, left, _, _ = inputs
         ctx.geometry = (factor, top, left, x.shape[2], x.shape[3])
 
     def backward(ctx, grad):
-        factor, top, left, h, w = ctx.geometry
-        return torch.ops.fcnkern.bilinear_upsample_crop_bwd(grad, factor, top, left, h, w), None, None, None, None, None
+        return bwd_op(grad, *ctx.geometry), None, None, None, None, None
 
-    torch.library.register_fake("fcnkern::bilinear_upsample_crop")(fake)
-    torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(fake)
-    torch.library.register_autograd("fcnkern::bilinear_upsample_crop", backward, setup_context=setup_context)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton backend (kernels/upsample.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fcnkern::triton_upsample_crop", mutates_args=())
+def _triton_upsample(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], crop: list[int], out_size: list[int],
+    groups: int,
+) -> Tensor:  # fmt: skip
+    from fcnkern.kernels import upsample as k
+
+    n, cin, h, w = x.shape
+    cout_g, kh, kw = weight.shape[1:]
+    (sh, sw), (top, left), (oh, ow) = stride, crop, out_size
+    out = _ext.maybe_poison(_out_like(x, (n, cout_g * groups, oh, ow)))
+    if out.numel() == 0:
+        return out
+    cin_g = cin // groups
+    use_dot = cout_g >= k.DOT_MIN_CHANNELS
+    common = dict(ACC=_acc(x.dtype), num_warps=4)
+    if use_dot:
+        bm, bn, bk, _ = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), True)
+        m_blocks = _cdiv(n * _cdiv(oh, sh) * _cdiv(ow, sw), bm)  # the largest phase's pixels
+        kernel, grid_m = k.upsample_fwd_kernel, m_blocks * sh * sw * groups
+        common["DOT_PRECISION"] = _dot_precision(x)
+    else:
+        bm, bn, bk, _ = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), False)
+        m_blocks = _cdiv(n * oh * ow, bm)
+        kernel, grid_m = k.upsample_fwd_direct_kernel, m_blocks * groups
+    kernel[(grid_m, _cdiv(cout_g, bn))](
+        x, weight, weight if bias is None else bias, out,
+        n, cin_g, h, w, cout_g, oh, ow,
+        *x.stride(), *weight.stride(), *out.stride(),
+        sh, sw, top, left, kh, kw, m_blocks,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+    )  # fmt: skip
+    return out
+
+
+def _triton_upsample_dgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int) -> Tensor:
+    from fcnkern.kernels import upsample as k
+
+    n, cin, h, w = x.shape
+    cout_g, kh, kw = weight.shape[1:]
+    cin_g = cin // groups
+    dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
+    use_dot = cin_g >= k.DOT_MIN_CHANNELS
+    bm, bn, bk, warps = k.learned_blocks(n * h * w, cin_g, x.element_size(), use_dot)
+    m_blocks = _cdiv(n * h * w, bm)
+    k.upsample_dgrad_kernel[(m_blocks * groups, _cdiv(cin_g, bn))](
+        grad, weight, dx,
+        n, cin_g, h, w, cout_g, grad.shape[2], grad.shape[3],
+        *grad.stride(), *weight.stride(), *dx.stride(),
+        *stride, *crop, kh, kw, m_blocks,
+        USE_DOT=use_dot, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    return dx
+
+
+def _triton_upsample_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int) -> Tensor:
+    from fcnkern.kernels import upsample as k
+
+    n, cin, h, w = x.shape
+    cout_g, kh, kw = weight.shape[1:]
+    cin_g, j, pixels = cin // groups, cout_g * kh * kw, n * h * w
+    use_dot = cin_g >= k.DOT_MIN_CHANNELS and j >= k.DOT_MIN_CHANNELS
+    bm, bn, bk, warps = k.learned_blocks(cin_g, j, x.element_size(), use_dot)
+    m_blocks = _cdiv(cin_g, bm)
+    splits = _wgrad_splits(pixels, m_blocks * _cdiv(j, bn) * groups, bk, x.device)
+    per_split = _cdiv(_cdiv(pixels, splits), bk) * bk
+    splits = _cdiv(pixels, per_split)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = _ext.maybe_poison(torch.empty((splits, cin, j), dtype=acc_dtype, device=x.device))
+    k.upsample_wgrad_kernel[(m_blocks * groups * splits, _cdiv(j, bn))](
+        grad, x, parts,
+        n, cin_g, h, w, cout_g, grad.shape[2], grad.shape[3],
+        *grad.stride(), *x.stride(),
+        *stride, *crop, kh, kw, m_blocks, groups, per_split,
+        USE_DOT=use_dot, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    return parts.sum(0).reshape(weight.shape).to(weight.dtype)
+
+
+@torch.library.custom_op("fcnkern::triton_upsample_crop_bwd", mutates_args=())
+def _triton_upsample_bwd(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], crop: list[int], groups: int, output_mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract). The bias
+    gradient is a plain reduction of the kept gradient."""
+    need_x, need_w, need_b = output_mask
+    empty = x.new_empty((0,))
+    dx = _triton_upsample_dgrad(grad, x, weight, stride, crop, groups) if need_x else empty
+    dw = _triton_upsample_wgrad(grad, x, weight, stride, crop, groups) if need_w else empty
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    db = grad.sum((0, 2, 3), dtype=acc_dtype).to(grad.dtype) if need_b else empty
+    return dx, dw, db
+
+
+@torch.library.custom_op("fcnkern::triton_bilinear_upsample_crop", mutates_args=())
+def _triton_bilinear(x: Tensor, factor: int, top: int, left: int, out_h: int, out_w: int) -> Tensor:
+    from fcnkern.kernels import upsample as k
+
+    n, c, h, w = x.shape
+    out = _ext.maybe_poison(_out_like(x, (n, c, out_h, out_w)))
+    if out.numel() > 0:
+        k.bilinear_fwd_kernel[(_cdiv(out.numel(), k.BILINEAR_BLOCK),)](
+            x, out, out.numel(), c, h, w, out_h, out_w, *x.stride(), *out.stride(), factor, top, left,
+            ACC=_acc(x.dtype), BLOCK=k.BILINEAR_BLOCK,
+        )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("fcnkern::triton_bilinear_upsample_crop_bwd", mutates_args=())
+def _triton_bilinear_bwd(grad: Tensor, factor: int, top: int, left: int, in_h: int, in_w: int) -> Tensor:
+    from fcnkern.kernels import upsample as k
+
+    n, c, out_h, out_w = grad.shape
+    dx = _ext.maybe_poison(_out_like(grad, (n, c, in_h, in_w)))
+    if dx.numel() == 0:
+        return dx
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    by_col = _ext.maybe_poison(torch.empty((n, c, out_h, in_w), dtype=acc_dtype, device=grad.device))
+    for src, dst, start, length, axis in ((grad, by_col, left, out_w, 3), (by_col, dx, top, out_h, 2)):
+        k.bilinear_bwd_axis_kernel[(_cdiv(dst.numel(), k.BILINEAR_BLOCK),)](
+            src, dst, dst.numel(), c, dst.shape[2], dst.shape[3], *src.stride(), *dst.stride(),
+            factor, start, length, AXIS=axis, ACC=_acc(grad.dtype), BLOCK=k.BILINEAR_BLOCK,
+        )  # fmt: skip
+    return dx
+
+
+_triton_upsample.register_fake(_fake_upsample)
+_triton_upsample_bwd.register_fake(_fake_upsample_bwd)
+_register_upsample_autograd("fcnkern::triton_upsample_crop", _triton_upsample_bwd)
+_triton_bilinear.register_fake(_fake_bilinear)
+_triton_bilinear_bwd.register_fake(_fake_bilinear)
+_register_bilinear_autograd("fcnkern::triton_bilinear_upsample_crop", _triton_bilinear_bwd)
+
+
+def _register_cpp_ops() -> None:
+    torch.library.register_fake("fcnkern::upsample_crop")(_fake_upsample)
+    torch.library.register_fake("fcnkern::upsample_crop_bwd")(_fake_upsample_bwd)
+    _register_upsample_autograd("fcnkern::upsample_crop", torch.ops.fcnkern.upsample_crop_bwd)
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop")(_fake_bilinear)
+    torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(_fake_bilinear)
+    _register_bilinear_autograd("fcnkern::bilinear_upsample_crop", torch.ops.fcnkern.bilinear_upsample_crop_bwd)
 
 
 _ext.on_load(_register_cpp_ops)

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-OP_MODULES = ("fcnkern.kernels.cross_entropy", "fcnkern.kernels.conv_relu")
+OP_MODULES = ("fcnkern.kernels.cross_entropy", "fcnkern.kernels.conv_relu", "fcnkern.kernels.upsample")
 
 
 def compile_all(cc: int):

@@ -13,7 +13,15 @@ import torch
 
 from fcnkern import _build_config, _ext
 
-CPP_OPS = ("fcnkern::pixelwise_ce_fwd", "fcnkern::pixelwise_ce_bwd")
+# Ops with CPU and CUDA kernels (conv2d_relu has no CUDA kernel yet: issue 3).
+CPP_OPS = (
+    "fcnkern::pixelwise_ce_fwd",
+    "fcnkern::pixelwise_ce_bwd",
+    "fcnkern::bilinear_upsample_crop",
+    "fcnkern::bilinear_upsample_crop_bwd",
+    "fcnkern::upsample_crop",
+    "fcnkern::upsample_crop_bwd",
+)
 
 
 def test_cpu_kernels_registered():
@@ -54,15 +62,20 @@ def test_every_triton_config_compiles_for_sm80_and_sm90():
         assert proc.returncode == 0, stderr[-3000:]
         records += [json.loads(line) for line in stdout.splitlines()]
     kernels = {r["kernel"] for r in records}
-    assert len(records) == 2 * len(kernels) and len(kernels) >= 96 + 150
+    assert len(records) == 2 * len(kernels) and len(kernels) >= 96 + 150 + 50  # CE, conv, upsample
     assert {r["cc"] for r in records} == {80, 90}
     spilling = [r for r in records if r["local_memory"]]
     assert not spilling, f"kernels using local memory (spills): {spilling[:3]}"
-    # Conv kernels in fp16, bf16 and TF32 must run on tensor cores: mma.sync on sm_80, wgmma on sm_90.
+    # Conv kernels and the learned upsampling's tensor-core variants, in fp16, bf16 and TF32, must run on tensor
+    # cores: mma.sync on sm_80, wgmma on sm_90.
     low_precision = ("_fp16_", "_bf16_", "_tf32_")
     tensor_core = [
-        r for r in records if r["kernel"].startswith("conv_") and any(t in r["kernel"] for t in low_precision)
+        r
+        for r in records
+        if (r["kernel"].startswith("conv_") or (r["kernel"].startswith("upsample_") and "_dot_" in r["kernel"]))
+        and any(t in r["kernel"] for t in low_precision)
     ]
+    assert any(r["kernel"].startswith("upsample_") for r in tensor_core)
     assert tensor_core
     missing = [r["kernel"] for r in tensor_core if not (r["mma"] if r["cc"] == 80 else r["wgmma"])]
     assert not missing, f"no tensor-core instructions in {missing[:5]}"

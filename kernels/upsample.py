@@ -1,0 +1,415 @@
+"""Triton kernels of transposed-convolution upsampling with the crop folded in (gather formulation: every program
+computes kept output pixels only, from the input taps that reach them; no atomics anywhere).
+
+Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw), kept window at (top, left):
+
+- forward, by phase: the kept outputs whose full-output row Y = py (mod sh) and column X = px (mod sw) all read
+  the sub-kernel w[:, :, py::sh, px::sw], so each (group, phase) is one implicit GEMM: out[m, co] = sum over
+  k = (ci, th, tw) of x[n, ci, qy + my - th, qx + mx - tw] * w[ci, co, py + th sh, px + tw sw];
+- dgrad: dx[n, ci, i, j] = sum over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx]
+  (a strided convolution of the kept gradient; taps outside the window read 0);
+- wgrad: dW[ci, (co, ky, kx)] = sum over input pixels of x[n, ci, i, j] dy[...]: a GEMM over pixels split SPLIT ways
+  into an fp32 workspace that the launcher sums (deterministic).
+
+Layers with at least 8 channels per group multiply with ``tl.dot`` (tensor cores in fp16/bf16, TF32 only where
+``DOT_PRECISION`` says so); layers with fewer (a per-channel layer, groups = channels) multiply-accumulate on CUDA
+cores (``USE_DOT=False``), since a 16-wide tensor-core tile would be almost all padding. Their forward skips the
+phase split (upsample_fwd_direct_kernel: each pixel gathers its own taps), so that a stride-32 layer runs
+pixels / BLOCK_M programs per group rather than 1024 phases' worth.
+
+Fixed bilinear path (``bilinear_upsample_crop``, kernel 2f, stride f, each channel by itself): every output pixel has
+2 x 2 taps (forward), and the backward is separable: a pass along the width then one along the height, each
+output of a pass gathering its 2f taps, through an fp32 intermediate one f-th the size of the gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from fcnkern.kernels.conv_relu import _dot
+
+__all__ = [
+    "bilinear_bwd_axis_kernel",
+    "bilinear_fwd_kernel",
+    "launch_configs",
+    "learned_blocks",
+    "upsample_dgrad_kernel",
+    "upsample_fwd_direct_kernel",
+    "upsample_fwd_kernel",
+    "upsample_wgrad_kernel",
+]
+
+# Fewer output channels per group than this multiply on CUDA cores instead of tensor cores.
+DOT_MIN_CHANNELS = 8
+BILINEAR_BLOCK = 256
+
+
+def learned_blocks(rows: int, cols: int, elem_bytes: int, use_dot: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a learned-path GEMM whose output is rows x cols (pixels x output
+    channels in the forward, pixels x input channels in dgrad, input channels x (co, ky, kx) in wgrad). Few shapes,
+    so all compile-check.
+
+    Tensor-core tiles are 64 x 32 or 64 x 64, 32 deep. The CUDA-core variant multiplies [M, K, N] broadcasts, so it
+    keeps M * K * N at 4096 and gives a dimension of 1 (a per-channel layer's single channel) a block of 1 instead
+    of padding it, spending the width on the reduction instead."""
+    if use_dot:
+        if elem_bytes >= 8:  # fp64, interpreter gradchecks only
+            return 32, 32, 16, 4
+        return 64, 32 if cols <= 32 else 64, 32, 4
+    block_m = 1 if rows == 1 else 64
+    block_n = 1 if cols == 1 else (8 if block_m == 64 else 64)
+    block_k = 8 if (block_m, block_n) == (64, 8) else 64
+    return block_m, block_n, block_k, 4
+
+
+def all_learned_blocks(elem_bytes: int) -> list[tuple[tuple[int, int, int, int], bool]]:
+    sizes = (1, 2, 64)
+    return sorted({(learned_blocks(r, c, elem_bytes, dot), dot) for r in sizes for c in sizes for dot in (False, True)})
+
+
+@triton.jit
+def _mac(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if USE_DOT:
+        return _dot(a, b, acc, DOT_PRECISION)
+    return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+
+
+@triton.jit
+def _phase(residue, stride, start, length, kernel):
+    """For the kept outputs along one axis whose full coordinate is = residue (mod stride): the window index of the
+    first, how many there are, the input index its tap 0 reads, and the sub-kernel's number of taps."""
+    first = (residue - start % stride + stride) % stride
+    count = tl.where(first < length, (length - 1 - first) // stride + 1, 0)
+    q0 = (start + first - residue) // stride
+    taps = tl.where(residue < kernel, (kernel - residue + stride - 1) // stride, 0)
+    return first, count, q0, taps
+
+
+@triton.jit
+def upsample_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, CIN_G, H, W, COUT_G, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    w_si, w_so, w_sh, w_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # The tensor-core forward, one GEMM per (group, phase). Axis 0 walks (group, phase, pixel block) so that many
+    # phases (stride 32: 1024) fit the grid's limits.
+    pid = tl.program_id(0)
+    m_block = pid % M_BLOCKS
+    phase = (pid // M_BLOCKS) % (SH * SW)
+    group = pid // (M_BLOCKS * SH * SW)
+    py = phase // SW
+    px = phase % SW
+    fy, ny, qy, ty = _phase(py, SH, TOP, OH, KH)
+    fx, nx, qx, tx = _phase(px, SW, LEFT, OW, KW)
+    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N * ny * nx
+    nx_safe = tl.maximum(nx, 1)
+    ny_safe = tl.maximum(ny, 1)
+    mx = m % nx_safe
+    my = (m // nx_safe) % ny_safe
+    n = m // (nx_safe * ny_safe)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT_G
+    x_base = x_ptr + n * x_sn + group * CIN_G * x_sc
+    w_base = w_ptr + group * CIN_G * w_si + co * w_so
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    taps = ty * tx
+    for k0 in range(0, CIN_G * taps, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < CIN_G * taps
+        ci = k // tl.maximum(taps, 1)
+        th = (k // tl.maximum(tx, 1)) % tl.maximum(ty, 1)
+        tw = k % tl.maximum(tx, 1)
+        ih = (qy + my)[:, None] - th[None, :]
+        iw = (qx + mx)[:, None] - tw[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=a_ok, other=0.0)
+        w_off = ci * w_si + (py + th * SH) * w_sh + (px + tw * SW) * w_sw
+        b = tl.load(w_base[None, :] + w_off[:, None], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_PRECISION)
+    c_out = group * COUT_G + co
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c_out, mask=co_ok, other=0.0).to(ACC)[None, :]
+    o_off = (n * o_sn + (fy + my * SH) * o_sh + (fx + mx * SW) * o_sw)[:, None] + (c_out * o_sc)[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def upsample_fwd_direct_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, CIN_G, H, W, COUT_G, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    w_si, w_so, w_sh, w_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # The CUDA-core forward (few channels per group): each program takes any kept pixels, whatever their phase, and
+    # gathers each one's own sub-kernel taps (ky = Y mod sh + th sh), so programs scale with pixels, not phases.
+    pid = tl.program_id(0)
+    m_block = pid % M_BLOCKS
+    group = pid // M_BLOCKS
+    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N * OH * OW
+    ox = m % OW
+    oy = (m // OW) % OH
+    n = m // (OW * OH)
+    py = (TOP + oy) % SH
+    qy = (TOP + oy) // SH
+    px = (LEFT + ox) % SW
+    qx = (LEFT + ox) // SW
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT_G
+    TH = (KH + SH - 1) // SH
+    TW = (KW + SW - 1) // SW
+    x_base = x_ptr + n * x_sn + group * CIN_G * x_sc
+    w_base = w_ptr + group * CIN_G * w_si
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, CIN_G * TH * TW, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < CIN_G * TH * TW
+        ci = k // (TH * TW)
+        th = (k // TW) % TH
+        tw = k % TW
+        ky = py[:, None] + (th * SH)[None, :]
+        kx = px[:, None] + (tw * SW)[None, :]
+        ih = qy[:, None] - th[None, :]
+        iw = qx[:, None] - tw[None, :]
+        ok = m_ok[:, None] & k_ok[None, :] & (ky < KH) & (kx < KW) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=ok, other=0.0)
+        w_off = ci[None, :] * w_si + ky * w_sh + kx * w_sw
+        b = tl.load(w_base + w_off[:, :, None] + (co * w_so)[None, None, :], mask=ok[:, :, None] & co_ok[None, None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC), axis=1)
+    c_out = group * COUT_G + co
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c_out, mask=co_ok, other=0.0).to(ACC)[None, :]
+    o_off = (n * o_sn + oy * o_sh + ox * o_sw)[:, None] + (c_out * o_sc)[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def upsample_dgrad_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    N, CIN_G, H, W, COUT_G, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    w_si, w_so, w_sh, w_sw,
+    dx_sn, dx_sc, dx_sh, dx_sw,
+    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
+    USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    m_block = pid % M_BLOCKS
+    group = pid // M_BLOCKS
+    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N * H * W
+    j = m % W
+    i = (m // W) % H
+    n = m // (W * H)
+    ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < CIN_G
+    g_base = g_ptr + n * g_sn + group * COUT_G * g_sc
+    w_base = w_ptr + (group * CIN_G + ci) * w_si
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, COUT_G * KH * KW, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < COUT_G * KH * KW
+        co = k // (KH * KW)
+        ky = (k // KW) % KH
+        kx = k % KW
+        oy = (i * SH - TOP)[:, None] + ky[None, :]
+        ox = (j * SW - LEFT)[:, None] + kx[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+        a = tl.load(g_base[:, None] + co[None, :] * g_sc + oy * g_sh + ox * g_sw, mask=a_ok, other=0.0)
+        w_off = co * w_so + ky * w_sh + kx * w_sw
+        b = tl.load(w_base[None, :] + w_off[:, None], mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = _mac(a, b, acc, USE_DOT, DOT_PRECISION)
+    dx_off = (n * dx_sn + i * dx_sh + j * dx_sw)[:, None] + ((group * CIN_G + ci) * dx_sc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def upsample_wgrad_kernel(
+    g_ptr, x_ptr, dw_ptr,
+    N, CIN_G, H, W, COUT_G, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    x_sn, x_sc, x_sh, x_sw,
+    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS, GROUPS, PIX_PER_SPLIT,
+    USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dw_ptr: SPLIT x Cin x (Cout_g kh kw) fp32 workspace, one slice per split of the pixel reduction.
+    pid = tl.program_id(0)
+    m_block = pid % M_BLOCKS
+    group = (pid // M_BLOCKS) % GROUPS
+    split = pid // (M_BLOCKS * GROUPS)
+    J = COUT_G * KH * KW
+    ci = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci_ok = ci < CIN_G
+    jj = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jj_ok = jj < J
+    co = jj // (KH * KW)
+    ky = (jj // KW) % KH
+    kx = jj % KW
+    x_chan = (group * CIN_G + ci) * x_sc
+    g_chan = (group * COUT_G + co) * g_sc
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    p_start = split.to(tl.int64) * PIX_PER_SPLIT
+    p_end = tl.minimum(p_start + PIX_PER_SPLIT, N * H * W)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = p < p_end
+        j = p % W
+        i = (p // W) % H
+        n = p // (W * H)
+        a_off = x_chan[:, None] + (n * x_sn + i * x_sh + j * x_sw)[None, :]
+        a = tl.load(x_ptr + a_off, mask=ci_ok[:, None] & p_ok[None, :], other=0.0)
+        oy = (i * SH - TOP)[:, None] + ky[None, :]
+        ox = (j * SW - LEFT)[:, None] + kx[None, :]
+        b_ok = p_ok[:, None] & jj_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+        b = tl.load(g_ptr + (n * g_sn)[:, None] + g_chan[None, :] + oy * g_sh + ox * g_sw, mask=b_ok, other=0.0)
+        acc = _mac(a, b, acc, USE_DOT, DOT_PRECISION)
+    row = (split * GROUPS + group).to(tl.int64) * CIN_G + ci
+    tl.store(dw_ptr + row[:, None] * J + jj[None, :], acc, mask=ci_ok[:, None] & jj_ok[None, :])
+
+
+@triton.jit
+def _bilinear_tap(full, factor, ACC: tl.constexpr):
+    """The two input indices reaching full-output coordinate `full` and their weights k(t) = 1 - |t - (f - 1/2)| / f
+    (an index outside the input is the caller's to mask)."""
+    i1 = full // factor
+    i0 = i1 - 1
+    center = factor - 0.5
+    w1 = 1.0 - tl.abs((full - i1 * factor).to(ACC) - center) / factor
+    w0 = 1.0 - tl.abs((full - i0 * factor).to(ACC) - center) / factor
+    return i0, i1, w0, w1
+
+
+@triton.jit
+def bilinear_fwd_kernel(
+    x_ptr, out_ptr, TOTAL, C, H, W, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    FACTOR, TOP, LEFT,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < TOTAL
+    ox = idx % OW
+    oy = (idx // OW) % OH
+    c = (idx // (OW * OH)) % C
+    n = idx // (OW * OH * C)
+    r0, r1, wr0, wr1 = _bilinear_tap(TOP + oy, FACTOR, ACC)
+    c0, c1, wc0, wc1 = _bilinear_tap(LEFT + ox, FACTOR, ACC)
+    r0_ok = ok & (r0 >= 0)
+    r1_ok = ok & (r1 < H)
+    c0_ok = c0 >= 0
+    c1_ok = c1 < W
+    base = x_ptr + n * x_sn + c * x_sc
+    v00 = tl.load(base + r0 * x_sh + c0 * x_sw, mask=r0_ok & c0_ok, other=0.0).to(ACC)
+    v01 = tl.load(base + r0 * x_sh + c1 * x_sw, mask=r0_ok & c1_ok, other=0.0).to(ACC)
+    v10 = tl.load(base + r1 * x_sh + c0 * x_sw, mask=r1_ok & c0_ok, other=0.0).to(ACC)
+    v11 = tl.load(base + r1 * x_sh + c1 * x_sw, mask=r1_ok & c1_ok, other=0.0).to(ACC)
+    value = wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11)
+    tl.store(out_ptr + n * o_sn + c * o_sc + oy * o_sh + ox * o_sw, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bilinear_bwd_axis_kernel(
+    src_ptr, dst_ptr, TOTAL, C, D2, D3,
+    s_sn, s_sc, s_s2, s_s3,
+    d_sn, d_sc, d_s2, d_s3,
+    FACTOR, START, LENGTH,
+    AXIS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One transpose pass along AXIS (2: height, 3: width): dst[..., i, ...] = sum over the 2f full-output coordinates
+    # Y = i f + t that input index i reaches of k(t) * src[..., Y - START, ...], where the kept window is
+    # START .. START + LENGTH - 1. dst is N x C x D2 x D3; src has the same shape except LENGTH along AXIS.
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < TOTAL
+    a3 = idx % D3
+    a2 = (idx // D3) % D2
+    c = (idx // (D3 * D2)) % C
+    n = idx // (D3 * D2 * C)
+    if AXIS == 2:
+        i = a2
+        base = src_ptr + n * s_sn + c * s_sc + a3 * s_s3
+        step = s_s2
+    else:
+        i = a3
+        base = src_ptr + n * s_sn + c * s_sc + a2 * s_s2
+        step = s_s3
+    center = FACTOR - 0.5
+    acc = tl.zeros([BLOCK], ACC)
+    for t in range(0, 2 * FACTOR):
+        pos = i * FACTOR + t - START
+        weight = 1.0 - tl.abs(tl.full([1], t, tl.int32).to(ACC) - center) / FACTOR
+        v = tl.load(base + pos * step, mask=ok & (pos >= 0) & (pos < LENGTH), other=0.0)
+        acc += weight * v.to(ACC)
+    tl.store(dst_ptr + n * d_sn + c * d_sc + a2 * d_s2 + a3 * d_s3, acc.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+def _geometry_sig(*names: str) -> dict[str, str]:
+    return dict.fromkeys(names, "i32")
+
+
+def launch_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.upsample can produce on a GPU:
+    fp32 (IEEE and TF32), fp16 and bf16; tensor-core and CUDA-core variants of each learned GEMM with every block
+    shape of learned_blocks; the forward with and without bias; both bilinear passes. Used by
+    fcnkern.kernels.compile_check to prove that they all compile for each architecture."""
+    import triton.language as tl
+
+    dims = ("N", "CIN_G", "H", "W", "COUT_G", "OH", "OW")
+    geo = ("SH", "SW", "TOP", "LEFT", "KH", "KW", "M_BLOCKS")
+
+    def strides(*prefixes: str) -> dict[str, str]:
+        return {f"{p}_s{a}": "i32" for p in prefixes for a in ("n", "c", "h", "w")}
+
+    def w_strides() -> dict[str, str]:
+        return _geometry_sig("w_si", "w_so", "w_sh", "w_sw")
+
+    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+        ptr = f"*{ty}"
+        fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
+                   **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo)}  # fmt: skip
+        dgrad_sig = {"g_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **_geometry_sig(*dims), **strides("g"),
+                     **w_strides(), **strides("dx"), **_geometry_sig(*geo)}  # fmt: skip
+        wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": "*fp32", **_geometry_sig(*dims), **strides("g", "x"),
+                     **_geometry_sig(*geo, "GROUPS", "PIX_PER_SPLIT")}  # fmt: skip
+        for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
+            for (bm, bn, bk, warps), use_dot in all_learned_blocks(elem):
+                if not use_dot and precision == "tf32":
+                    continue  # CUDA-core variants ignore DOT_PRECISION
+                consts = {"USE_DOT": use_dot, "ACC": tl.float32, "DOT_PRECISION": precision,
+                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}"
+                fwd = upsample_fwd_kernel if use_dot else upsample_fwd_direct_kernel
+                fwd_consts = {k: v for k, v in consts.items() if k not in ("USE_DOT",) + (() if use_dot else
+                              ("DOT_PRECISION",))}  # fmt: skip
+                for has_bias in (False, True):
+                    yield (f"upsample_fwd_{tag}_bias{int(has_bias)}", fwd, fwd_sig,
+                           {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
+                yield f"upsample_dgrad_{tag}", upsample_dgrad_kernel, dgrad_sig, consts, warps
+                yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
+        bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("TOTAL", "C", "H", "W", "OH", "OW"),
+                   **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
+        yield f"bilinear_fwd_{ty}", bilinear_fwd_kernel, bil_sig, {"ACC": tl.float32, "BLOCK": BILINEAR_BLOCK}, 4
+        # Width pass: the gradient (ty) into the fp32 intermediate; height pass: the intermediate into dx (ty).
+        for axis, src, dst in ((3, ptr, "*fp32"), (2, "*fp32", ptr)):
+            sig = {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("TOTAL", "C", "D2", "D3"),
+                   **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
+                   **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
+            yield (f"bilinear_bwd_axis{axis}_{ty}", bilinear_bwd_axis_kernel, sig,
+                   {"AXIS": axis, "ACC": tl.float32, "BLOCK": BILINEAR_BLOCK}, 4)  # fmt: skip
