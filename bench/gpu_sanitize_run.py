@@ -29,6 +29,7 @@ def main() -> int:
                         failures += 1
     failures += _conv_relu(g)
     failures += _upsample(g)
+    failures += _head(g)
     torch.cuda.synchronize()
     print(f"sanitize run done: {failures} mismatches")
     return 1 if failures else 0
@@ -80,6 +81,30 @@ def _upsample(g: torch.Generator) -> int:
                 if err > 2e-2 or not finite:
                     print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {float(err):.3g}")
                     failures += 1
+    return failures
+
+
+def _head(g: torch.Generator) -> int:
+    """The fused head (upsample_cross_entropy), CUDA C++ and Triton: the forward with the precomputed gradient
+    (sum), the recomputing backward (none), every dtype, FCN-32s/8s and odd geometries."""
+    failures = 0
+    # (n, c, h, w, factor, crop, out_size)
+    cases = [(1, 21, 3, 3, 32, (19, 19), (97, 89)), (2, 21, 5, 6, 8, (31, 31), (13, 17)),
+             (1, 150, 3, 2, 2, (1, 1), (5, 3)), (3, 1, 1, 1, 3, (0, 2), (4, 3))]  # fmt: skip
+    for backend in ("cuda", "triton"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for n, c, h, w, f, crop, size in cases:
+                s = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
+                t = torch.randint(0, c, (n, *size), device="cuda", generator=g)
+                t[..., 0] = 255
+                for reduction in ("sum", "none"):
+                    loss = fcnkern.upsample_cross_entropy(s, t, f, crop, reduction=reduction, backend=backend)
+                    (grad,) = torch.autograd.grad(loss.sum(), s)
+                    ref = fcnkern.upsample_cross_entropy(s.detach().double(), t, f, crop, reduction=reduction,
+                                                         backend="torch")  # fmt: skip
+                    if not torch.allclose(loss.double(), ref, rtol=2e-2, atol=2e-2) or not grad.isfinite().all():
+                        print(f"MISMATCH head {backend} {dtype} {(n, c, h, w, f)} {reduction}", flush=True)
+                        failures += 1
     return failures
 
 

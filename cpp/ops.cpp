@@ -94,6 +94,15 @@ TORCH_LIBRARY(fcnkern, m) {
   m.def(
       "upsample_crop_bwd(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] crop, int groups, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Fused head: softmax cross-entropy of bilinear_upsample_crop(scores, factor, top, left, H, W) against target
+  // (N x H x W). Returns (per-pixel loss, gradient of its sum w.r.t. scores if with_grad else empty).
+  m.def(
+      "upsample_ce_fwd(Tensor scores, Tensor target, Tensor? weight, int factor, int top, int left, "
+      "int ignore_index, bool with_grad) -> (Tensor, Tensor)");
+  // Gradient w.r.t. scores of sum(grad_loss * loss), softmax recomputed.
+  m.def(
+      "upsample_ce_bwd(Tensor grad_loss, Tensor scores, Tensor target, Tensor? weight, int factor, int top, "
+      "int left, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {

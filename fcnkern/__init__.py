@@ -4,8 +4,10 @@ Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one i
 
 - :func:`conv2d_relu`: fused Conv2d + ReLU, forward and backward (triton, cpu and torch backends so far).
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
-- :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (bilinear path: cpu and
-  torch backends; learned path: torch so far).
+- :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (learned and fixed
+  bilinear).
+- :func:`upsample_cross_entropy`: FCN's final bilinear upsampling, crop and loss fused, without full-resolution
+  logits.
 
 :mod:`fcnkern.models` has the paper's VGG16 FCN-32s/16s/8s on these layers, each with a pure-PyTorch twin.
 :mod:`fcnkern.geometry` derives receptive fields and the FCN crop offsets from a network's layers.
@@ -26,6 +28,7 @@ from fcnkern.convolutionalize import convolutionalize
 from fcnkern.cross_entropy import pixelwise_cross_entropy, validate_labels
 from fcnkern.models import receptive_field
 from fcnkern.upsample import bilinear_kernel, bilinear_upsample_crop, bilinear_weight, upsample_crop
+from fcnkern.upsample_ce import upsample_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,7 @@ __all__ = [
     "pixelwise_cross_entropy",
     "receptive_field",
     "upsample_crop",
+    "upsample_cross_entropy",
     "use_backend",
     "validate_labels",
 ]

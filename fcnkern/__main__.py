@@ -43,6 +43,14 @@ def cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarkable(backend: str, device: torch.device) -> bool:
+    """A kernel backend that runs natively on ``device``: never torch (the baseline) and never the Triton
+    interpreter, whose timings mean nothing (a 500 x 500 learned upsampling would take many minutes in it)."""
+    if backend == "torch" or (backend == "triton" and fcnkern.backend.triton_interpreter()):
+        return False
+    return fcnkern.backend._device_problem(backend, device) is None
+
+
 def _available(backend: str, device: str) -> bool:
     info = fcnkern.backend_info(backend)
     if not info.available:
@@ -123,7 +131,7 @@ def _upsample_cases(args: argparse.Namespace, device: str):
     for mode in ("fwd", "fwd+bwd"):
         impls = {"torch": _grad_step(full, [x], mode)}
         for backend in fcnkern.upsample.IMPLEMENTED["bilinear_upsample_crop"]:
-            runs_here = backend != "torch" and fcnkern.backend._device_problem(backend, x.device) is None
+            runs_here = _benchmarkable(backend, x.device)
             if runs_here and _available(backend, device):
                 impls[backend] = _grad_step(partial(_bilinear_fcn32s, backend=backend), [x], mode)
         yield "upsample", "FCN-32s final 21x16x16", mode, impls
@@ -133,7 +141,7 @@ def _upsample_cases(args: argparse.Namespace, device: str):
         impls = {"torch": _grad_step(lambda t, w: F.conv_transpose2d(t, w, stride=32)[:, :, 19:519, 19:519],
                                      [x, learned], mode)}  # fmt: skip
         for backend in fcnkern.upsample.IMPLEMENTED["upsample_crop"]:
-            runs_here = backend != "torch" and fcnkern.backend._device_problem(backend, x.device) is None
+            runs_here = _benchmarkable(backend, x.device)
             if runs_here and _available(backend, device):
                 fn = partial(fcnkern.upsample_crop, stride=32, crop=(19, 19), out_size=(500, 500), backend=backend)
                 impls[backend] = _grad_step(fn, [x, learned], mode)
@@ -141,7 +149,6 @@ def _upsample_cases(args: argparse.Namespace, device: str):
 
 
 def _model_cases(args: argparse.Namespace, device: str):
-    import torch.nn.functional as F
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     size = 256 if device == "cpu" else 500
@@ -156,12 +163,7 @@ def _model_cases(args: argparse.Namespace, device: str):
 
         def step(model=model, opt=opt, twin=twin):
             opt.zero_grad(set_to_none=True)
-            out = model(x)
-            if twin:
-                loss = F.cross_entropy(out, target, ignore_index=255, reduction="sum")
-            else:
-                loss = fcnkern.pixelwise_cross_entropy(out, target)
-            loss.backward()
+            model(x, target, reduction="sum").backward()  # fcnkern: the fused head; twin: F.cross_entropy
             opt.step()
 
         impls[impl] = step
@@ -221,7 +223,7 @@ def _compare_with_twin(cfg, steps: int) -> dict:
 
         def step(model=model, opt=opt, c=c):
             opt.zero_grad(set_to_none=True)
-            t.loss_fn(c, model(image), label).backward()
+            t.training_loss(c, model, image, label).backward()
             opt.step()
 
         result[name] = median_ms(step, cfg.device, rounds=steps)

@@ -38,7 +38,7 @@ from torch import Tensor
 from fcnkern import _ext
 from fcnkern import backend as _backend
 
-__all__ = ["pixelwise_cross_entropy", "validate_labels"]
+__all__ = ["check_loss_options", "pixelwise_cross_entropy", "reduce_pixel_loss", "validate_labels"]
 
 Reduction = Literal["sum", "mean", "none"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -69,11 +69,19 @@ def _validate(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
         raise ValueError("logits have no classes (C = 0)")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    check_loss_options(weight, c, logits.device, ignore_index, reduction)
+
+
+def check_loss_options(
+    weight: Tensor | None, num_classes: int, device: torch.device, ignore_index: int, reduction: str
+) -> None:
+    """Raise on a bad class weight (C floats on ``device``, no gradient), ignore_index or reduction."""
     if weight is not None:
-        if not isinstance(weight, Tensor) or weight.shape != (c,):
-            raise ValueError(f"weight must be a tensor of {c} class weights, got {getattr(weight, 'shape', weight)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+        if not isinstance(weight, Tensor) or weight.shape != (num_classes,):
+            got = getattr(weight, "shape", weight)
+            raise ValueError(f"weight must be a tensor of {num_classes} class weights, got {got}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but the scores are on {device}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if weight.requires_grad:
@@ -316,14 +324,22 @@ def pixelwise_cross_entropy(
     if be != "triton":
         _ext.load()
     loss = _kernel_forward(be, logits, target, weight, ignore_index)
+    return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, logits.dtype)
+
+
+def reduce_pixel_loss(
+    loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str, dtype: torch.dtype
+) -> Tensor:
+    """The per-pixel loss (N x H x W, fp32) reduced as F.cross_entropy does, in ``dtype``: mean divides by the
+    summed class weight of the non-ignored pixels. Deterministic (a plain sum over a fixed shape)."""
     if reduction == "none":
-        return loss.to(logits.dtype)
+        return loss.to(dtype)
     total = loss.sum()
     if reduction == "mean":
         valid = target != ignore_index
         if weight is None:
             denom = valid.sum(dtype=total.dtype)
         else:
-            denom = torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0).sum()
+            denom = torch.where(valid, weight[target.clamp(0, weight.shape[0] - 1)], 0).sum()
         total = total / denom
-    return total.to(logits.dtype)
+    return total.to(dtype)

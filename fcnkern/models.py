@@ -9,6 +9,10 @@ from :mod:`fcnkern.geometry` (the network's own layer list), not from constants.
 ``twin=True`` builds the same network from plain PyTorch (nn.Conv2d + nn.ReLU, ConvTranspose2d + slicing) with the
 same state_dict keys: loading one's weights into the other gives the same outputs and gradients.
 
+``model(x, target)`` (or ``model.loss(x, target)``) returns the training loss instead of the scores: on the fcnkern
+network through the fused head (:func:`fcnkern.upsample_cross_entropy`: the final bilinear upsampling, crop and
+softmax cross-entropy without full-resolution logits), on the twin as F.cross_entropy of its output.
+
 ``width`` scales every channel count (VGG16's 64..512 and fc6/fc7's 4096) for small, fast models (the CLI's
 synthetic default); 1.0 is the paper's network.
 """
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcnkern import conv_relu, geometry
+from fcnkern import conv_relu, geometry, upsample_ce
 from fcnkern import upsample as upsample_ops
+from fcnkern.cross_entropy import Reduction
 from fcnkern.nn import Conv2dReLU, UpsampleCrop, add_bilinear_weight
 
 __all__ = [
@@ -151,6 +156,7 @@ class FCN(nn.Module):
             self.upscore_pool4 = upsample(2, learnable=True)
         final, factor = FINAL_UPSAMPLE[variant]
         self.add_module(final, upsample(factor, learnable=False))
+        self.head_backend = None if twin else _backend_for(backend, upsample_ce.IMPLEMENTED)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,10 +197,42 @@ class FCN(nn.Module):
     def _full(x: Tensor, factor: int) -> tuple[int, int]:
         return ((x.shape[2] - 1) * factor + 2 * factor, (x.shape[3] - 1) * factor + 2 * factor)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        target: Tensor | None = None,
+        *,
+        reduction: Reduction = "sum",
+        weight: Tensor | None = None,
+        ignore_index: int = 255,
+    ) -> Tensor:
+        """N x 3 x H x W images to N x num_classes x H x W scores; with ``target`` (N x H x W int64 labels) the
+        softmax cross-entropy loss instead, reduced as ``reduction`` says (see :meth:`loss`)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"FCN input must be N x 3 x H x W images, got shape {tuple(x.shape)}")
+        if target is not None and (target.dim() != 3 or tuple(target.shape) != (x.shape[0], *x.shape[2:])):
+            raise ValueError(f"target must be N x H x W labels of the images' size, got {tuple(target.shape)}")
+        h = self._coarse_scores(x)
+        final, factor = FINAL_UPSAMPLE[self.variant]
+        off = self.crops[final]
         size = (x.shape[2], x.shape[3])
+        if target is None or self.twin:
+            scores = getattr(self, final)(h, (off, off), size)
+            if target is None:
+                return scores
+            return F.cross_entropy(scores, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return upsample_ce.upsample_cross_entropy(
+            h, target, factor, (off, off), weight, ignore_index, reduction, backend=self.head_backend
+        )
+
+    def loss(self, x: Tensor, target: Tensor, **options) -> Tensor:
+        """The training loss of images x against target, ``self(x, target, **options)``: the fused head on the
+        fcnkern network (no N x C x H x W logits or logit gradient), F.cross_entropy on the twin. Options:
+        ``reduction`` ("sum", the paper's loss; "mean"; "none"), ``weight``, ``ignore_index`` (255)."""
+        return self(x, target, **options)
+
+    def _coarse_scores(self, x: Tensor) -> Tensor:
+        """The class scores before the final upsampling (after the skips' fusion)."""
         pools = {}
         h = x
         for name, layer in self.features.items():
@@ -210,9 +248,7 @@ class FCN(nn.Module):
         if self.variant == "fcn8s":
             h = self.upscore_pool4(h, (0, 0), self._full(h, 2))
             h = h + self._skip_score("score_pool3", pools["pool3"], h)
-        final, _ = FINAL_UPSAMPLE[self.variant]
-        off = self.crops[final]
-        return getattr(self, final)(h, (off, off), size)
+        return h
 
     def layer_backends(self) -> dict[str, str | None]:
         """The backend each fcnkern layer was given (None: chosen per call); "torch" for the twin."""

@@ -8,8 +8,9 @@ from torch import Tensor, nn
 from fcnkern.conv_relu import conv2d_relu
 from fcnkern.cross_entropy import Reduction, pixelwise_cross_entropy
 from fcnkern.upsample import bilinear_upsample_crop, bilinear_weight, upsample_crop
+from fcnkern.upsample_ce import upsample_cross_entropy
 
-__all__ = ["Conv2dReLU", "PixelwiseCrossEntropy", "UpsampleCrop"]
+__all__ = ["Conv2dReLU", "PixelwiseCrossEntropy", "UpsampleCrop", "UpsampleCrossEntropy"]
 
 
 class Conv2dReLU(nn.Conv2d):
@@ -76,6 +77,34 @@ class PixelwiseCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class UpsampleCrossEntropy(PixelwiseCrossEntropy):
+    """Module form of :func:`fcnkern.upsample_cross_entropy`, FCN's fused final layer and loss: scores
+    N x C x h x w upsampled bilinearly by ``factor``, cropped at ``crop`` to the target's N x H x W, and scored
+    with softmax cross-entropy, without full-resolution logits. Weight, ignore_index and reduction as in
+    :class:`PixelwiseCrossEntropy`."""
+
+    def __init__(
+        self,
+        factor: int,
+        crop: tuple[int, int],
+        weight: Tensor | None = None,
+        ignore_index: int = 255,
+        reduction: Reduction = "sum",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(weight, ignore_index, reduction, backend)
+        self.factor, self.crop = factor, tuple(crop)
+
+    def forward(self, scores: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        return upsample_cross_entropy(
+            scores, target, self.factor, self.crop, self.weight, self.ignore_index, self.reduction,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, crop={self.crop}, " + super().extra_repr()
 
 
 def add_bilinear_weight(module: nn.Module, channels: int, factor: int, learnable: bool) -> None:

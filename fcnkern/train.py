@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import fcnkern
 from fcnkern import models
 from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, denormalize, voc_palette
 from fcnkern.metrics import confusion_matrix, segmentation_scores
@@ -181,12 +179,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def loss_fn(cfg: TrainConfig, logits: Tensor, target: Tensor) -> Tensor:
+def training_loss(cfg: TrainConfig, net: nn.Module, image: Tensor, target: Tensor) -> Tensor:
+    """The step's loss through the model (``FCN.forward(x, target)``): the fcnkern network's fused head (final
+    upsampling + crop + loss without full-resolution logits), F.cross_entropy on the twin. The modern recipe
+    averages over labelled pixels; the paper's sums."""
     reduction = "mean" if cfg.recipe == "modern" else "sum"
-    if cfg.twin:
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction)
-    return fcnkern.pixelwise_cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction,
-                                           backend=cfg.backend)  # fmt: skip
+    return net(image, target, reduction=reduction, ignore_index=IGNORE_INDEX)
 
 
 def _progress(iterable, total: int, desc: str, initial: int = 0):
@@ -282,7 +280,7 @@ def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
         label = torch.stack(labels).to(cfg.device)
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(cfg, net(image), label)
+        loss = training_loss(cfg, net, image, label)
         loss.backward()
         optimizer.step()
         if cfg.device.startswith("cuda"):

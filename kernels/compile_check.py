@@ -12,7 +12,12 @@ import os
 import re
 import sys
 
-OP_MODULES = ("fcnkern.kernels.cross_entropy", "fcnkern.kernels.conv_relu", "fcnkern.kernels.upsample")
+OP_MODULES = (
+    "fcnkern.kernels.cross_entropy",
+    "fcnkern.kernels.conv_relu",
+    "fcnkern.kernels.upsample",
+    "fcnkern.kernels.upsample_ce",
+)
 
 
 def compile_all(cc: int):

@@ -108,7 +108,7 @@ def test_fcnkern_model_and_twin_train_together(tmp_path):
         run = []
         for _ in range(4):
             opt.zero_grad()
-            loss = t.loss_fn(cfg, model(image), label)
+            loss = t.training_loss(cfg, model, image, label)
             loss.backward()
             opt.step()
             run.append(float(loss.detach()))

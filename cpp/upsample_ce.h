@@ -1,0 +1,47 @@
+// Fused FCN head: fixed bilinear upsampling by f + crop + pixelwise softmax cross-entropy, without ever forming the
+// N x C x H x W full-resolution logits or their gradient. Shared declarations of the CPU and CUDA kernels.
+//
+// Cells. Full-output row Y = r f + u (0 <= u < f) has exactly two bilinear taps, input rows r - 1 and r, with
+// weights 1 - (u + 1/2) / f and (u + 1/2) / f (0 where the row lies outside the input); columns alike. So the f x f
+// full-output pixels of cell (r, q) all read the same 2 x 2 x C low-resolution scores, and each pixel's logits are
+// logit[c] = sum over ab of w_ab(u, v) s_ab[c], with ab = 2 a + b, a the row tap (0: r - 1, 1: r), b the column tap.
+// A kernel owns whole cells (or, in Triton, slices of one), so the forward needs no atomics.
+//
+// Gradient. Each cell reduces its pixels' logit gradients into four C-vectors, P_ab[c] = sum over its kept pixels of
+// w_ab dlogit[c]: `cells`, 4 x N x C x CR x CQ in the accumulation dtype, for the CR x CQ cells the kept window
+// touches (rows r0 = top / f .. (top + H - 1) / f, columns likewise). combine_cell_grad sums, for every
+// low-resolution pixel, the four partials of the cells that tap it, in a fixed order: deterministic.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fcnkern {
+
+struct HeadGeometry {
+  int64_t n, c, h, w, H, W, f, top, left, r0, q0, cr, cq;
+};
+
+// Checks every argument (raises ValueError/TypeError through c10) and derives the cells the window covers.
+HeadGeometry make_head_geometry(const at::Tensor& scores, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t factor, int64_t top, int64_t left);
+
+// cells 4 x N x C x CR x CQ -> gradient N x C x h x w (same dtype and device), summed in a fixed order.
+at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g);
+
+// (loss N x H x W in the accumulation dtype; with with_grad the gradient N x C x h x w of loss.sum() with respect to
+// the scores, in the accumulation dtype, else an empty tensor). Bad labels: ValueError on the CPU; a NaN loss (and
+// gradient) on CUDA, where raising would need a host sync.
+std::tuple<at::Tensor, at::Tensor> upsample_ce_fwd_cpu(const at::Tensor& scores, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight, int64_t factor,
+                                                       int64_t top, int64_t left, int64_t ignore_index,
+                                                       bool with_grad);
+// Gradient N x C x h x w (accumulation dtype) of sum(grad_loss * loss) with respect to the scores, recomputing the
+// softmax: the path for a per-pixel upstream gradient (reduction="none").
+at::Tensor upsample_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& scores, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, int64_t factor, int64_t top, int64_t left,
+                               int64_t ignore_index);
+
+}  // namespace fcnkern
