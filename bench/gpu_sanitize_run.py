@@ -36,23 +36,24 @@ def main() -> int:
 
 
 def _conv_relu(g: torch.Generator) -> int:
-    """The Triton conv + ReLU kernels (forward, dgrad, wgrad with split-K) on odd geometries, every dtype."""
+    """The CUDA C++ and Triton conv + ReLU kernels (forward, dgrad, wgrad with split-K) on odd geometries, every
+    dtype."""
     failures = 0
     # (n, c, h, w, cout, k, stride, padding, dilation, groups)
     cases = [(1, 3, 11, 13, 8, 3, 1, 100, 1, 1), (2, 17, 9, 7, 21, 3, 2, 1, 1, 1), (1, 6, 8, 8, 4, 3, 1, 2, 2, 2),
              (1, 40, 5, 3, 21, 1, 1, 0, 1, 1), (1, 32, 7, 7, 24, 7, 1, 0, 1, 1)]  # fmt: skip
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for backend, dtype in [(b, d) for b in ("cuda", "triton") for d in (torch.float32, torch.float16, torch.bfloat16)]:
         for n, c, h, w, cout, k, stride, padding, dilation, groups in cases:
             x = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
             weight = (torch.randn(cout, c // groups, k, k, device="cuda", generator=g) * 0.2).to(dtype)
             weight.requires_grad_()
             bias = torch.randn(cout, device="cuda", generator=g).to(dtype).requires_grad_()
-            y = fcnkern.conv2d_relu(x, weight, bias, stride, padding, dilation, groups, backend="triton")
+            y = fcnkern.conv2d_relu(x, weight, bias, stride, padding, dilation, groups, backend=backend)
             grads = torch.autograd.grad(y.float().square().sum(), (x, weight, bias))
             ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation, groups))
             err = (y.double() - ref).norm() / ref.norm().clamp_min(1e-12)
             if err > 2e-2 or not all(t.isfinite().all() for t in grads):
-                print(f"MISMATCH conv2d_relu {dtype} {(n, c, h, w, cout, k)} rel err {float(err):.3g}", flush=True)
+                print(f"MISMATCH conv2d_relu {backend} {dtype} {(n, c, h, w, cout, k)} rel err {float(err):.3g}")
                 failures += 1
     return failures
 

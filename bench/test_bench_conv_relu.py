@@ -34,7 +34,8 @@ FCN8S_LAYERS = {
 
 def _impls():
     for device in ("cpu", "cuda"):
-        names = ["fcnkern-cpu", "eager", "onednn-fused"] if device == "cpu" else ["fcnkern-triton", "eager"]
+        gpu_names = ["fcnkern-triton", "fcnkern-cuda", "eager"]
+        names = ["fcnkern-cpu", "eager", "onednn-fused"] if device == "cpu" else gpu_names
         for name in names:
             marks = [] if device == "cpu" or torch.cuda.is_available() else [pytest.mark.skip(reason="no CUDA device")]
             yield pytest.param(device, name, marks=marks, id=f"{device}-{name}")

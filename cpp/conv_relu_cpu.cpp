@@ -25,47 +25,15 @@
 #include <vector>
 
 #include "common.h"
+#include "conv_relu.h"
 #include "cpu_tasks.h"
 
 namespace fcnkern {
 namespace {
 
-struct Geometry {
-  int64_t n, c, h, w, k, r, s, oh, ow, groups, c_g, k_g, j;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-};
-
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-                    "stride, padding and dilation must have two entries each");
-  Geometry g{};
-  g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
-  g.k = weight.size(0), g.r = weight.size(2), g.s = weight.size(3);
-  g.groups = groups, g.c_g = weight.size(1), g.k_g = g.k / std::max<int64_t>(groups, 1);
-  g.stride_h = stride[0], g.stride_w = stride[1], g.pad_h = padding[0], g.pad_w = padding[1];
-  g.dil_h = dilation[0], g.dil_w = dilation[1];
-  g.oh = (g.h + 2 * g.pad_h - g.dil_h * (g.r - 1) - 1) / std::max<int64_t>(g.stride_h, 1) + 1;
-  g.ow = (g.w + 2 * g.pad_w - g.dil_w * (g.s - 1) - 1) / std::max<int64_t>(g.stride_w, 1) + 1;
-  g.j = g.c_g * g.r * g.s;
-  return g;
-}
-
-void check_args(const at::Tensor& x, const at::Tensor& weight, const Geometry& g) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, "x and weight must be 4-d");
-  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
-  TORCH_CHECK_VALUE(x.device() == weight.device(), "x and weight must be on one device");
-  TORCH_CHECK_VALUE(g.groups >= 1 && g.k % g.groups == 0 && g.c == g.c_g * g.groups,
-                    "weight ", weight.sizes(), " with groups=", g.groups, " does not fit ", g.c, " input channels");
-  TORCH_CHECK_VALUE(g.stride_h >= 1 && g.stride_w >= 1 && g.dil_h >= 1 && g.dil_w >= 1 && g.pad_h >= 0 &&
-                        g.pad_w >= 0,
-                    "need stride >= 1, dilation >= 1, padding >= 0");
-  TORCH_CHECK_VALUE(g.oh >= 1 && g.ow >= 1, "the padded input is smaller than the dilated kernel");
-}
-
 // Pixels per block: the im2col buffer (J x block, fp32) at about FCNKERN_CONV_BLOCK_KB (default 1536 KiB, most
 // of a 2 MiB L2), a multiple of 16, 256..8192.
-int64_t pixel_block(const Geometry& g, int64_t elem_bytes) {
+int64_t pixel_block(const ConvGeometry& g, int64_t elem_bytes) {
   static const int64_t budget = [] {
     const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");
     return (v != nullptr ? std::atoll(v) : 1536) << 10;
@@ -77,7 +45,7 @@ int64_t pixel_block(const Geometry& g, int64_t elem_bytes) {
 // Calls fn(q, oh, ow0, len) for each run of a pixel block that lies in one output row: the block's pixels
 // q .. q + len - 1 are (oh, ow0 .. ow0 + len - 1). Inner loops over a run are plain strided loops that vectorise.
 template <typename Fn>
-inline void for_each_row_run(const Geometry& g, int64_t p0, int64_t count, Fn&& fn) {
+inline void for_each_row_run(const ConvGeometry& g, int64_t p0, int64_t count, Fn&& fn) {
   int64_t q = 0, oh = p0 / g.ow, ow = p0 % g.ow;
   while (q < count) {
     const int64_t len = std::min(g.ow - ow, count - q);
@@ -87,7 +55,7 @@ inline void for_each_row_run(const Geometry& g, int64_t p0, int64_t count, Fn&& 
 }
 
 // Output columns ow whose input column ow * sw - pw + s * dw lies inside [0, w): the range [lo, hi).
-inline std::pair<int64_t, int64_t> valid_columns(const Geometry& g, int64_t s) {
+inline std::pair<int64_t, int64_t> valid_columns(const ConvGeometry& g, int64_t s) {
   const int64_t offset = s * g.dil_w - g.pad_w;  // iw = ow * sw + offset
   const int64_t lo = offset >= 0 ? 0 : (-offset + g.stride_w - 1) / g.stride_w;
   const int64_t last = g.w - 1 - offset;
@@ -98,7 +66,7 @@ inline std::pair<int64_t, int64_t> valid_columns(const Geometry& g, int64_t s) {
 // cols[jj][q] = x[n, group * c_g + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw] for the `count` output pixels
 // starting at p0 (row-major over oh, ow), jj = (c, r, s); 0 outside the input.
 template <typename scalar_t, typename acc_t>
-void im2col(const scalar_t* x, const int64_t* xs, const Geometry& g, int64_t n, int64_t group, int64_t p0,
+void im2col(const scalar_t* x, const int64_t* xs, const ConvGeometry& g, int64_t n, int64_t group, int64_t p0,
             int64_t count, acc_t* cols) {
   const scalar_t* xn = x + n * xs[0] + group * g.c_g * xs[1];
   const int64_t step = g.stride_w * xs[3];
@@ -125,7 +93,7 @@ void im2col(const scalar_t* x, const int64_t* xs, const Geometry& g, int64_t n, 
 
 // The transpose of im2col: dx[...] += dcols[jj][q]. Callers guarantee no other thread touches the same rows.
 template <typename acc_t>
-void col2im_add(const acc_t* dcols, const Geometry& g, int64_t group, int64_t p0, int64_t count, acc_t* dx_img) {
+void col2im_add(const acc_t* dcols, const ConvGeometry& g, int64_t group, int64_t p0, int64_t count, acc_t* dx_img) {
   // dx_img: this image's c x h x w gradient, contiguous, in acc_t.
   for (int64_t jj = 0; jj < g.j; ++jj) {
     const int64_t c = jj / (g.r * g.s), r = (jj / g.s) % g.r, s = jj % g.s;
@@ -145,7 +113,7 @@ void col2im_add(const acc_t* dcols, const Geometry& g, int64_t group, int64_t p0
 
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& y, const Geometry& g, bool relu) {
+                  const at::Tensor& y, const ConvGeometry& g, bool relu) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t pixels = g.oh * g.ow, block = std::min(pixel_block(g, sizeof(acc_t)), pixels);
   const int64_t blocks = (pixels + block - 1) / block;
@@ -194,7 +162,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
 // kernels up to 3 x 3; fewer channels make K too short for an efficient GEMM (RGB layers keep im2col's 27-deep reduction).
 // Large kernels on small maps (fc6: 7x7 on 22 x 22) stay on im2col: 49 short GEMMs and a permuted weight copy
 // per call lose to one deep GEMM (measured 519 vs 12 ms for 7x7 on 7 x 7).
-bool use_shifted_forward(const Geometry& g) {
+bool use_shifted_forward(const ConvGeometry& g) {
   static const bool enabled = [] {  // FCNKERN_CONV_SHIFTED=0 forces im2col (for A/B measurements)
     const char* v = std::getenv("FCNKERN_CONV_SHIFTED");
     return v == nullptr || std::strcmp(v, "0") != 0;
@@ -204,7 +172,7 @@ bool use_shifted_forward(const Geometry& g) {
 
 template <typename scalar_t, typename acc_t>
 void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& y, const Geometry& g, bool relu) {
+                     const at::Tensor& y, const ConvGeometry& g, bool relu) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t wp = g.w + 2 * g.pad_w, hp = g.h + 2 * g.pad_h + 1;
   at::Tensor xp = at::zeros({g.n, g.c, hp, wp}, x.options().dtype(acc));
@@ -255,19 +223,19 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
 }
 
 // Bands of whole output rows, tall enough that a band's input rows overlap only its neighbours' (see top).
-int64_t backward_band_rows(const Geometry& g) {
+int64_t backward_band_rows(const ConvGeometry& g) {
   const int64_t min_rows = ((g.r - 1) * g.dil_h + g.stride_h - 1) / g.stride_h + 1;
   return std::min(g.oh, std::max(min_rows, pixel_block(g, 4) / std::max<int64_t>(g.ow, 1)));
 }
 
-int64_t backward_bands(const Geometry& g) {
+int64_t backward_bands(const ConvGeometry& g) {
   const int64_t rows = backward_band_rows(g);
   return (g.oh + rows - 1) / rows;
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& w_acc,
-                   const Geometry& g, bool relu, bool spread, const at::Tensor& dx_acc, const at::Tensor& dw_parts,
+                   const ConvGeometry& g, bool relu, bool spread, const at::Tensor& dx_acc, const at::Tensor& dw_parts,
                    const at::Tensor& db_parts) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const bool need_x = dx_acc.defined(), need_w = dw_parts.defined(), need_b = db_parts.defined();
@@ -336,7 +304,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            int64_t groups, bool relu) {
   // The GEMMs below are ATen calls on the (possibly grad-requiring) inputs; this op's autograd is its own.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Geometry g = make_geometry(x, weight, stride, padding, dilation, groups);
+  const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.k, "bias must be a vector of ", g.k);
@@ -367,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
                                                                    bool relu, std::array<bool, 3> output_mask) {
   // The GEMMs below are ATen calls on the (possibly grad-requiring) inputs; this op's autograd is its own.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Geometry g = make_geometry(x, weight, stride, padding, dilation, groups);
+  const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && y.dim() == 4 && y.size(0) == g.n && y.size(1) == g.k &&
                         y.size(2) == g.oh && y.size(3) == g.ow,

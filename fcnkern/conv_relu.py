@@ -9,6 +9,9 @@ Kernels (see kernels/conv_relu.py and cpp/conv_relu_cpu.cpp):
 
 - ``triton``: implicit GEMMs, bias and ReLU in the forward's epilogue; the backward's dgrad and wgrad kernels load
   the output gradient through the ReLU mask of the saved output, so the masked gradient is never materialised.
+- ``cuda`` (cpp/conv_relu_cuda.cu): one gather-GEMM core for the forward, dgrad and wgrad implicit GEMMs (operands
+  gathered through strides into shared-memory tiles, WMMA tensor cores for fp16/bf16, CUDA cores in fp32/fp64), the
+  ReLU mask applied while loading the gradient, wgrad's pixel reduction split into a workspace summed afterwards.
 - ``cpu``: blocked im2col + the BLAS GEMM ATen links, bias and ReLU applied to each output block while it is in
   cache; the backward masks each gradient block once and feeds it to both gradient GEMMs.
 - ``torch``: the reference, ``F.relu(F.conv2d(...))``.
@@ -30,7 +33,7 @@ from fcnkern import backend as _backend
 
 __all__ = ["conv2d_relu", "conv_output_size"]
 
-IMPLEMENTED = ("triton", "cpu", "torch")
+IMPLEMENTED = ("triton", "cuda", "cpu", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IntPair = int | Sequence[int]
 
@@ -310,7 +313,8 @@ def conv2d_relu(
         stride, padding, dilation: ints or (h, w) pairs, as in F.conv2d (padding as numbers only).
         groups: as in F.conv2d.
         relu: apply the ReLU (the default) or not.
-        backend: ``"triton"``, ``"cpu"``, ``"torch"`` or None for the current choice (see :mod:`fcnkern.backend`).
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice (see
+            :mod:`fcnkern.backend`).
 
     Returns:
         N x Cout x OH x OW in x's dtype and memory format. Accumulation is fp32 (fp64 for fp64).

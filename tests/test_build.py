@@ -23,6 +23,8 @@ CPP_OPS = (
     "fcnkern::upsample_crop_bwd",
     "fcnkern::upsample_ce_fwd",
     "fcnkern::upsample_ce_bwd",
+    "fcnkern::conv2d_relu",
+    "fcnkern::conv2d_relu_bwd",
 )
 
 
