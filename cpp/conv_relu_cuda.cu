@@ -32,175 +32,17 @@
 
 #include "common.h"
 #include "conv_relu.h"
+#include "conv_relu_problems.h"
 
 namespace fcnkern {
 namespace {
 
 constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128, kPad = 8;
 
-// Device element types and conversions (c10::Half / c10::BFloat16 share __half's / __nv_bfloat16's layout).
-template <typename T>
-struct Native {
-  using type = T;
-};
-template <>
-struct Native<c10::Half> {
-  using type = __half;
-};
-template <>
-struct Native<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-template <typename T>
-__device__ __forceinline__ T from_acc(float v);
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <typename T>
-__device__ __forceinline__ T from_acc(double v) {
-  return static_cast<T>(v);
-}
+using namespace conv_gemm;
 
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-struct Shape {
-  int64_t n, c, h, w, k, r, s, oh, ow, c_g, k_g, j, sh, sw, ph, pw, dh, dw;
-};
-
-Shape make_shape(const ConvGeometry& g) {
-  return {g.n, g.c, g.h, g.w, g.k, g.r, g.s, g.oh, g.ow, g.c_g, g.k_g, g.j,
-          g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w};
-}
-
-struct Strides {
-  int64_t n, c, h, w;
-};
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-// The masked output gradient dy * (y > 0) (dy itself without the ReLU) at (n, k, oh, ow).
-template <typename T>
-__device__ __forceinline__ acc_of<T> masked_grad(const T* dy, Strides dys, const T* y, Strides ys, bool relu,
-                                                 int64_t n, int64_t k, int64_t oh, int64_t ow) {
-  const acc_of<T> g = to_acc(dy[n * dys.n + k * dys.c + oh * dys.h + ow * dys.w]);
-  if (!relu) return g;
-  return to_acc(y[n * ys.n + k * ys.c + oh * ys.h + ow * ys.w]) > acc_of<T>(0) ? g : acc_of<T>(0);
-}
-
-// x at (n, c, ih, iw) of the zero-padded input.
-template <typename T>
-__device__ __forceinline__ acc_of<T> padded_x(const T* x, Strides xs, const Shape& s, int64_t n, int64_t c,
-                                              int64_t ih, int64_t iw) {
-  return (ih >= 0 && ih < s.h && iw >= 0 && iw < s.w) ? to_acc(x[n * xs.n + c * xs.c + ih * xs.h + iw * xs.w])
-                                                      : acc_of<T>(0);
-}
-
-// Forward: GEMM rows are output pixels (n, oh, ow), columns one group's output channels, reduction j = (c, r, s).
-template <typename T>
-struct Forward {
-  using scalar_t = T;
-  static constexpr bool kAFastM = true, kBFastN = false, kStoreFastM = true;
-  Shape s;
-  const T *x, *w, *bias;
-  T* y;
-  Strides xs, ys;
-  bool relu;
-  int64_t group = 0, k_begin = 0, k_end = 0;
-
-  __device__ void begin(int64_t z) { group = z, k_begin = 0, k_end = s.j; }
-  __device__ int64_t rows() const { return s.n * s.oh * s.ow; }
-  __device__ int64_t cols() const { return s.k_g; }
-  __device__ acc_of<T> a(int64_t m, int64_t j) const {
-    const int64_t ow = m % s.ow, oh = (m / s.ow) % s.oh, n = m / (s.ow * s.oh);
-    const int64_t sx = j % s.s, r = (j / s.s) % s.r, c = j / (s.s * s.r);
-    return padded_x(x, xs, s, n, group * s.c_g + c, oh * s.sh - s.ph + r * s.dh, ow * s.sw - s.pw + sx * s.dw);
-  }
-  __device__ acc_of<T> b(int64_t j, int64_t k) const { return to_acc(w[(group * s.k_g + k) * s.j + j]); }
-  __device__ void store(int64_t m, int64_t k, acc_of<T> v) const {
-    const int64_t ow = m % s.ow, oh = (m / s.ow) % s.oh, n = m / (s.ow * s.oh), kk = group * s.k_g + k;
-    if (bias != nullptr) v += to_acc(bias[kk]);
-    if (relu) v = v > acc_of<T>(0) ? v : acc_of<T>(0);
-    y[n * ys.n + kk * ys.c + oh * ys.h + ow * ys.w] = from_acc<T>(v);
-  }
-};
-
-// dgrad: rows are input pixels (n, ih, iw), columns one group's input channels, reduction (k, r, s).
-template <typename T>
-struct Dgrad {
-  using scalar_t = T;
-  static constexpr bool kAFastM = true, kBFastN = false, kStoreFastM = true;
-  Shape s;
-  const T *dy, *y, *w;
-  T* dx;
-  Strides dys, ys, dxs;
-  bool relu;
-  int64_t group = 0, k_begin = 0, k_end = 0;
-
-  __device__ void begin(int64_t z) { group = z, k_begin = 0, k_end = s.k_g * s.r * s.s; }
-  __device__ int64_t rows() const { return s.n * s.h * s.w; }
-  __device__ int64_t cols() const { return s.c_g; }
-  __device__ acc_of<T> a(int64_t m, int64_t t) const {
-    const int64_t iw = m % s.w, ih = (m / s.w) % s.h, n = m / (s.w * s.h);
-    const int64_t sx = t % s.s, r = (t / s.s) % s.r, k = t / (s.s * s.r);
-    const int64_t oh_s = ih + s.ph - r * s.dh, ow_s = iw + s.pw - sx * s.dw;  // = oh * sh, ow * sw if tapped
-    if (oh_s < 0 || ow_s < 0 || oh_s % s.sh != 0 || ow_s % s.sw != 0) return acc_of<T>(0);
-    const int64_t oh = oh_s / s.sh, ow = ow_s / s.sw;
-    if (oh >= s.oh || ow >= s.ow) return acc_of<T>(0);
-    return masked_grad(dy, dys, y, ys, relu, n, group * s.k_g + k, oh, ow);
-  }
-  __device__ acc_of<T> b(int64_t t, int64_t c) const {
-    const int64_t rs = t % (s.r * s.s), k = t / (s.r * s.s);
-    return to_acc(w[(group * s.k_g + k) * s.j + c * s.r * s.s + rs]);
-  }
-  __device__ void store(int64_t m, int64_t c, acc_of<T> v) const {
-    const int64_t iw = m % s.w, ih = (m / s.w) % s.h, n = m / (s.w * s.h);
-    dx[n * dxs.n + (group * s.c_g + c) * dxs.c + ih * dxs.h + iw * dxs.w] = from_acc<T>(v);
-  }
-};
-
-// wgrad: rows one group's output channels, columns j = (c, r, s), reduction over a split's range of output pixels.
-template <typename T>
-struct Wgrad {
-  using scalar_t = T;
-  static constexpr bool kAFastM = false, kBFastN = false, kStoreFastM = false;
-  Shape s;
-  const T *dy, *y, *x;
-  acc_of<T>* ws;  // splits x K x J
-  Strides dys, ys, xs;
-  bool relu;
-  int64_t groups, chunk;
-  int64_t group = 0, split = 0, k_begin = 0, k_end = 0;
-
-  __device__ void begin(int64_t z) {
-    group = z % groups, split = z / groups;
-    k_begin = split * chunk;
-    k_end = min(k_begin + chunk, s.n * s.oh * s.ow);
-  }
-  __device__ int64_t rows() const { return s.k_g; }
-  __device__ int64_t cols() const { return s.j; }
-  __device__ acc_of<T> a(int64_t k, int64_t p) const {
-    const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-    return masked_grad(dy, dys, y, ys, relu, n, group * s.k_g + k, oh, ow);
-  }
-  __device__ acc_of<T> b(int64_t p, int64_t j) const {
-    const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-    const int64_t sx = j % s.s, r = (j / s.s) % s.r, c = j / (s.s * s.r);
-    return padded_x(x, xs, s, n, group * s.c_g + c, oh * s.sh - s.ph + r * s.dh, ow * s.sw - s.pw + sx * s.dw);
-  }
-  __device__ void store(int64_t k, int64_t j, acc_of<T> v) const {
-    ws[(split * s.k + group * s.k_g + k) * s.j + j] = v;
-  }
-};
 
 // The GEMM core. Operand tiles are staged in shared memory as [kBK][kBM] and [kBK][kBN] (reduction-major), filled
 // with the index order that makes each problem's global loads coalesced (kAFastM, kBFastN).
@@ -383,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
       // Enough splits of the pixel reduction to give ~2 blocks per SM, each at least 8 reduction steps deep.
       const int64_t tiles = cdiv(g.k_g, kBM) * cdiv(g.j, kBN) * g.groups;
       const int64_t splits = std::max<int64_t>(1, std::min(cdiv(264, tiles), cdiv(pixels, 8 * kBK)));
-      const int64_t chunk = cdiv(cdiv(std::max<int64_t>(pixels, 1), splits), kBK) * kBK;
+      const int64_t chunk = wgrad_chunk(pixels, splits, kBK);
       at::Tensor ws = at::zeros({splits, g.k, g.j}, x.options().dtype(acc));
       if (pixels > 0) {
         Wgrad<T> p{make_shape(g), ptr<T>(grad), ptr<T>(y), ptr<T>(x), mut_ptr<acc_of<T>>(ws),

@@ -1,0 +1,125 @@
+"""The CUDA conv + ReLU kernels' index arithmetic, run on the CPU.
+
+cpp/conv_relu_cuda.cu multiplies three implicit GEMMs whose operands are gathered straight from the tensors: the
+forward (bias + ReLU in the epilogue), dgrad (which output pixels tap an input pixel through (r, s), the ReLU mask
+applied on load) and wgrad (the pixel reduction split over grid.z). Those gathers live in cpp/conv_relu_problems.h
+as host-and-device code. Here they are compiled for the CPU and driven by a plain triple loop in place of the
+shared-memory tile engine, in float64, and compared with PyTorch: a check of the gather/scatter maths that runs
+without a GPU. The tiling and WMMA path is exercised only on a GPU (bench/gpu_suite.sh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import generator
+
+CPP = Path(__file__).resolve().parents[1] / "cpp"
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include "conv_relu_problems.h"
+
+using namespace fcnkern;
+using namespace fcnkern::conv_gemm;
+
+// What gather_gemm computes, without its tiles: every grid.z slice, every (row, column), the slice's reduction.
+template <typename P>
+void run(P p, int64_t z) {
+  for (int64_t zi = 0; zi < z; ++zi) {
+    P q = p;
+    q.begin(zi);
+    for (int64_t m = 0; m < q.rows(); ++m) {
+      for (int64_t n = 0; n < q.cols(); ++n) {
+        acc_of<typename P::scalar_t> acc = 0;
+        for (int64_t k = q.k_begin; k < q.k_end; ++k) acc += q.a(m, k) * q.b(k, n);
+        q.store(m, n, acc);
+      }
+    }
+  }
+}
+
+at::Tensor forward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, std::vector<int64_t> stride,
+                   std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, bool relu) {
+  const ConvGeometry g = make_geometry(x, w, stride, padding, dilation, groups);
+  check_args(x, w, g);
+  at::Tensor y = at::full({g.n, g.k, g.oh, g.ow}, NAN, x.options().memory_format(x.suggest_memory_format()));
+  at::Tensor wc = w.contiguous();
+  Forward<double> p{make_shape(g), x.data_ptr<double>(), wc.data_ptr<double>(),
+                    bias ? bias->data_ptr<double>() : nullptr, y.data_ptr<double>(), strides_of(x), strides_of(y),
+                    relu};
+  run(p, g.groups);
+  return y;
+}
+
+std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor y, at::Tensor x, at::Tensor w,
+                                 std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                 std::vector<int64_t> dilation, int64_t groups, bool relu, int64_t splits) {
+  const ConvGeometry g = make_geometry(x, w, stride, padding, dilation, groups);
+  at::Tensor wc = w.contiguous();
+  at::Tensor dx = at::full(x.sizes(), NAN, x.options().memory_format(x.suggest_memory_format()));
+  Dgrad<double> d{make_shape(g), grad.data_ptr<double>(), y.data_ptr<double>(), wc.data_ptr<double>(),
+                  dx.data_ptr<double>(), strides_of(grad), strides_of(y), strides_of(dx), relu};
+  run(d, g.groups);
+  const int64_t pixels = g.n * g.oh * g.ow;
+  at::Tensor ws = at::full({splits, g.k, g.j}, NAN, x.options());
+  Wgrad<double> wg{make_shape(g), grad.data_ptr<double>(), y.data_ptr<double>(), x.data_ptr<double>(),
+                   ws.data_ptr<double>(), strides_of(grad), strides_of(y), strides_of(x), relu, g.groups,
+                   wgrad_chunk(pixels, splits, 32)};
+  run(wg, g.groups * splits);
+  return {dx, ws.sum(0).reshape(w.sizes())};
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def problems():
+    from torch.utils.cpp_extension import load_inline
+
+    try:
+        return load_inline("fcnkern_conv_problems_cpu", SOURCE, functions=["forward", "backward"],
+                           extra_include_paths=[str(CPP)], extra_cflags=["-O1"], verbose=False)  # fmt: skip
+    except Exception as exc:  # no C++ toolchain: say so instead of passing
+        pytest.skip(f"cannot compile the CPU build of the CUDA problems: {exc}")
+
+
+# (n, c, h, w, k, r, s, stride, padding, dilation, groups, channels_last)
+CASES = [
+    (2, 3, 7, 6, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),
+    (1, 4, 9, 8, 6, 3, 2, (2, 1), (2, 0), (1, 1), 2, False),  # stride 2 rows, groups 2, a 3x2 kernel
+    (2, 6, 5, 7, 4, 3, 3, (1, 1), (2, 2), (2, 2), 1, True),  # dilation 2, channels_last
+    (1, 3, 4, 3, 2, 1, 1, (1, 1), (0, 0), (1, 1), 1, False),  # 1x1
+    (1, 3, 2, 3, 4, 3, 3, (1, 1), (5, 5), (1, 1), 1, False),  # padding far wider than the input
+    (1, 5, 11, 10, 5, 7, 7, (3, 3), (1, 2), (1, 1), 5, True),  # depthwise 7x7, stride 3
+]
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[1]}k{c[4]}r{c[5]}x{c[6]}s{c[7][0]}d{c[9][0]}g{c[10]}")
+def test_gathers_match_pytorch(problems, case, relu):
+    n, c, h, w, k, r, s, stride, padding, dilation, groups, channels_last = case
+    g = generator("cuda-problems", case, relu)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, c // groups, r, s, generator=g, dtype=torch.float64)
+    bias = torch.randn(k, generator=g, dtype=torch.float64)
+    args = (list(stride), list(padding), list(dilation), groups)
+
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+    ref = F.conv2d(xr, wr, br, stride, padding, dilation, groups)
+    ref = F.relu(ref) if relu else ref
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_dx, ref_dw, ref_db = torch.autograd.grad(ref, (xr, wr, br), upstream)
+
+    y = problems.forward(x, weight, bias, *args, relu)
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+    for splits in (1, 3):  # one reduction slice, and several with a short last one
+        dx, dw = problems.backward(upstream, y, x, weight, *args, relu, splits)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
+    # The bias gradient kernel sums the same masked gradient.
+    masked = upstream * (y > 0) if relu else upstream
+    torch.testing.assert_close(masked.sum((0, 2, 3)), ref_db, rtol=1e-12, atol=1e-12)
