@@ -3,6 +3,13 @@
 
 #include <torch/types.h>
 
+// Marks functions that the CUDA kernels call and that CPU-side tests of their index arithmetic call too.
+#ifdef __CUDACC__
+#define FCNK_HD __host__ __device__
+#else
+#define FCNK_HD
+#endif
+
 namespace fcnkern {
 
 // Dtype the kernels accumulate in: fp64 for fp64 inputs (gradchecks), fp32 for everything else.

@@ -9,14 +9,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.h"
 #include "conv_relu.h"
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define FCNK_HD __host__ __device__
-#else
-#define FCNK_HD
 #endif
 
 namespace fcnkern {

@@ -22,18 +22,14 @@
 
 #include "common.h"
 #include "upsample.h"
+#include "upsample_cuda_elements.h"
 
 namespace fcnkern {
 namespace {
 
 constexpr int kThreads = 256;
 
-struct Strides4 {
-  int64_t n, c, h, w;
-  __device__ __forceinline__ int64_t at(int64_t ni, int64_t ci, int64_t hi, int64_t wi) const {
-    return ni * n + ci * c + hi * h + wi * w;
-  }
-};
+using namespace up_elements;
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
@@ -45,53 +41,24 @@ int64_t grid_for(int64_t items) {
 #define FCNK_GRID_STRIDE(i, total) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(gridDim.x) * blockDim.x)
 
-// k(t) = 1 - |t - (f - 1/2)| / f: the weight of tap t in [0, 2f) of the bilinear kernel of factor f.
-template <typename acc_t>
-__device__ __forceinline__ acc_t bilinear_weight(int64_t t, int64_t factor) {
-  return acc_t(1) - ::abs(acc_t(t) - (acc_t(factor) - acc_t(0.5))) / acc_t(factor);
-}
-
+// Each kernel runs its element function (cpp/upsample_cuda_elements.h) over its elements.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     bilinear_fwd_kernel(const scalar_t* __restrict__ x, Strides4 xs, scalar_t* __restrict__ out, Strides4 os,
                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t factor,
                         int64_t top, int64_t left) {
   FCNK_GRID_STRIDE(idx, N * C * OH * OW) {
-    const int64_t ox = idx % OW, oy = (idx / OW) % OH, c = (idx / (OW * OH)) % C, n = idx / (OW * OH * C);
-    const int64_t Y = top + oy, X = left + ox;
-    const int64_t r1 = Y / factor, r0 = r1 - 1, c1 = X / factor, c0 = c1 - 1;
-    const acc_t wr1 = r1 < H ? bilinear_weight<acc_t>(Y - r1 * factor, factor) : acc_t(0);
-    const acc_t wr0 = r0 >= 0 ? bilinear_weight<acc_t>(Y - r0 * factor, factor) : acc_t(0);
-    const acc_t wc1 = c1 < W ? bilinear_weight<acc_t>(X - c1 * factor, factor) : acc_t(0);
-    const acc_t wc0 = c0 >= 0 ? bilinear_weight<acc_t>(X - c0 * factor, factor) : acc_t(0);
-    // Clamped indices: a tap outside the input has weight 0 and reads a valid element.
-    const int64_t r0c = r0 >= 0 ? r0 : 0, r1c = r1 < H ? r1 : H - 1, c0c = c0 >= 0 ? c0 : 0, c1c = c1 < W ? c1 : W - 1;
-    const acc_t v00 = static_cast<acc_t>(x[xs.at(n, c, r0c, c0c)]), v01 = static_cast<acc_t>(x[xs.at(n, c, r0c, c1c)]);
-    const acc_t v10 = static_cast<acc_t>(x[xs.at(n, c, r1c, c0c)]), v11 = static_cast<acc_t>(x[xs.at(n, c, r1c, c1c)]);
-    out[os.at(n, c, oy, ox)] = static_cast<scalar_t>(wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11));
+    bilinear_fwd_element<scalar_t, acc_t>(idx, x, xs, out, os, C, H, W, OH, OW, factor, top, left);
   }
 }
 
-// One transpose pass along AXIS (2: height, 3: width): dst[.., i, ..] = sum over t in [0, 2f) of
-// k(t) * src[.., i f + t - start, ..] where that index lies in [0, length). dst is N x C x D2 x D3.
 template <int AXIS, typename src_t, typename dst_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     bilinear_bwd_axis_kernel(const src_t* __restrict__ src, Strides4 ss, dst_t* __restrict__ dst, Strides4 ds,
                              int64_t N, int64_t C, int64_t D2, int64_t D3, int64_t factor, int64_t start,
                              int64_t length) {
   FCNK_GRID_STRIDE(idx, N * C * D2 * D3) {
-    const int64_t a3 = idx % D3, a2 = (idx / D3) % D2, c = (idx / (D3 * D2)) % C, n = idx / (D3 * D2 * C);
-    const int64_t i = AXIS == 2 ? a2 : a3;
-    const int64_t step = AXIS == 2 ? ss.h : ss.w;
-    const src_t* base = src + (AXIS == 2 ? ss.at(n, c, 0, a3) : ss.at(n, c, a2, 0));
-    acc_t acc = 0;
-    for (int64_t t = 0; t < 2 * factor; ++t) {
-      const int64_t pos = i * factor + t - start;
-      if (pos < 0) continue;
-      if (pos >= length) break;
-      acc += bilinear_weight<acc_t>(t, factor) * static_cast<acc_t>(base[pos * step]);
-    }
-    dst[ds.at(n, c, a2, a3)] = static_cast<dst_t>(acc);
+    bilinear_bwd_axis_element<AXIS, src_t, dst_t, acc_t>(idx, src, ss, dst, ds, C, D2, D3, factor, start, length);
   }
 }
 
@@ -100,22 +67,7 @@ __global__ void __launch_bounds__(kThreads)
     learned_fwd_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w, Strides4 ws,
                        const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, Strides4 os, UpGeometry g) {
   FCNK_GRID_STRIDE(idx, g.n * g.cout * g.oh * g.ow) {
-    const int64_t ox = idx % g.ow, oy = (idx / g.ow) % g.oh, co = (idx / (g.ow * g.oh)) % g.cout;
-    const int64_t n = idx / (g.ow * g.oh * g.cout), group = co / g.cout_g, col = co % g.cout_g;
-    const int64_t Y = g.top + oy, X = g.left + ox;
-    acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[co]) : acc_t(0);
-    for (int64_t cl = 0; cl < g.cin_g; ++cl) {
-      const int64_t ci = group * g.cin_g + cl;
-      // Taps reaching Y: ky = Y mod sh + t sh < kh, reading input row i = Y / sh - t (decreasing in t).
-      for (int64_t ky = Y % g.sh, i = Y / g.sh; ky < g.kh && i >= 0; ky += g.sh, --i) {
-        if (i >= g.h) continue;
-        for (int64_t kx = X % g.sw, j = X / g.sw; kx < g.kw && j >= 0; kx += g.sw, --j) {
-          if (j >= g.w) continue;
-          acc += static_cast<acc_t>(x[xs.at(n, ci, i, j)]) * static_cast<acc_t>(w[ws.at(ci, col, ky, kx)]);
-        }
-      }
-    }
-    out[os.at(n, co, oy, ox)] = static_cast<scalar_t>(acc);
+    learned_fwd_element<scalar_t, acc_t>(idx, x, xs, w, ws, bias, out, os, g);
   }
 }
 
@@ -124,24 +76,7 @@ __global__ void __launch_bounds__(kThreads)
     learned_dgrad_kernel(const scalar_t* __restrict__ dy, Strides4 gs, const scalar_t* __restrict__ w, Strides4 ws,
                          scalar_t* __restrict__ dx, Strides4 dxs, UpGeometry g) {
   FCNK_GRID_STRIDE(idx, g.n * g.cin * g.h * g.w) {
-    const int64_t j = idx % g.w, i = (idx / g.w) % g.h, ci = (idx / (g.w * g.h)) % g.cin;
-    const int64_t n = idx / (g.w * g.h * g.cin), group = ci / g.cin_g;
-    acc_t acc = 0;
-    for (int64_t col = 0; col < g.cout_g; ++col) {
-      const int64_t co = group * g.cout_g + col;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t oy = i * g.sh + ky - g.top;
-        if (oy < 0) continue;
-        if (oy >= g.oh) break;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ox = j * g.sw + kx - g.left;
-          if (ox < 0) continue;
-          if (ox >= g.ow) break;
-          acc += static_cast<acc_t>(dy[gs.at(n, co, oy, ox)]) * static_cast<acc_t>(w[ws.at(ci, col, ky, kx)]);
-        }
-      }
-    }
-    dx[dxs.at(n, ci, i, j)] = static_cast<scalar_t>(acc);
+    learned_dgrad_element<scalar_t, acc_t>(idx, dy, gs, w, ws, dx, dxs, g);
   }
 }
 
@@ -152,14 +87,9 @@ __global__ void __launch_bounds__(kThreads)
                          scalar_t* __restrict__ dw, UpGeometry g) {
   __shared__ acc_t partial[kThreads];
   const int64_t e = blockIdx.x;
-  const int64_t kx = e % g.kw, ky = (e / g.kw) % g.kh, col = (e / (g.kw * g.kh)) % g.cout_g;
-  const int64_t ci = e / (g.kw * g.kh * g.cout_g), co = (ci / g.cin_g) * g.cout_g + col;
   acc_t acc = 0;
   for (int64_t p = threadIdx.x; p < g.n * g.h * g.w; p += kThreads) {
-    const int64_t j = p % g.w, i = (p / g.w) % g.h, n = p / (g.w * g.h);
-    const int64_t oy = i * g.sh + ky - g.top, ox = j * g.sw + kx - g.left;
-    if (oy < 0 || oy >= g.oh || ox < 0 || ox >= g.ow) continue;
-    acc += static_cast<acc_t>(x[xs.at(n, ci, i, j)]) * static_cast<acc_t>(dy[gs.at(n, co, oy, ox)]);
+    acc += learned_wgrad_term<scalar_t, acc_t>(e, p, dy, gs, x, xs, g);
   }
   partial[threadIdx.x] = acc;
   __syncthreads();

@@ -1,0 +1,158 @@
+"""The CUDA upsampling kernels' per-element arithmetic, run on the CPU.
+
+Every thread of cpp/upsample_cuda.cu computes one output element with a function from
+cpp/upsample_cuda_elements.h (host-and-device code): the bilinear forward's 2 x 2 taps, the two separable backward
+passes, the learned forward's sub-kernel taps, dgrad's kh x kw kept outputs, and wgrad's per-pixel terms (which the
+kernel sums with a shared-memory tree). Here those functions are compiled for the CPU and called for every element,
+in float64, against conv_transpose2d + slicing and autograd: a check of the gather maths without a GPU. The launch
+machinery is exercised only on a GPU (bench/gpu_suite.sh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import generator
+
+import fcnkern
+
+CPP = Path(__file__).resolve().parents[1] / "cpp"
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include "upsample_cuda_elements.h"
+
+using namespace fcnkern;
+using namespace fcnkern::up_elements;
+
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int64_t oh, int64_t ow) {
+  at::Tensor out = at::full({x.size(0), x.size(1), oh, ow}, NAN, x.options());
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    bilinear_fwd_element<double, double>(i, x.data_ptr<double>(), strides_of(x), out.data_ptr<double>(),
+                                         strides_of(out), x.size(1), x.size(2), x.size(3), oh, ow, f, top, left);
+  }
+  return out;
+}
+
+at::Tensor bilinear_bwd(at::Tensor grad, int64_t f, int64_t top, int64_t left, int64_t h, int64_t w) {
+  const int64_t n = grad.size(0), c = grad.size(1), oh = grad.size(2), ow = grad.size(3);
+  at::Tensor by_col = at::full({n, c, oh, w}, NAN, grad.options());
+  at::Tensor dx = at::full({n, c, h, w}, NAN, grad.options());
+  for (int64_t i = 0; i < by_col.numel(); ++i) {
+    bilinear_bwd_axis_element<3, double, double, double>(i, grad.data_ptr<double>(), strides_of(grad),
+                                                         by_col.data_ptr<double>(), strides_of(by_col), c, oh, w, f,
+                                                         left, ow);
+  }
+  for (int64_t i = 0; i < dx.numel(); ++i) {
+    bilinear_bwd_axis_element<2, double, double, double>(i, by_col.data_ptr<double>(), strides_of(by_col),
+                                                         dx.data_ptr<double>(), strides_of(dx), c, h, w, f, top, oh);
+  }
+  return dx;
+}
+
+UpGeometry geometry(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride, std::vector<int64_t> crop,
+                    int64_t oh, int64_t ow, int64_t groups) {
+  UpGeometry g{};
+  g.n = x.size(0), g.cin = x.size(1), g.h = x.size(2), g.w = x.size(3), g.groups = groups;
+  g.cin_g = g.cin / groups, g.cout_g = w.size(1), g.cout = g.cout_g * groups, g.kh = w.size(2), g.kw = w.size(3);
+  g.sh = stride[0], g.sw = stride[1], g.top = crop[0], g.left = crop[1], g.oh = oh, g.ow = ow;
+  return g;
+}
+
+at::Tensor learned_fwd(at::Tensor x, at::Tensor w, at::Tensor bias, std::vector<int64_t> stride,
+                       std::vector<int64_t> crop, int64_t oh, int64_t ow, int64_t groups) {
+  const UpGeometry g = geometry(x, w, stride, crop, oh, ow, groups);
+  at::Tensor out = at::full({g.n, g.cout, oh, ow}, NAN, x.options());
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    learned_fwd_element<double, double>(i, x.data_ptr<double>(), strides_of(x), w.data_ptr<double>(), strides_of(w),
+                                        bias.data_ptr<double>(), out.data_ptr<double>(), strides_of(out), g);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> learned_bwd(at::Tensor grad, at::Tensor x, at::Tensor w, std::vector<int64_t> stride,
+                                    std::vector<int64_t> crop, int64_t groups) {
+  const UpGeometry g = geometry(x, w, stride, crop, grad.size(2), grad.size(3), groups);
+  at::Tensor dx = at::full(x.sizes(), NAN, x.options());
+  for (int64_t i = 0; i < dx.numel(); ++i) {
+    learned_dgrad_element<double, double>(i, grad.data_ptr<double>(), strides_of(grad), w.data_ptr<double>(),
+                                          strides_of(w), dx.data_ptr<double>(), strides_of(dx), g);
+  }
+  at::Tensor dw = at::full(w.sizes(), NAN, w.options());  // contiguous, as the kernel's dw[e]
+  for (int64_t e = 0; e < dw.numel(); ++e) {
+    double acc = 0;
+    for (int64_t p = 0; p < g.n * g.h * g.w; ++p) {
+      acc += learned_wgrad_term<double, double>(e, p, grad.data_ptr<double>(), strides_of(grad),
+                                                x.data_ptr<double>(), strides_of(x), g);
+    }
+    dw.data_ptr<double>()[e] = acc;
+  }
+  return {dx, dw};
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def elements():
+    from torch.utils.cpp_extension import load_inline
+
+    try:
+        return load_inline("fcnkern_upsample_elements_cpu", SOURCE,
+                           functions=["bilinear_fwd", "bilinear_bwd", "learned_fwd", "learned_bwd"],
+                           extra_include_paths=[str(CPP)], extra_cflags=["-O1"], verbose=False)  # fmt: skip
+    except Exception as exc:  # no C++ toolchain: say so instead of passing
+        pytest.skip(f"cannot compile the CPU build of the CUDA element functions: {exc}")
+
+
+def _window(full, crop, size):
+    return full[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
+
+
+# (channels, h, w, factor, crop, out_size): FCN-32s's and FCN-8s's finals, crop 0, a crop reaching the last row.
+BILINEAR = [(3, 3, 2, 32, (19, 19), (41, 29)), (2, 5, 4, 8, (31, 3), (7, 23)), (1, 4, 5, 2, (0, 0), (10, 12)),
+            (2, 3, 3, 3, (2, 1), (10, 11))]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BILINEAR, ids=lambda c: f"f{c[3]}crop{c[4][0]}-{c[4][1]}")
+def test_bilinear_elements(elements, case):
+    c, h, w, f, crop, size = case
+    g = generator("bil-elements", case)
+    x = torch.randn(2, c, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = fcnkern.bilinear_kernel(2 * f, torch.float64).expand(c, 1, 2 * f, 2 * f)
+    xr = x.clone().requires_grad_()
+    ref = _window(F.conv_transpose2d(xr, weight, stride=f, groups=c), crop, size)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (ref_dx,) = torch.autograd.grad(ref, xr, upstream)
+    torch.testing.assert_close(elements.bilinear_fwd(x, f, *crop, *size), ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(elements.bilinear_bwd(upstream, f, *crop, h, w), ref_dx, rtol=1e-12, atol=1e-12)
+
+
+# (cin, cout_g, groups, h, w, kernel, stride, crop, out_size)
+LEARNED = [
+    (4, 4, 1, 3, 2, (64, 64), (32, 32), (19, 19), (37, 5)),  # FCN-32s's upscore, full mixing
+    (5, 3, 1, 5, 7, (4, 4), (2, 2), (0, 0), (12, 16)),  # upscore2
+    (6, 3, 2, 4, 4, (5, 3), (3, 2), (1, 2), (11, 7)),  # odd kernel, groups 2, window to the last column
+    (3, 1, 3, 2, 3, (16, 16), (8, 8), (9, 5), (13, 19)),  # per-channel, upscore8-like
+]
+
+
+@pytest.mark.parametrize("case", LEARNED, ids=lambda c: f"k{c[5][0]}x{c[5][1]}s{c[6][0]}g{c[2]}")
+def test_learned_elements(elements, case):
+    cin, cout_g, groups, h, w, kernel, stride, crop, size = case
+    g = generator("learned-elements", case)
+    x = torch.randn(2, cin, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(cin, cout_g, *kernel, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout_g * groups, generator=g, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = _window(F.conv_transpose2d(xr, wr, bias, stride, groups=groups), crop, size)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), upstream)
+    out = elements.learned_fwd(x, weight, bias, list(stride), list(crop), *size, groups)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    dx, dw = elements.learned_bwd(upstream, x, weight, list(stride), list(crop), groups)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
