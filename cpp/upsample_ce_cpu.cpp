@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
@@ -58,15 +59,18 @@ HeadGeometry make_head_geometry(const at::Tensor& scores, const at::Tensor& targ
 
 at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g) {
   using at::indexing::Slice;
-  // Cells in absolute coordinates 0..h x 0..w; cells outside the window contribute nothing.
-  at::Tensor full = at::zeros({4, g.n, g.c, g.h + 1, g.w + 1}, cells.options());
-  full.index_put_({Slice(), Slice(), Slice(), Slice(g.r0, g.r0 + g.cr), Slice(g.q0, g.q0 + g.cq)}, cells);
-  // Pixel (i, j) is tap (a=1, b=1) of cell (i, j), (1, 0) of (i, j+1), (0, 1) of (i+1, j), (0, 0) of (i+1, j+1).
-  const auto rows = [](int64_t a, int64_t len) { return a == 1 ? Slice(0, len) : Slice(1, len + 1); };
-  at::Tensor grad = full[3].index({Slice(), Slice(), rows(1, g.h), rows(1, g.w)}).clone();
-  grad.add_(full[2].index({Slice(), Slice(), rows(1, g.h), rows(0, g.w)}));
-  grad.add_(full[1].index({Slice(), Slice(), rows(0, g.h), rows(1, g.w)}));
-  grad.add_(full[0].index({Slice(), Slice(), rows(0, g.h), rows(0, g.w)}));
+  // Score pixel (i, j) is tap (a, b) of cell (i + 1 - a, j + 1 - b): each tap's cells are added as one shifted
+  // block, taps in a fixed order, so nothing larger than the gradient is allocated.
+  at::Tensor grad = at::zeros({g.n, g.c, g.h, g.w}, cells.options());
+  for (int64_t ab = 3; ab >= 0; --ab) {
+    const int64_t da = 1 - ab / 2, db = 1 - ab % 2;
+    const int64_t i_lo = std::max<int64_t>(0, g.r0 - da), i_hi = std::min(g.h, g.r0 + g.cr - da);
+    const int64_t j_lo = std::max<int64_t>(0, g.q0 - db), j_hi = std::min(g.w, g.q0 + g.cq - db);
+    if (i_lo >= i_hi || j_lo >= j_hi) continue;
+    grad.index({Slice(), Slice(), Slice(i_lo, i_hi), Slice(j_lo, j_hi)})
+        .add_(cells[ab].index({Slice(), Slice(), Slice(i_lo + da - g.r0, i_hi + da - g.r0),
+                               Slice(j_lo + db - g.q0, j_hi + db - g.q0)}));
+  }
   return grad;
 }
 

@@ -68,12 +68,20 @@ def _cells(scores: Tensor, target: Tensor, factor: int, top: int, left: int) -> 
 
 def combine_cell_grad(cells: Tensor, h: int, w: int, r0: int, q0: int) -> Tensor:
     """cells 4 x N x C x CR x CQ (the per-cell partials) -> gradient N x C x h x w, summed in a fixed order; the
-    Python twin of combine_cell_grad in cpp/upsample_ce_cpu.cpp."""
+    Python twin of combine_cell_grad in cpp/upsample_ce_cpu.cpp. Score pixel (i, j) is tap (a, b) of cell
+    (i + 1 - a, j + 1 - b); each tap's cells are added as one shifted block, so nothing larger than the gradient is
+    allocated."""
     _, n, c, cr, cq = cells.shape
-    full = cells.new_zeros((4, n, c, h + 1, w + 1))
-    full[..., r0 : r0 + cr, q0 : q0 + cq] = cells
-    # Pixel (i, j) is tap (1, 1) of cell (i, j), (1, 0) of (i, j+1), (0, 1) of (i+1, j), (0, 0) of (i+1, j+1).
-    return full[3, :, :, :h, :w] + full[2, :, :, :h, 1:] + full[1, :, :, 1:, :w] + full[0, :, :, 1:, 1:]
+    grad = cells.new_zeros((n, c, h, w))
+    for ab in (3, 2, 1, 0):
+        da, db = 1 - ab // 2, 1 - ab % 2
+        i_lo, i_hi = max(0, r0 - da), min(h, r0 + cr - da)
+        j_lo, j_hi = max(0, q0 - db), min(w, q0 + cq - db)
+        if i_lo < i_hi and j_lo < j_hi:
+            rows = slice(i_lo + da - r0, i_hi + da - r0)
+            cols = slice(j_lo + db - q0, j_hi + db - q0)
+            grad[:, :, i_lo:i_hi, j_lo:j_hi] += cells[ab, :, :, rows, cols]
+    return grad
 
 
 def _triton_run(
