@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <optional>
 
 namespace fcnkern {
 
@@ -41,6 +42,21 @@ inline void check_args(const at::Tensor& x, const at::Tensor& weight, const Conv
                         g.pad_w >= 0,
                     "need stride >= 1, dilation >= 1, padding >= 0");
   TORCH_CHECK_VALUE(g.oh >= 1 && g.ow >= 1, "the padded input is smaller than the dilated kernel");
+}
+
+inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, const ConvGeometry& g) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.k, "bias must be a vector of ", g.k);
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
+}
+
+// The backward's output gradient and saved output against the forward's geometry.
+inline void check_bwd_args(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g) {
+  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && y.dim() == 4 && y.size(0) == g.n && y.size(1) == g.k &&
+                        y.size(2) == g.oh && y.size(3) == g.ow,
+                    "grad and y must be the N x K x OH x OW output of this convolution");
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
+                   "grad, y and x must have one dtype");
 }
 
 }  // namespace fcnkern

@@ -306,10 +306,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.k, "bias must be a vector of ", g.k);
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
-  }
+  check_bias(bias, x, g);
   at::Tensor y = empty_like_format(x, {g.n, g.k, g.oh, g.ow}, x.scalar_type());
   maybe_poison(y);
   if (y.numel() == 0) return y;
@@ -337,11 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
-  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && y.dim() == 4 && y.size(0) == g.n && y.size(1) == g.k &&
-                        y.size(2) == g.oh && y.size(3) == g.ow,
-                    "grad and y must be the N x K x OH x OW output of this convolution");
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
-                   "grad, y and x must have one dtype");
+  check_bwd_args(grad, y, x, g);
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread

@@ -173,10 +173,7 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t groups, bool relu) {
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.k, "bias must be a vector of ", g.k);
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype");
-  }
+  check_bias(bias, x, g);
   const at::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({g.n, g.k, g.oh, g.ow}, x.options().memory_format(x.suggest_memory_format()));
   maybe_poison(y);
@@ -199,11 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
                                                                     bool relu, std::array<bool, 3> output_mask) {
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
-  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && y.dim() == 4 && y.size(0) == g.n && y.size(1) == g.k &&
-                        y.size(2) == g.oh && y.size(3) == g.ow,
-                    "grad and y must be the N x K x OH x OW output of this convolution");
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
-                   "grad, y and x must have one dtype");
+  check_bwd_args(grad, y, x, g);
   const at::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);

@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cuda_math.h"
 #include "cross_entropy.h"
 
 namespace fcnkern {
@@ -37,15 +38,6 @@ PixelStrides pixel_strides(const at::Tensor& t) {
 struct Shape {
   int64_t N, C, H, W;
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t exp_acc(acc_t x) {
-  return ::exp(x);
-}
-template <>
-__device__ __forceinline__ float exp_acc<float>(float x) {
-  return ::expf(x);
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)

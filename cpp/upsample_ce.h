@@ -28,6 +28,9 @@ struct HeadGeometry {
 HeadGeometry make_head_geometry(const at::Tensor& scores, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t factor, int64_t top, int64_t left);
 
+// The backward's per-pixel upstream gradient: N x H x W in the accumulation dtype, on the scores' device.
+void check_head_grad_loss(const at::Tensor& grad_loss, const at::Tensor& scores, const HeadGeometry& g);
+
 // cells 4 x N x C x CR x CQ -> gradient N x C x h x w (same dtype and device), summed in a fixed order.
 at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g);
 

@@ -57,6 +57,14 @@ HeadGeometry make_head_geometry(const at::Tensor& scores, const at::Tensor& targ
   return g;
 }
 
+void check_head_grad_loss(const at::Tensor& grad_loss, const at::Tensor& scores, const HeadGeometry& g) {
+  const auto acc = acc_type_of(scores);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 3 && grad_loss.size(0) == g.n && grad_loss.size(1) == g.H &&
+                        grad_loss.size(2) == g.W && grad_loss.scalar_type() == acc &&
+                        grad_loss.device() == scores.device(),
+                    "grad_loss must be a ", acc, " N x H x W tensor on the scores' device (strides may be 0)");
+}
+
 at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g) {
   using at::indexing::Slice;
   // Score pixel (i, j) is tap (a, b) of cell (i + 1 - a, j + 1 - b): each tap's cells are added as one shifted
@@ -265,11 +273,8 @@ at::Tensor upsample_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& sc
                                const std::optional<at::Tensor>& weight, int64_t factor, int64_t top, int64_t left,
                                int64_t ignore_index) {
   const HeadGeometry g = make_head_geometry(scores, target, weight, factor, top, left);
+  check_head_grad_loss(grad_loss, scores, g);
   const auto acc = acc_type_of(scores);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 3 && grad_loss.size(0) == g.n && grad_loss.size(1) == g.H &&
-                        grad_loss.size(2) == g.W && grad_loss.scalar_type() == acc &&
-                        grad_loss.device() == scores.device(),
-                    "grad_loss must be a ", acc, " N x H x W tensor on the scores' device (strides may be 0)");
   at::Tensor cells = at::empty({4, g.n, g.c, g.cr, g.cq}, scores.options().dtype(acc));
   maybe_poison(cells);
   run_cells(g, scores, target, weight, ignore_index, grad_loss, at::Tensor(), cells);

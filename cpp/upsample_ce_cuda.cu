@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cuda_math.h"
 #include "upsample_ce.h"
 
 namespace fcnkern {
@@ -29,23 +30,6 @@ struct HeadArgs {
   int64_t n, c, h, w, H, W, f, top, left, r0, q0, cr, cq, ignore_index;
   int64_t ss[4], ts[3], gs[3];
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t exp_acc(acc_t x) {
-  return ::exp(x);
-}
-template <>
-__device__ __forceinline__ float exp_acc<float>(float x) {
-  return ::expf(x);
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t log_acc(acc_t x) {
-  return ::log(x);
-}
-template <>
-__device__ __forceinline__ float log_acc<float>(float x) {
-  return ::logf(x);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -174,11 +158,8 @@ at::Tensor upsample_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& s
                                 const std::optional<at::Tensor>& weight, int64_t factor, int64_t top, int64_t left,
                                 int64_t ignore_index) {
   const HeadGeometry g = make_head_geometry(scores, target, weight, factor, top, left);
+  check_head_grad_loss(grad_loss, scores, g);
   const auto acc = acc_type_of(scores);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 3 && grad_loss.size(0) == g.n && grad_loss.size(1) == g.H &&
-                        grad_loss.size(2) == g.W && grad_loss.scalar_type() == acc &&
-                        grad_loss.device() == scores.device(),
-                    "grad_loss must be a ", acc, " N x H x W tensor on the scores' device (strides may be 0)");
   at::Tensor cells = at::zeros({4, g.n, g.c, g.cr, g.cq}, scores.options().dtype(acc));
   launch(g, scores, target, weight, ignore_index, grad_loss, at::Tensor(), cells);
   return combine_cell_grad(cells, g);

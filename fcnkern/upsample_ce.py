@@ -59,7 +59,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cells(scores: Tensor, target: Tensor, factor: int, top: int, left: int) -> tuple[int, int, int, int]:
+def _cells(target: Tensor, factor: int, top: int, left: int) -> tuple[int, int, int, int]:
     """(r0, q0, CR, CQ): the first cell row and column of the kept window and how many it touches."""
     out_h, out_w = target.shape[1:]
     r0, q0 = top // factor, left // factor
@@ -94,7 +94,7 @@ def _triton_run(
     out_h, out_w = target.shape[1:]
     acc = _acc_dtype(scores.dtype)
     loss = _ext.maybe_poison(scores.new_empty((n, out_h, out_w) if write_loss else (0,), dtype=acc))
-    r0, q0, cr, cq = _cells(scores, target, factor, top, left)
+    r0, q0, cr, cq = _cells(target, factor, top, left)
     block_p, block_c = k.head_blocks(factor, c)
     slices = _cdiv(factor * factor, block_p)
     ws = scores.new_empty((4, n, c, cr, cq, slices) if with_grad else (0,), dtype=acc)
