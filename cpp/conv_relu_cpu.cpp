@@ -6,7 +6,8 @@
 // into a thread-local output block, then add the bias, apply the ReLU and store in the output's dtype and memory
 // format while the block is still in cache: the pre-ReLU tensor never exists in memory.
 //
-// Backward, per (image, group, band of whole output rows): load the output-gradient block once through the ReLU
+// Backward, stride 1 with >= 32 channels per group: shifted GEMMs again (backward_shifted), no im2col or col2im.
+// Otherwise, per (image, group, band of whole output rows): load the output-gradient block once through the ReLU
 // mask of the saved output (dy * (y > 0), in fp32), and feed that one block to both gradient GEMMs: dW += dY' cols^T
 // (per-thread accumulators, summed at the end) and dcols = W^T dY', scattered back into dx (col2im). Bands of
 // even index run in parallel, then the odd ones: a band's input footprint overlaps only its neighbours', so the
@@ -27,18 +28,20 @@
 #include "common.h"
 #include "conv_relu.h"
 #include "cpu_tasks.h"
+#include "large_block_cache.h"
 
 namespace fcnkern {
 namespace {
 
 // Pixels per block: the im2col buffer (J x block, fp32) at about FCNKERN_CONV_BLOCK_KB (default 1536 KiB, most
 // of a 2 MiB L2), a multiple of 16, 256..8192.
+int64_t pixel_block_budget() {
+  const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");  // read per call: A/B measurements in one process
+  return std::max<int64_t>(v != nullptr ? std::atoll(v) : 1536, 16) << 10;
+}
+
 int64_t pixel_block(const ConvGeometry& g, int64_t elem_bytes) {
-  static const int64_t budget = [] {
-    const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");
-    return (v != nullptr ? std::atoll(v) : 1536) << 10;
-  }();
-  const int64_t fit = budget / std::max<int64_t>(g.j * elem_bytes, 1);
+  const int64_t fit = pixel_block_budget() / std::max<int64_t>(g.j * elem_bytes, 1);
   return std::clamp<int64_t>(fit / 16 * 16, 256, 8192);
 }
 
@@ -162,30 +165,96 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
 // kernels up to 3 x 3; fewer channels make K too short for an efficient GEMM (RGB layers keep im2col's 27-deep reduction).
 // Large kernels on small maps (fc6: 7x7 on 22 x 22) stay on im2col: 49 short GEMMs and a permuted weight copy
 // per call lose to one deep GEMM (measured 519 vs 12 ms for 7x7 on 7 x 7).
-bool use_shifted_forward(const ConvGeometry& g) {
-  static const bool enabled = [] {  // FCNKERN_CONV_SHIFTED=0 forces im2col (for A/B measurements)
-    const char* v = std::getenv("FCNKERN_CONV_SHIFTED");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled && g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 && g.oh * (g.w + 2 * g.pad_w) >= 256;
+// FCNKERN_CONV_SHIFTED=0 forces im2col, =fwd keeps the backward on im2col: A/B measurements, read per call.
+bool use_shifted(const ConvGeometry& g, bool backward) {
+  const char* v = std::getenv("FCNKERN_CONV_SHIFTED");
+  if (v != nullptr && (std::strcmp(v, "0") == 0 || (backward && std::strcmp(v, "fwd") == 0))) return false;
+  return g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 && g.oh * (g.w + 2 * g.pad_w) >= 256;
+}
+
+// The wide grid of the shifted GEMMs: the input padded to hp x wp (one spare row, so that the last block's taps
+// stay inside), output pixel (oh, ow) at column oh * wp + ow, tap rs reading `offset(rs)` columns further on.
+struct ShiftedGrid {
+  int64_t wp, hp, wide, max_offset;
+  const ConvGeometry& g;
+  explicit ShiftedGrid(const ConvGeometry& geometry)
+      : wp(geometry.w + 2 * geometry.pad_w), hp(geometry.h + 2 * geometry.pad_h + 1), wide(geometry.oh * wp),
+        max_offset((geometry.r - 1) * geometry.dil_h * wp + (geometry.s - 1) * geometry.dil_w), g(geometry) {}
+  int64_t offset(int64_t rs) const { return (rs / g.s) * g.dil_h * wp + (rs % g.s) * g.dil_w; }
+  // Wide columns per GEMM block: the block's two operands (rows_a + rows_b) x block, fp32, at about the L2 budget.
+  int64_t block(int64_t rows_a, int64_t rows_b) const {
+    const int64_t fit = pixel_block_budget() / ((rows_a + rows_b) * 4);
+    return std::min(std::clamp<int64_t>(fit / 16 * 16, 256, 8192), wide + max_offset);
+  }
+  // x[n] (any strides, any float dtype) as a zero-padded acc_t copy, one flat row of hp * wp columns per channel.
+  // Each element is written once, into a block the large-block cache keeps resident between calls: a fresh zeroed
+  // copy cost 11 ms of a 120 ms forward (conv3_2), mostly page faults.
+  template <typename scalar_t, typename acc_t>
+  at::Tensor padded(const at::Tensor& x, int64_t n) const {
+    const int64_t row = hp * wp;
+    at::Tensor xp = empty_large({g.c, row}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value),
+                                at::MemoryFormat::Contiguous);
+    const scalar_t* src = x.const_data_ptr<scalar_t>() + n * x.stride(0);
+    const int64_t xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
+    acc_t* dst = xp.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, g.c, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        acc_t* d = dst + c * row;
+        std::fill(d, d + g.pad_h * wp + g.pad_w, acc_t(0));
+        for (int64_t ih = 0; ih < g.h; ++ih) {
+          acc_t* line = d + (g.pad_h + ih) * wp + g.pad_w;
+          const scalar_t* s = src + c * xs1 + ih * xs2;
+          for (int64_t iw = 0; iw < g.w; ++iw) line[iw] = static_cast<acc_t>(s[iw * xs3]);
+          // the right padding of this row and the left padding of the next, which follow each other
+          std::fill(line + g.w, line + g.w + 2 * g.pad_w, acc_t(0));
+        }
+        std::fill(d + (g.pad_h + g.h) * wp + g.pad_w, d + row, acc_t(0));
+      }
+    });
+    return xp;
+  }
+  // The weight as groups x taps x K/G x C/G, one GEMM operand per (group, tap).
+  at::Tensor taps(const at::Tensor& weight, at::ScalarType acc) const {
+    return weight.to(acc).reshape({g.groups, g.k_g, g.c_g, g.r * g.s}).permute({0, 3, 1, 2}).contiguous();
+  }
+};
+
+// The forward's epilogue: rows [0, rows) of a block of wide columns [q0, q0 + count) (row r at src + r * stride) are
+// output channels k0 + r of image n; adds the bias, applies the ReLU and stores the columns with ow < OW.
+template <typename scalar_t, typename acc_t>
+void store_output(const acc_t* src, int64_t stride, int64_t rows, int64_t k0, int64_t n, int64_t q0, int64_t count,
+                  const acc_t* bias, bool relu, const at::Tensor& y, const ConvGeometry& g, int64_t wp) {
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t add = bias != nullptr ? bias[k0 + r] : acc_t(0);
+    scalar_t* dst = yp + n * ys[0] + (k0 + r) * ys[1];
+    for (int64_t q = 0; q < count;) {
+      const int64_t p = q0 + q, oh = p / wp, ow0 = p % wp, len = std::min(wp - ow0, count - q);
+      const acc_t* in = src + r * stride + q;
+      scalar_t* row = dst + oh * ys[2];
+      for (int64_t i = 0, stop = std::max<int64_t>(0, std::min(len, g.ow - ow0)); i < stop; ++i) {
+        const acc_t v = in[i] + add;
+        row[(ow0 + i) * ys[3]] = static_cast<scalar_t>(relu ? std::max(v, acc_t(0)) : v);
+      }
+      q += len;
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& y, const ConvGeometry& g, bool relu) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t wp = g.w + 2 * g.pad_w, hp = g.h + 2 * g.pad_h + 1;
-  at::Tensor xp = at::zeros({g.n, g.c, hp, wp}, x.options().dtype(acc));
-  xp.narrow(2, g.pad_h, g.h).narrow(3, g.pad_w, g.w).copy_(x);  // one pass: padding, layout and dtype
-  const at::Tensor w_taps =
-      weight.to(acc).reshape({g.groups, g.k_g, g.c_g, g.r * g.s}).permute({0, 3, 1, 2}).contiguous();
-  const int64_t wide = g.oh * wp;
-  const int64_t block = std::min<int64_t>(4096, wide), blocks = (wide + block - 1) / block;
+  const ShiftedGrid grid(g);
+  const int64_t wp = grid.wp, wide = grid.wide, taps = g.r * g.s;
+  std::vector<at::Tensor> xp(g.n);
+  for (int64_t n = 0; n < g.n; ++n) xp[n] = grid.padded<scalar_t, acc_t>(x, n);
   at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
 
+  const at::Tensor w_taps = grid.taps(weight, acc);
+  const int64_t block = std::min(grid.block(g.k_g, g.c_g), wide), blocks = (wide + block - 1) / block;
   const int64_t tasks = g.n * g.groups * blocks;
   run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(g.k_g * block);
@@ -193,33 +262,131 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
       const int64_t b = task % blocks, group = (task / blocks) % g.groups, n = task / (blocks * g.groups);
       const int64_t q0 = b * block, count = std::min(block, wide - q0);
       auto out_m = matrix(out.data(), g.k_g, count, acc);
-      const at::Tensor xg = xp[n].narrow(0, group * g.c_g, g.c_g).view({g.c_g, hp * wp});
-      for (int64_t rs = 0; rs < g.r * g.s; ++rs) {
-        const int64_t offset = (rs / g.s) * g.dil_h * wp + (rs % g.s) * g.dil_w;
-        const at::Tensor src = xg.narrow(1, q0 + offset, count);
+      const at::Tensor xg = xp[n].narrow(0, group * g.c_g, g.c_g);
+      for (int64_t rs = 0; rs < taps; ++rs) {
+        const at::Tensor src = xg.narrow(1, q0 + grid.offset(rs), count);
         if (rs == 0) {
           at::mm_out(out_m, w_taps[group][rs], src);
         } else {
           out_m.addmm_(w_taps[group][rs], src);
         }
       }
-      for (int64_t kk = 0; kk < g.k_g; ++kk) {
-        const int64_t k = group * g.k_g + kk;
-        const acc_t add = bp != nullptr ? bp[k] : acc_t(0);
-        scalar_t* dst = yp + n * ys[0] + k * ys[1];
-        for (int64_t q = 0; q < count;) {
-          const int64_t p = q0 + q, oh = p / wp, ow0 = p % wp, len = std::min(wp - ow0, count - q);
-          const acc_t* in = out.data() + kk * count + q;
-          scalar_t* row = dst + oh * ys[2];
-          for (int64_t i = 0, stop = std::max<int64_t>(0, std::min(len, g.ow - ow0)); i < stop; ++i) {
-            const acc_t v = in[i] + add;
-            row[(ow0 + i) * ys[3]] = static_cast<scalar_t>(relu ? std::max(v, acc_t(0)) : v);
-          }
-          q += len;
-        }
-      }
+      store_output<scalar_t, acc_t>(out.data(), count, g.k_g, group * g.k_g, n, q0, count, bp, relu, y, g, wp);
     }
   });
+}
+
+// The stride-1 backward on the forward's wide grid, without im2col or col2im. dy' = dy * (y > 0) is laid out
+// like the forward's output block (wp columns per row, zero past ow) with max_offset zero columns on each side,
+// so both gradients are shifted GEMMs over plain strided views:
+//   dW_rs += dy'[:, q block] @ Xp[:, q block + offset(rs)]^T        (per-thread accumulators, summed at the end)
+//   dXp[:, p block] = sum_rs W_rs^T @ dy'[:, p block - offset(rs)]  (interior columns only: each dx element once)
+// One image at a time, so the padded copies of x and dy' are one image's. dbias is summed while dy' is built,
+// one channel per thread, so it does not depend on the thread count. Measured against the im2col backward on the
+// FCN-8s layers at 500 x 500 (fwd + bwd, one run, FCNKERN_CONV_SHIFTED=fwd for the A/B): 0.88x the time on conv1_2,
+// 0.93x on conv4_2 and 0.91x on conv5_1, level (within 3 %) on conv2_2 to conv4_1, peak memory within 10 %.
+template <typename scalar_t, typename acc_t>
+void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                      const ConvGeometry& g, bool relu, bool need_w, const at::Tensor& dx, at::Tensor& dw_taps,
+                      const at::Tensor& db_acc) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const ShiftedGrid grid(g);
+  const int64_t wp = grid.wp, wide = grid.wide, margin = grid.max_offset, taps = g.r * g.s;
+  const int64_t length = wide + 2 * margin;
+  const bool need_x = dx.defined();
+  const at::Tensor w_taps = need_x ? grid.taps(weight, acc) : at::Tensor();
+  const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+  const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+  const int64_t xs[4] = {need_x ? dx.stride(0) : 0, need_x ? dx.stride(1) : 0, need_x ? dx.stride(2) : 0,
+                         need_x ? dx.stride(3) : 0};
+  const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dxp = need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* dbp = db_acc.defined() ? db_acc.mutable_data_ptr<acc_t>() : nullptr;
+  at::Tensor dy_wide = empty_large({g.k, length}, grad.options().dtype(acc), at::MemoryFormat::Contiguous);
+  acc_t* dyw = dy_wide.mutable_data_ptr<acc_t>();
+
+  const int64_t w_block = grid.block(g.k_g, g.c_g), w_blocks = need_w ? (wide + w_block - 1) / w_block : 0;
+  const int64_t interior = g.h * wp;  // dXp columns of the input's rows, from column pad_h * wp on
+  const int64_t x_block = std::min(grid.block(g.c_g, g.k_g), interior);
+  const int64_t x_blocks = need_x ? (interior + x_block - 1) / x_block : 0;
+  const int64_t tasks = g.groups * (w_blocks + x_blocks);
+  const bool spread = spread_tasks(tasks);
+  const int64_t threads = spread ? at::get_num_threads() : 1;
+  const at::Tensor dw_parts = need_w ? at::zeros({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc))
+                                     : at::Tensor();
+
+  // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
+  // only the columns inside the input are stored, each dx element exactly once.
+  int64_t n = 0;
+  const auto store_dx = [&](const acc_t* src, int64_t stride, int64_t rows, int64_t c0, int64_t p0, int64_t count) {
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* dst = dxp + n * xs[0] + (c0 + r) * xs[1];
+      for (int64_t q = 0; q < count;) {
+        const int64_t p = p0 + q, ih = p / wp - g.pad_h, col = p % wp, len = std::min(wp - col, count - q);
+        const int64_t a = std::clamp<int64_t>(g.pad_w - col, 0, len);
+        const int64_t z = std::clamp<int64_t>(g.pad_w + g.w - col, a, len);
+        const acc_t* in = src + r * stride + q;
+        scalar_t* row = dst + ih * xs[2] + (col - g.pad_w) * xs[3];
+        for (int64_t i = a; i < z; ++i) row[i * xs[3]] = static_cast<scalar_t>(in[i]);
+        q += len;
+      }
+    }
+  };
+  for (n = 0; n < g.n; ++n) {
+    at::parallel_for(0, g.k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        acc_t* row = dyw + k * length;
+        std::fill(row, row + margin, acc_t(0));
+        std::fill(row + margin + wide, row + length, acc_t(0));
+        const scalar_t* gk = gp + n * gs[0] + k * gs[1];
+        const scalar_t* yk = yp + n * ys[0] + k * ys[1];
+        acc_t sum = 0;
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          acc_t* d = row + margin + oh * wp;
+          const scalar_t* gr = gk + oh * gs[2];
+          const scalar_t* yr = yk + oh * ys[2];
+          for (int64_t ow = 0; ow < g.ow; ++ow) {
+            const acc_t v = static_cast<acc_t>(gr[ow * gs[3]]);
+            d[ow] = (!relu || static_cast<acc_t>(yr[ow * ys[3]]) > acc_t(0)) ? v : acc_t(0);
+            sum += d[ow];
+          }
+          std::fill(d + g.ow, d + wp, acc_t(0));
+        }
+        if (dbp != nullptr) dbp[k] += sum;
+      }
+    });
+    const at::Tensor xp = need_w ? grid.padded<scalar_t, acc_t>(x, n) : at::Tensor();
+    run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
+      const int64_t tid = spread ? at::get_thread_num() : 0;
+      std::vector<acc_t> out(need_x ? g.c_g * x_block : 0);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t group = task % g.groups, b = task / g.groups;
+        const at::Tensor dy_g = dy_wide.narrow(0, group * g.k_g, g.k_g);
+        if (b < w_blocks) {
+          const int64_t q0 = b * w_block, count = std::min(w_block, wide - q0);
+          const at::Tensor dy_m = dy_g.narrow(1, margin + q0, count);
+          const at::Tensor xg = xp.narrow(0, group * g.c_g, g.c_g);
+          for (int64_t rs = 0; rs < taps; ++rs) {
+            dw_parts[tid][group][rs].addmm_(dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t());
+          }
+          continue;
+        }
+        const int64_t p0 = g.pad_h * wp + (b - w_blocks) * x_block;
+        const int64_t count = std::min(x_block, (g.pad_h + g.h) * wp - p0);
+        auto out_m = matrix(out.data(), g.c_g, count, acc);
+        for (int64_t rs = 0; rs < taps; ++rs) {
+          const at::Tensor src = dy_g.narrow(1, margin + p0 - grid.offset(rs), count);
+          if (rs == 0) {
+            at::mm_out(out_m, w_taps[group][rs].t(), src);
+          } else {
+            out_m.addmm_(w_taps[group][rs].t(), src);
+          }
+        }
+        store_dx(out.data(), count, g.c_g, group * g.c_g, p0, count);
+      }
+    });
+  }
+  if (need_w) dw_taps = threads == 1 ? dw_parts[0] : dw_parts.sum(0);
 }
 
 // Bands of whole output rows, tall enough that a band's input rows overlap only its neighbours' (see top).
@@ -297,6 +464,27 @@ at::Tensor empty_like_format(const at::Tensor& like, at::IntArrayRef sizes, at::
   return at::empty(sizes, like.options().dtype(dtype).memory_format(like.suggest_memory_format()));
 }
 
+// The backward of a convolution that use_shifted() accepts: dx written directly in x's dtype and memory format.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_bwd(const at::Tensor& grad, const at::Tensor& y,
+                                                           const at::Tensor& x, const at::Tensor& weight,
+                                                           const ConvGeometry& g, bool relu,
+                                                           std::array<bool, 3> output_mask) {
+  const auto [need_x, need_w, need_b] = output_mask;
+  const auto acc = acc_type_of(x);
+  at::Tensor dx = need_x ? empty_like_format(x, x.sizes(), x.scalar_type()) : at::Tensor();
+  if (need_x) maybe_poison(dx);
+  at::Tensor db_acc = need_b ? at::zeros({g.k}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dw_taps;  // groups x taps x K/G x C/G
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_shifted<scalar_t, acc_t>(grad, y, x, weight, g, relu, need_w, dx, dw_taps, db_acc);
+  });
+  const at::Tensor none = at::empty({0}, x.options());
+  return {need_x ? dx : none,
+          need_w ? dw_taps.permute({0, 2, 3, 1}).reshape(weight.sizes()).to(weight.scalar_type()) : none,
+          need_b ? db_acc.to(x.scalar_type()) : none};
+}
+
 }  // namespace
 
 at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -312,10 +500,10 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (y.numel() == 0) return y;
   const auto acc = acc_type_of(x);
   const at::Tensor w_acc =
-      use_shifted_forward(g) ? at::Tensor() : weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
+      use_shifted(g, false) ? at::Tensor() : weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (use_shifted_forward(g)) {
+    if (use_shifted(g, false)) {
       forward_shifted<scalar_t, acc_t>(x, weight, bias, y, g, relu);
     } else {
       forward_impl<scalar_t, acc_t>(x, w_acc, bias, y, g, relu);
@@ -339,6 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const auto acc = acc_type_of(x);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
   // needs its own weight-gradient accumulator.
+  if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
   const bool spread = spread_tasks(g.n * g.groups * (backward_bands(g) / 2));
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();

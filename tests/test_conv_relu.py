@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, device_backend_params, generator
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -28,8 +28,10 @@ CASES = [
     (2, 6, 8, 10, 4, 3, 1, 1, 1, 2),  # groups 2
     (1, 64, 6, 5, 64, 3, 2, 2, 2, 64),  # depthwise, stride 2, dilation 2
     (1, 20, 2, 3, 17, 3, 1, 1, 1, 1),  # tiny map, prime channels
-    (2, 37, 6, 9, 11, 3, 1, 1, 1, 1),  # >= 32 channels, stride 1: the CPU's shifted-GEMM forward
-    (1, 64, 7, 5, 8, 3, 1, 2, 2, 2),  # ... with dilation 2 and 2 groups of 32
+    # >= 32 channels per group, stride 1, >= 256 wide output columns: the CPU's shifted-GEMM forward and backward
+    (2, 37, 19, 17, 11, 3, 1, 1, 1, 1),
+    (1, 64, 21, 16, 8, 3, 1, 2, 2, 2),  # ... with dilation 2 and 2 groups of 32
+    (2, 48, 17, 23, 40, 2, 1, 0, 1, 1),  # ... an even kernel, no padding
 ]
 
 
@@ -99,7 +101,7 @@ def test_without_relu_is_plain_conv(device, backend, dtype):
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "strided_view"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[10]], ids=_case_id)
 def test_memory_formats_and_views(device, backend, layout, case):
     (x, weight, bias), geometry = _inputs(case, torch.float32, device, layout)
     if layout == "channels_last":
@@ -153,6 +155,18 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=backend == "triton")
 
 
+def test_gradcheck_float64_shifted_path():
+    """gradcheck on a geometry the CPU kernel runs as shifted GEMMs (stride 1, >= 32 channels per group, >= 256
+    wide output columns), which the shrunken cases above do not reach."""
+    if not fcnkern.backend_info("cpu").available:
+        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
+    g = generator("gradcheck-shifted")
+    x = torch.randn(1, 32, 15, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(3, 32, 3, 3, generator=g, dtype=torch.float64) / 17).requires_grad_()
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, padding=1, backend="cpu"), (x, weight, bias))
+
+
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_only_requested_gradients_are_computed(device, backend):
     (x, weight, _bias), geometry = _inputs(CASES[1], torch.float32, device)
@@ -188,6 +202,28 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
     case = (n, c_g * groups, h, w, k_g * groups, k, stride, padding, dilation, groups)
     tensors, geometry = _inputs(case, torch.float32, "cpu")
     _check("cpu", backend, torch.float32, tensors, geometry)
+
+
+@given(
+    n=st.integers(1, 2),
+    c_g=st.integers(32, 40),
+    k_g=st.integers(1, 12),
+    groups=st.integers(1, 2),
+    h=st.integers(1, 24),
+    w=st.integers(1, 24),
+    k=st.sampled_from([1, 2, 3]),
+    padding=st.integers(0, 3),
+    dilation=st.integers(1, 2),
+)
+def test_property_random_stride1_geometries_cpu(n, c_g, k_g, groups, h, w, k, padding, dilation):
+    """Stride 1 with >= 32 channels per group: where the CPU kernel switches between im2col and shifted GEMMs (at
+    256 wide output columns), over random maps, kernels, paddings and dilations."""
+    if not fcnkern.backend_info("cpu").available:
+        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
+    assume(min(conv_relu.conv_output_size(s, k, 1, padding, dilation) for s in (h, w)) >= 1)
+    case = (n, c_g * groups, h, w, k_g * groups, k, 1, padding, dilation, groups)
+    tensors, geometry = _inputs(case, torch.float32, "cpu")
+    _check("cpu", "cpu", torch.float32, tensors, geometry)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
