@@ -6,7 +6,8 @@
 // into a thread-local output block, then add the bias, apply the ReLU and store in the output's dtype and memory
 // format while the block is still in cache: the pre-ReLU tensor never exists in memory.
 //
-// Backward, stride 1 with >= 32 channels per group: shifted GEMMs again (backward_shifted), no im2col or col2im.
+// Backward, stride 1 with >= 256 channels per group in and out: shifted GEMMs again (backward_shifted), no im2col
+// or col2im.
 // Otherwise, per (image, group, band of whole output rows): load the output-gradient block once through the ReLU
 // mask of the saved output (dy * (y > 0), in fp32), and feed that one block to both gradient GEMMs: dW += dY' cols^T
 // (per-thread accumulators, summed at the end) and dcols = W^T dY', scattered back into dx (col2im). Bands of
@@ -23,12 +24,12 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
 #include "conv_relu.h"
 #include "cpu_tasks.h"
-#include "large_block_cache.h"
 
 namespace fcnkern {
 namespace {
@@ -165,11 +166,20 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
 // kernels up to 3 x 3; fewer channels make K too short for an efficient GEMM (RGB layers keep im2col's 27-deep reduction).
 // Large kernels on small maps (fc6: 7x7 on 22 x 22) stay on im2col: 49 short GEMMs and a permuted weight copy
 // per call lose to one deep GEMM (measured 519 vs 12 ms for 7x7 on 7 x 7).
-// FCNKERN_CONV_SHIFTED=0 forces im2col, =fwd keeps the backward on im2col: A/B measurements, read per call.
+// FCNKERN_CONV_SHIFTED: "0" forces im2col both ways, "fwd" keeps every backward on im2col, "all" takes the shifted
+// backward wherever the forward is shifted (the tests reach it on small shapes that way). Read per call, for A/B
+// measurements in one process.
 bool use_shifted(const ConvGeometry& g, bool backward) {
   const char* v = std::getenv("FCNKERN_CONV_SHIFTED");
-  if (v != nullptr && (std::strcmp(v, "0") == 0 || (backward && std::strcmp(v, "fwd") == 0))) return false;
-  return g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 && g.oh * (g.w + 2 * g.pad_w) >= 256;
+  const std::string_view mode = v != nullptr ? v : "";
+  if (mode == "0" || (backward && mode == "fwd")) return false;
+  const bool eligible = g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 &&
+                        g.oh * (g.w + 2 * g.pad_w) >= 256;
+  // The backward's nine GEMMs per gradient reduce over C/G (dgrad) and K/G x C/G tiles (wgrad): with fewer than 256
+  // channels they lose to im2col's one deep GEMM and cost more memory (FCN-8s layers at 500 x 500, fwd + bwd:
+  // conv2_1 1.08-1.25x the time, conv3_1 1.02-1.06x; conv4_2 0.93-0.96x, conv5_1 0.90-0.91x).
+  if (backward && mode != "all") return eligible && g.c_g >= 256 && g.k_g >= 256;
+  return eligible;
 }
 
 // The wide grid of the shifted GEMMs: the input padded to hp x wp (one spare row, so that the last block's taps
@@ -192,8 +202,7 @@ struct ShiftedGrid {
   template <typename scalar_t, typename acc_t>
   at::Tensor padded(const at::Tensor& x, int64_t n) const {
     const int64_t row = hp * wp;
-    at::Tensor xp = empty_large({g.c, row}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value),
-                                at::MemoryFormat::Contiguous);
+    at::Tensor xp = at::empty({g.c, row}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const scalar_t* src = x.const_data_ptr<scalar_t>() + n * x.stride(0);
     const int64_t xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
     acc_t* dst = xp.mutable_data_ptr<acc_t>();
@@ -282,9 +291,7 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
 //   dW_rs += dy'[:, q block] @ Xp[:, q block + offset(rs)]^T        (per-thread accumulators, summed at the end)
 //   dXp[:, p block] = sum_rs W_rs^T @ dy'[:, p block - offset(rs)]  (interior columns only: each dx element once)
 // One image at a time, so the padded copies of x and dy' are one image's. dbias is summed while dy' is built,
-// one channel per thread, so it does not depend on the thread count. Measured against the im2col backward on the
-// FCN-8s layers at 500 x 500 (fwd + bwd, one run, FCNKERN_CONV_SHIFTED=fwd for the A/B): 0.88x the time on conv1_2,
-// 0.93x on conv4_2 and 0.91x on conv5_1, level (within 3 %) on conv2_2 to conv4_1, peak memory within 10 %.
+// one channel per thread, so it does not depend on the thread count. Where it runs, see use_shifted.
 template <typename scalar_t, typename acc_t>
 void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
                       const ConvGeometry& g, bool relu, bool need_w, const at::Tensor& dx, at::Tensor& dw_taps,
@@ -302,7 +309,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
   scalar_t* dxp = need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* dbp = db_acc.defined() ? db_acc.mutable_data_ptr<acc_t>() : nullptr;
-  at::Tensor dy_wide = empty_large({g.k, length}, grad.options().dtype(acc), at::MemoryFormat::Contiguous);
+  at::Tensor dy_wide = at::empty({g.k, length}, grad.options().dtype(acc));
   acc_t* dyw = dy_wide.mutable_data_ptr<acc_t>();
 
   const int64_t w_block = grid.block(g.k_g, g.c_g), w_blocks = need_w ? (wide + w_block - 1) / w_block : 0;

@@ -3,6 +3,9 @@ over FCN's geometries and odd ones; ReLU boundary; gradcheck; Hypothesis; memory
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,8 @@ CASES = [
     (2, 6, 8, 10, 4, 3, 1, 1, 1, 2),  # groups 2
     (1, 64, 6, 5, 64, 3, 2, 2, 2, 64),  # depthwise, stride 2, dilation 2
     (1, 20, 2, 3, 17, 3, 1, 1, 1, 1),  # tiny map, prime channels
-    # >= 32 channels per group, stride 1, >= 256 wide output columns: the CPU's shifted-GEMM forward and backward
+    # >= 32 channels per group, stride 1, >= 256 wide output columns: the CPU's shifted-GEMM forward (its backward
+    # too where FCNKERN_CONV_SHIFTED=all forces it, below)
     (2, 37, 19, 17, 11, 3, 1, 1, 1, 1),
     (1, 64, 21, 16, 8, 3, 1, 2, 2, 2),  # ... with dilation 2 and 2 groups of 32
     (2, 48, 17, 23, 40, 2, 1, 0, 1, 1),  # ... an even kernel, no padding
@@ -99,21 +103,54 @@ def test_without_relu_is_plain_conv(device, backend, dtype):
     _check(device, backend, dtype, tensors, geometry, relu=False)
 
 
+def _layout(x, weight, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last), weight
+    if layout == "strided_view":  # every other column of a wider tensor, and a transposed-storage weight
+        x = torch.cat([x, x.flip(-1)], dim=-1)[..., ::2]
+        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not x.is_contiguous() and not weight.is_contiguous()
+    return x, weight
+
+
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "strided_view"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[10]], ids=_case_id)
 def test_memory_formats_and_views(device, backend, layout, case):
     (x, weight, bias), geometry = _inputs(case, torch.float32, device, layout)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    else:  # every other column of a wider tensor, and a transposed-storage weight
-        x = torch.cat([x, x.flip(-1)], dim=-1)[..., ::2]
-        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
-        assert not x.is_contiguous() and not weight.is_contiguous()
+    x, weight = _layout(x, weight, layout)
     y = conv2d_relu(x, weight, bias, backend=backend, **geometry)
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
     _check(device, backend, torch.float32, (x, weight, bias), geometry)
+
+
+def _require_cpu():
+    if not fcnkern.backend_info("cpu").available:
+        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("case", CASES[9:], ids=_case_id)
+def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, layout):
+    """The CPU's shifted-GEMM backward, which it takes by itself from 256 channels per group (VGG's conv3_2 to
+    conv5_3), forced onto the small stride-1 cases with FCNKERN_CONV_SHIFTED=all."""
+    _require_cpu()
+    monkeypatch.setenv("FCNKERN_CONV_SHIFTED", "all")
+    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout)
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_deep_layer_takes_its_default_paths(dtype):
+    """A 256 -> 256 channel 3x3 layer on a 10 x 30 map: the CPU kernel's own choice (shifted GEMMs forward and
+    backward) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
+    _require_cpu()
+    case = (1, 256, 10, 30, 256, 3, 1, 1, 1, 1)
+    tensors, geometry = _inputs(case, dtype, "cpu")
+    _check("cpu", "cpu", dtype, tensors, geometry)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
@@ -155,11 +192,12 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=backend == "triton")
 
 
-def test_gradcheck_float64_shifted_path():
+@pytest.mark.parametrize("shifted", ["default", "all"])
+def test_gradcheck_float64_shifted_path(monkeypatch, shifted):
     """gradcheck on a geometry the CPU kernel runs as shifted GEMMs (stride 1, >= 32 channels per group, >= 256
-    wide output columns), which the shrunken cases above do not reach."""
-    if not fcnkern.backend_info("cpu").available:
-        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
+    wide output columns), which the shrunken cases above do not reach: the forward, and with "all" the backward."""
+    _require_cpu()
+    monkeypatch.setenv("FCNKERN_CONV_SHIFTED", shifted if shifted != "default" else "1")
     g = generator("gradcheck-shifted")
     x = torch.randn(1, 32, 15, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(3, 32, 3, 3, generator=g, dtype=torch.float64) / 17).requires_grad_()
@@ -204,6 +242,7 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
     _check("cpu", backend, torch.float32, tensors, geometry)
 
 
+@pytest.mark.parametrize("shifted", ["default", "all"])
 @given(
     n=st.integers(1, 2),
     c_g=st.integers(32, 40),
@@ -215,15 +254,17 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
     padding=st.integers(0, 3),
     dilation=st.integers(1, 2),
 )
-def test_property_random_stride1_geometries_cpu(n, c_g, k_g, groups, h, w, k, padding, dilation):
+def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h, w, k, padding, dilation):
     """Stride 1 with >= 32 channels per group: where the CPU kernel switches between im2col and shifted GEMMs (at
-    256 wide output columns), over random maps, kernels, paddings and dilations."""
-    if not fcnkern.backend_info("cpu").available:
-        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
+    256 wide output columns), over random maps, kernels, paddings and dilations; "all" takes the shifted backward
+    too."""
+    _require_cpu()
     assume(min(conv_relu.conv_output_size(s, k, 1, padding, dilation) for s in (h, w)) >= 1)
     case = (n, c_g * groups, h, w, k_g * groups, k, 1, padding, dilation, groups)
     tensors, geometry = _inputs(case, torch.float32, "cpu")
-    _check("cpu", "cpu", torch.float32, tensors, geometry)
+    # not monkeypatch: Hypothesis runs many examples per function-scoped fixture
+    with mock.patch.dict(os.environ, {"FCNKERN_CONV_SHIFTED": shifted if shifted != "default" else "1"}):
+        _check("cpu", "cpu", torch.float32, tensors, geometry)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
