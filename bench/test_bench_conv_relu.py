@@ -57,7 +57,7 @@ def _fn(impl: str, weight, bias, padding, relu):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(("device", "impl"), _impls())
+@pytest.mark.parametrize(("device", "impl"), list(_impls()))
 @pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
 def test_fcn8s_layer(benchmark, layer, device, impl, mode):
     cin, cout, size, k, padding, relu = FCN8S_LAYERS[layer]

@@ -43,7 +43,7 @@ def _inputs(shape, device, dtype=torch.float32):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize(("device", "impl"), _params())
+@pytest.mark.parametrize(("device", "impl"), list(_params()))
 def test_cross_entropy(benchmark, shape, mode, dtype, device, impl):
     logits, target = _inputs(shape, device, dtype)
     step = cross_entropy_step(impl.removeprefix("fcnkern-"), logits, target, mode)

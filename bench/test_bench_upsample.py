@@ -78,7 +78,7 @@ def _measure(benchmark, step, device: str, group: str) -> None:
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(("device", "impl"), _params("bilinear"))
+@pytest.mark.parametrize(("device", "impl"), list(_params("bilinear")))
 def test_fcn32s_final_upsample(benchmark, batch, mode, device, impl):
     x = torch.randn(batch, C, SCORE, SCORE, generator=torch.Generator().manual_seed(0)).to(device)
     fn = _bilinear_fn(impl, device)
@@ -100,7 +100,7 @@ def test_fcn32s_final_upsample(benchmark, batch, mode, device, impl):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(("device", "impl"), _params("learned"))
+@pytest.mark.parametrize(("device", "impl"), list(_params("learned")))
 def test_fcn32s_learned_upsample(benchmark, batch, mode, device, impl):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, C, SCORE, SCORE, generator=g).to(device)

@@ -224,8 +224,28 @@ struct ShiftedGrid {
     return xp;
   }
   // The weight as groups x taps x K/G x C/G, one GEMM operand per (group, tap).
-  at::Tensor taps(const at::Tensor& weight, at::ScalarType acc) const {
-    return weight.to(acc).reshape({g.groups, g.k_g, g.c_g, g.r * g.s}).permute({0, 3, 1, 2}).contiguous();
+  template <typename acc_t>
+  at::Tensor taps(const at::Tensor& weight) const {
+    const at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const int64_t taps = g.r * g.s, per_group = g.k_g * g.c_g;
+    at::Tensor out = at::empty({g.groups, taps, g.k_g, g.c_g}, w.options());
+    for (int64_t group = 0; group < g.groups; ++group) {
+      transpose_into(w.const_data_ptr<acc_t>() + group * per_group * taps, per_group, taps,
+                     out.mutable_data_ptr<acc_t>() + group * per_group * taps);
+    }
+    return out;
+  }
+  // The inverse, for a weight gradient kept as groups x taps x K/G x C/G: K x C/G x R x S.
+  template <typename acc_t>
+  at::Tensor untaps(const at::Tensor& by_taps) const {
+    const int64_t taps = g.r * g.s, per_group = g.k_g * g.c_g;
+    const at::Tensor src = by_taps.contiguous();
+    at::Tensor out = at::empty({g.k, g.c_g, g.r, g.s}, src.options());
+    for (int64_t group = 0; group < g.groups; ++group) {
+      transpose_into(src.const_data_ptr<acc_t>() + group * per_group * taps, taps, per_group,
+                     out.mutable_data_ptr<acc_t>() + group * per_group * taps);
+    }
+    return out;
   }
 };
 
@@ -263,7 +283,7 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
   at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
-  const at::Tensor w_taps = grid.taps(weight, acc);
+  const at::Tensor w_taps = grid.taps<acc_t>(weight);
   const int64_t block = std::min(grid.block(g.k_g, g.c_g), wide), blocks = (wide + block - 1) / block;
   const int64_t tasks = g.n * g.groups * blocks;
   run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
@@ -295,14 +315,14 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
 // one channel per thread, so it does not depend on the thread count. Where it runs, see use_shifted.
 template <typename scalar_t, typename acc_t>
 void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
-                      const ConvGeometry& g, bool relu, bool need_w, const at::Tensor& dx, at::Tensor& dw_taps,
+                      const ConvGeometry& g, bool relu, bool need_w, const at::Tensor& dx, at::Tensor& dw_acc,
                       const at::Tensor& db_acc) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const ShiftedGrid grid(g);
   const int64_t wp = grid.wp, wide = grid.wide, margin = grid.max_offset, taps = g.r * g.s;
   const int64_t length = wide + 2 * margin;
   const bool need_x = dx.defined();
-  const at::Tensor w_taps = need_x ? grid.taps(weight, acc) : at::Tensor();
+  const at::Tensor w_taps = need_x ? grid.taps<acc_t>(weight) : at::Tensor();
   const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
   const int64_t xs[4] = {need_x ? dx.stride(0) : 0, need_x ? dx.stride(1) : 0, need_x ? dx.stride(2) : 0,
@@ -320,8 +340,8 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const int64_t tasks = g.groups * (w_blocks + x_blocks);
   const bool spread = spread_tasks(tasks);
   const int64_t threads = spread ? at::get_num_threads() : 1;
-  const at::Tensor dw_parts = need_w ? at::zeros({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc))
-                                     : at::Tensor();
+  std::optional<LazyParts> dw_parts;
+  if (need_w) dw_parts.emplace(at::empty({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc)));
 
   // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
   // only the columns inside the input are stored, each dx element exactly once.
@@ -374,9 +394,12 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           const int64_t q0 = b * w_block, count = std::min(w_block, wide - q0);
           const at::Tensor dy_m = dy_g.narrow(1, margin + q0, count);
           const at::Tensor xg = xp.narrow(0, group * g.c_g, g.c_g);
+          const at::Tensor slot = dw_parts->slot(tid, group);
+          const bool first = dw_parts->first_use(tid, group);
           for (int64_t rs = 0; rs < taps; ++rs) {
-            dw_parts[tid][group][rs].addmm_(dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t());
+            LazyParts::mm_into(slot[rs], dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t(), first);
           }
+          dw_parts->mark_used(tid, group);
           continue;
         }
         const int64_t p0 = g.pad_h * wp + (b - w_blocks) * x_block;
@@ -394,7 +417,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
       }
     });
   }
-  if (need_w) dw_taps = threads == 1 ? dw_parts[0] : dw_parts.sum(0);
+  if (need_w) dw_acc = grid.untaps<acc_t>(dw_parts->total());
 }
 
 // Bands of whole output rows, tall enough that a band's input rows overlap only its neighbours' (see top).
@@ -410,10 +433,10 @@ int64_t backward_bands(const ConvGeometry& g) {
 
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const at::Tensor& w_acc,
-                   const ConvGeometry& g, bool relu, bool spread, const at::Tensor& dx_acc, const at::Tensor& dw_parts,
+                   const ConvGeometry& g, bool relu, bool spread, const at::Tensor& dx_acc, LazyParts* dw_parts,
                    const at::Tensor& db_parts) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const bool need_x = dx_acc.defined(), need_w = dw_parts.defined(), need_b = db_parts.defined();
+  const bool need_x = dx_acc.defined(), need_w = dw_parts != nullptr, need_b = db_parts.defined();
   const int64_t band_rows = backward_band_rows(g), bands = backward_bands(g);
   const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -455,7 +478,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
           if (need_w) {
             im2col(xp, xs, g, n, group, p0, count, cols.data());
-            dw_parts[tid][group].addmm_(dy_m, matrix(cols.data(), g.j, count, acc).t());
+            LazyParts::mm_into(dw_parts->slot(tid, group), dy_m, matrix(cols.data(), g.j, count, acc).t(),
+                               dw_parts->first_use(tid, group));
+            dw_parts->mark_used(tid, group);
           }
           if (need_x) {
             auto dcols = matrix(cols.data(), g.j, count, acc);
@@ -482,14 +507,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_bwd(const at::Tensor& gra
   at::Tensor dx = need_x ? empty_like_format(x, x.sizes(), x.scalar_type()) : at::Tensor();
   if (need_x) maybe_poison(dx);
   at::Tensor db_acc = need_b ? at::zeros({g.k}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor dw_taps;  // groups x taps x K/G x C/G
+  at::Tensor dw_acc;  // K x C/G x R x S in the accumulation type
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_shifted<scalar_t, acc_t>(grad, y, x, weight, g, relu, need_w, dx, dw_taps, db_acc);
+    backward_shifted<scalar_t, acc_t>(grad, y, x, weight, g, relu, need_w, dx, dw_acc, db_acc);
   });
   const at::Tensor none = at::empty({0}, x.options());
   return {need_x ? dx : none,
-          need_w ? dw_taps.permute({0, 2, 3, 1}).reshape(weight.sizes()).to(weight.scalar_type()) : none,
+          need_w ? dw_acc.to(weight.scalar_type()) : none,
           need_b ? db_acc.to(x.scalar_type()) : none};
 }
 
@@ -539,22 +564,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const bool spread = spread_tasks(g.n * g.groups * (backward_bands(g) / 2));
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor dw_parts = need_w ? at::zeros({threads, g.groups, g.k_g, g.j}, x.options().dtype(acc)) : at::Tensor();
+  std::optional<LazyParts> dw_parts;
+  if (need_w) dw_parts.emplace(at::empty({threads, g.groups, g.k_g, g.j}, x.options().dtype(acc)));
   at::Tensor db_parts = need_b ? at::zeros({threads, g.k}, x.options().dtype(acc)) : at::Tensor();
   if (y.numel() > 0 && (need_x || need_w || need_b)) {
     const at::Tensor w_acc = weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_bwd_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      backward_impl<scalar_t, acc_t>(grad, y, x, w_acc, g, relu, spread, dx_acc, dw_parts, db_parts);
+      backward_impl<scalar_t, acc_t>(grad, y, x, w_acc, g, relu, spread, dx_acc, dw_parts ? &*dw_parts : nullptr,
+                                     db_parts);
     });
   }
   at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
-  if (need_x) {
+  if (need_x && x.scalar_type() == acc && x.suggest_memory_format() == at::MemoryFormat::Contiguous) {
+    dx = dx_acc;  // already the gradient's dtype and layout: no copy (it was 73 ms of an FCN-8s step's 3.1 s)
+  } else if (need_x) {
     dx = empty_like_format(x, x.sizes(), x.scalar_type());
     dx.copy_(dx_acc);
   }
   // One accumulator (fc6's is 400 MB) is the gradient itself: no summing pass.
-  if (need_w) dw = (threads == 1 ? dw_parts[0] : dw_parts.sum(0)).reshape(weight.sizes()).to(weight.scalar_type());
+  if (need_w) dw = dw_parts->total().reshape(weight.sizes()).to(weight.scalar_type());
   if (need_b) db = (threads == 1 ? db_parts[0] : db_parts.sum(0)).to(x.scalar_type());
   return {dx, dw, db};
 }
