@@ -24,6 +24,18 @@ def _params():
             yield pytest.param(device, impl, marks=marks, id=f"{device}-{impl}")
 
 
+def _training_step(model, net, x, target, device):
+    """One SGD training step of `model` through `net` (the model itself or its compiled form), synchronised."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        net(x, target, reduction="sum").backward()  # fcnkern: fused head; twins: F.cross_entropy
+        opt.step()
+
+    return synchronized(step, device)
+
+
 @pytest.mark.parametrize("mode", ["fwd", "train-step"])
 @pytest.mark.parametrize(("device", "impl"), list(_params()))
 def test_fcn8s(benchmark, device, impl, mode):
@@ -34,7 +46,6 @@ def test_fcn8s(benchmark, device, impl, mode):
     x = torch.randn(shape, generator=g).to(device, dtype)
     target = torch.randint(0, 21, (shape[0], *shape[2:]), generator=g).to(device)
     net = torch.compile(model) if impl == "pytorch-compile" else model
-    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
 
     if mode == "fwd":
         model.eval()
@@ -42,15 +53,10 @@ def test_fcn8s(benchmark, device, impl, mode):
         def step():
             with torch.no_grad():
                 return net(x)
+
+        step = synchronized(step, device)
     else:
-        model.train()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            net(x, target, reduction="sum").backward()  # fcnkern: fused head; twins: F.cross_entropy
-            opt.step()
-
-    step = synchronized(step, device)
+        step = _training_step(model.train(), net, x, target, device)
     step()
     benchmark.group = f"FCN-8s {device} {'x'.join(map(str, shape))} {mode}"
     benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, device) or 0) / 2**20
@@ -74,18 +80,7 @@ def test_fcn8s_train_step_interleaved(benchmark, device):
     twin = models.fcn8s(21, twin=True).to(device, dtype).train()
     twin.load_state_dict(ours.state_dict())
     times: dict[str, list[float]] = {"fcnkern": [], "pytorch-eager": []}
-
-    def make_step(model):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            model(x, target, reduction="sum").backward()
-            opt.step()
-
-        return synchronized(step, device)
-
-    steps = {"fcnkern": make_step(ours), "pytorch-eager": make_step(twin)}
+    steps = {name: _training_step(m, m, x, target, device) for name, m in (("fcnkern", ours), ("pytorch-eager", twin))}
 
     def pair():
         for name, step in steps.items():

@@ -34,12 +34,14 @@
 namespace fcnkern {
 namespace {
 
-// Pixels per block: the im2col buffer (J x block, fp32) at about FCNKERN_CONV_BLOCK_KB (default 1536 KiB, most
-// of a 2 MiB L2), a multiple of 16, 256..8192.
+// The bytes a block's GEMM operands should take: FCNKERN_CONV_BLOCK_KB (default 1536 KiB, most of a 2 MiB L2),
+// read per call for A/B measurements in one process.
 int64_t pixel_block_budget() {
-  const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");  // read per call: A/B measurements in one process
+  const char* v = std::getenv("FCNKERN_CONV_BLOCK_KB");
   return std::max<int64_t>(v != nullptr ? std::atoll(v) : 1536, 16) << 10;
 }
+
+// Pixels per block: the im2col buffer (J x block, fp32) at about the budget, a multiple of 16, 256..8192.
 
 int64_t pixel_block(const ConvGeometry& g, int64_t elem_bytes) {
   const int64_t fit = pixel_block_budget() / std::max<int64_t>(g.j * elem_bytes, 1);
@@ -227,23 +229,23 @@ struct ShiftedGrid {
   template <typename acc_t>
   at::Tensor taps(const at::Tensor& weight) const {
     const at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const int64_t taps = g.r * g.s, per_group = g.k_g * g.c_g;
-    at::Tensor out = at::empty({g.groups, taps, g.k_g, g.c_g}, w.options());
-    for (int64_t group = 0; group < g.groups; ++group) {
-      transpose_into(w.const_data_ptr<acc_t>() + group * per_group * taps, per_group, taps,
-                     out.mutable_data_ptr<acc_t>() + group * per_group * taps);
-    }
-    return out;
+    return per_group_transpose<acc_t>(w, at::empty({g.groups, g.r * g.s, g.k_g, g.c_g}, w.options()), false);
   }
   // The inverse, for a weight gradient kept as groups x taps x K/G x C/G: K x C/G x R x S.
   template <typename acc_t>
   at::Tensor untaps(const at::Tensor& by_taps) const {
-    const int64_t taps = g.r * g.s, per_group = g.k_g * g.c_g;
     const at::Tensor src = by_taps.contiguous();
-    at::Tensor out = at::empty({g.k, g.c_g, g.r, g.s}, src.options());
+    return per_group_transpose<acc_t>(src, at::empty({g.k, g.c_g, g.r, g.s}, src.options()), true);
+  }
+
+ private:
+  // Per group, (K/G * C/G) x taps <-> taps x (K/G * C/G); `from_taps` says which side src is.
+  template <typename acc_t>
+  at::Tensor per_group_transpose(const at::Tensor& src, at::Tensor out, bool from_taps) const {
+    const int64_t taps = g.r * g.s, per_group = g.k_g * g.c_g;
     for (int64_t group = 0; group < g.groups; ++group) {
-      transpose_into(src.const_data_ptr<acc_t>() + group * per_group * taps, taps, per_group,
-                     out.mutable_data_ptr<acc_t>() + group * per_group * taps);
+      transpose_into(src.const_data_ptr<acc_t>() + group * per_group * taps, from_taps ? taps : per_group,
+                     from_taps ? per_group : taps, out.mutable_data_ptr<acc_t>() + group * per_group * taps);
     }
     return out;
   }
@@ -294,12 +296,7 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
       auto out_m = matrix(out.data(), g.k_g, count, acc);
       const at::Tensor xg = xp[n].narrow(0, group * g.c_g, g.c_g);
       for (int64_t rs = 0; rs < taps; ++rs) {
-        const at::Tensor src = xg.narrow(1, q0 + grid.offset(rs), count);
-        if (rs == 0) {
-          at::mm_out(out_m, w_taps[group][rs], src);
-        } else {
-          out_m.addmm_(w_taps[group][rs], src);
-        }
+        mm_into(out_m, w_taps[group][rs], xg.narrow(1, q0 + grid.offset(rs), count), rs == 0);
       }
       store_output<scalar_t, acc_t>(out.data(), count, g.k_g, group * g.k_g, n, q0, count, bp, relu, y, g, wp);
     }
@@ -345,8 +342,8 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
 
   // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
   // only the columns inside the input are stored, each dx element exactly once.
-  int64_t n = 0;
-  const auto store_dx = [&](const acc_t* src, int64_t stride, int64_t rows, int64_t c0, int64_t p0, int64_t count) {
+  const auto store_dx = [&](int64_t n, const acc_t* src, int64_t stride, int64_t rows, int64_t c0, int64_t p0,
+                            int64_t count) {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* dst = dxp + n * xs[0] + (c0 + r) * xs[1];
       for (int64_t q = 0; q < count;) {
@@ -360,7 +357,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
       }
     }
   };
-  for (n = 0; n < g.n; ++n) {
+  for (int64_t n = 0; n < g.n; ++n) {
     at::parallel_for(0, g.k, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc_t* row = dyw + k * length;
@@ -397,7 +394,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           const at::Tensor slot = dw_parts->slot(tid, group);
           const bool first = dw_parts->first_use(tid, group);
           for (int64_t rs = 0; rs < taps; ++rs) {
-            LazyParts::mm_into(slot[rs], dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t(), first);
+            mm_into(slot[rs], dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t(), first);
           }
           dw_parts->mark_used(tid, group);
           continue;
@@ -406,14 +403,9 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
         const int64_t count = std::min(x_block, (g.pad_h + g.h) * wp - p0);
         auto out_m = matrix(out.data(), g.c_g, count, acc);
         for (int64_t rs = 0; rs < taps; ++rs) {
-          const at::Tensor src = dy_g.narrow(1, margin + p0 - grid.offset(rs), count);
-          if (rs == 0) {
-            at::mm_out(out_m, w_taps[group][rs].t(), src);
-          } else {
-            out_m.addmm_(w_taps[group][rs].t(), src);
-          }
+          mm_into(out_m, w_taps[group][rs].t(), dy_g.narrow(1, margin + p0 - grid.offset(rs), count), rs == 0);
         }
-        store_dx(out.data(), count, g.c_g, group * g.c_g, p0, count);
+        store_dx(n, out.data(), count, g.c_g, group * g.c_g, p0, count);
       }
     });
   }
@@ -478,7 +470,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
           if (need_w) {
             im2col(xp, xs, g, n, group, p0, count, cols.data());
-            LazyParts::mm_into(dw_parts->slot(tid, group), dy_m, matrix(cols.data(), g.j, count, acc).t(),
+            mm_into(dw_parts->slot(tid, group), dy_m, matrix(cols.data(), g.j, count, acc).t(),
                                dw_parts->first_use(tid, group));
             dw_parts->mark_used(tid, group);
           }
@@ -558,9 +550,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   check_bwd_args(grad, y, x, g);
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
+  if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
   // needs its own weight-gradient accumulator.
-  if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
   const bool spread = spread_tasks(g.n * g.groups * (backward_bands(g) / 2));
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();

@@ -29,6 +29,15 @@ inline at::Tensor matrix(void* data, int64_t rows, int64_t cols, at::ScalarType 
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(acc));
 }
 
+// out = a @ b when `overwrite`, else out += a @ b: the first of a run of GEMMs accumulating into one block.
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool overwrite) {
+  if (overwrite) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b);
+  }
+}
+
 // dst[c * rows + r] = src[r * cols + c], in 32 x 32 tiles spread over threads. The conv kernels move weights
 // between K x C x taps and taps x K x C with it: ATen's copy of the permuted view ran at ~2 GB/s (4.7 ms per 512 x
 // 512 x 3 x 3 weight, 47 ms of an FCN-8s training step).
@@ -58,15 +67,6 @@ class LazyParts {
   at::Tensor slot(int64_t tid, int64_t group) const { return parts_[tid][group]; }
   bool first_use(int64_t tid, int64_t group) const { return started_[tid * parts_.size(1) + group] == 0; }
   void mark_used(int64_t tid, int64_t group) { started_[tid * parts_.size(1) + group] = 1; }
-
-  // out = a @ b on the first use, out += a @ b after.
-  static void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool first) {
-    if (first) {
-      at::mm_out(out, a, b);
-    } else {
-      out.addmm_(a, b);
-    }
-  }
 
   // The sum over threads, slots that no task reached counting as zero.
   at::Tensor total() {
