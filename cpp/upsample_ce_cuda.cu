@@ -46,8 +46,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
                 const acc_t* __restrict__ weight, const acc_t* __restrict__ grad_loss, HeadArgs a,
                 acc_t* __restrict__ loss, acc_t* __restrict__ cells) {
   __shared__ acc_t red[kMaxWarps][4][kClassChunk];
-  const int64_t cell = blockIdx.x;
-  const int64_t cq = cell % a.cq, cr = (cell / a.cq) % a.cr, n = cell / (a.cq * a.cr);
+  // 32-bit: the cell count is < 2^31 (checked at launch); see p32 below.
+  const int32_t cell = blockIdx.x, cq32 = static_cast<int32_t>(a.cq), cr32 = static_cast<int32_t>(a.cr);
+  const int64_t cq = cell % cq32, cr = (cell / cq32) % cr32, n = cell / (cq32 * cr32);
   const int64_t r = a.r0 + cr, q = a.q0 + cq, C = a.c;
   const bool row_ok0 = r - 1 >= 0, row_ok1 = r < a.h, col_ok0 = q - 1 >= 0, col_ok1 = q < a.w;
   const scalar_t* base = scores + n * a.ss[0];
@@ -64,7 +65,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   for (int64_t p0 = 0; p0 < count; p0 += blockDim.x) {
     const int64_t p = p0 + threadIdx.x;
     const bool active = p < count;
-    const int64_t u = u_lo + (active ? p / nv : 0), v = v_lo + (active ? p % nv : 0);
+    // 32-bit divisions here and above: count <= f^2 < 2^31 (checked at launch), and a 64-bit division is a
+    // subroutine call, which made ptxas spill.
+    const int32_t p32 = static_cast<int32_t>(p), nv32 = static_cast<int32_t>(nv);
+    const int64_t u = u_lo + (active ? p32 / nv32 : 0), v = v_lo + (active ? p32 % nv32 : 0);
     const int64_t y = r * a.f + u - a.top, x = q * a.f + v - a.left;
     const acc_t a1 = (acc_t(u) + acc_t(0.5)) / acc_t(a.f), b1 = (acc_t(v) + acc_t(0.5)) / acc_t(a.f);
     const acc_t ra[2] = {row_ok0 ? acc_t(1) - a1 : acc_t(0), row_ok1 ? a1 : acc_t(0)};
@@ -106,8 +110,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         }
       }
       __syncthreads();
-      for (int64_t idx = threadIdx.x; idx < 4 * len; idx += blockDim.x) {  // 128 sums; a block may have 32 threads
-        const int64_t ab = idx / len, cc = idx % len;
+      const int len32 = static_cast<int>(len);
+      for (int idx = threadIdx.x; idx < 4 * len32; idx += blockDim.x) {  // 128 sums; a block may have 32 threads
+        const int ab = idx / len32, cc = idx % len32;
         acc_t sum = 0;
         for (int k = 0; k < warps; ++k) sum += red[k][ab][cc];
         cells[(((ab * a.n + n) * C + c0 + cc) * a.cr + cr) * a.cq + cq] += sum;
@@ -123,6 +128,7 @@ void launch(const HeadGeometry& g, const at::Tensor& scores, const at::Tensor& t
   const int64_t num_cells = g.n * g.cr * g.cq;
   if (num_cells == 0) return;
   TORCH_CHECK_VALUE(num_cells < (int64_t(1) << 31), "too many cells for one launch");
+  TORCH_CHECK_VALUE(g.f * g.f < (int64_t(1) << 31), "upsampling factor ", g.f, " too large");
   const at::cuda::CUDAGuard guard(scores.device());
   HeadArgs a{g.n, g.c, g.h, g.w, g.H, g.W, g.f, g.top, g.left, g.r0, g.q0, g.cr, g.cq, ignore_index, {}, {}, {}};
   for (int i = 0; i < 4; ++i) a.ss[i] = scores.stride(i);

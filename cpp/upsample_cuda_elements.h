@@ -73,13 +73,16 @@ FCNK_HD inline void learned_fwd_element(int64_t idx, const scalar_t* x, Strides4
   const int64_t ox = idx % g.ow, oy = (idx / g.ow) % g.oh, co = (idx / (g.ow * g.oh)) % g.cout;
   const int64_t n = idx / (g.ow * g.oh * g.cout), group = co / g.cout_g, col = co % g.cout_g;
   const int64_t Y = g.top + oy, X = g.left + ox;
+  // Taps reaching Y: ky = Y mod sh + t sh < kh, reading input row i = Y / sh - t (decreasing in t). The divisions
+  // are hoisted out of the channel loop: 64-bit division is a subroutine call on the GPU, and inside the loop it
+  // made ptxas spill.
+  const int64_t ky0 = Y % g.sh, i0 = Y / g.sh, kx0 = X % g.sw, j0 = X / g.sw;
   acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[co]) : acc_t(0);
   for (int64_t cl = 0; cl < g.cin_g; ++cl) {
     const int64_t ci = group * g.cin_g + cl;
-    // Taps reaching Y: ky = Y mod sh + t sh < kh, reading input row i = Y / sh - t (decreasing in t).
-    for (int64_t ky = Y % g.sh, i = Y / g.sh; ky < g.kh && i >= 0; ky += g.sh, --i) {
+    for (int64_t ky = ky0, i = i0; ky < g.kh && i >= 0; ky += g.sh, --i) {
       if (i >= g.h) continue;
-      for (int64_t kx = X % g.sw, j = X / g.sw; kx < g.kw && j >= 0; kx += g.sw, --j) {
+      for (int64_t kx = kx0, j = j0; kx < g.kw && j >= 0; kx += g.sw, --j) {
         if (j >= g.w) continue;
         acc += static_cast<acc_t>(x[xs.at(n, ci, i, j)]) * static_cast<acc_t>(w[ws.at(ci, col, ky, kx)]);
       }
