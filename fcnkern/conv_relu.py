@@ -45,6 +45,29 @@ def _pair(value: IntPair, what: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _string_padding(
+    x: Tensor, weight: Tensor, padding: str, stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[Tensor, tuple[int, int]]:
+    """F.conv2d's ``padding="valid"`` / ``"same"`` as numeric padding: (x, (ph, pw)).
+
+    "same" pads d (k - 1) in total per axis; when that is odd, PyTorch puts the extra zero on the right/bottom, and so
+    does this (a one-pixel F.pad of x there, then symmetric padding).
+    """
+    if padding == "valid":
+        return x, (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' is not supported for strided convolutions (stride {stride})")
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-d tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    total = [dilation[a] * (weight.shape[2 + a] - 1) for a in (0, 1)]
+    extra_h, extra_w = total[0] % 2, total[1] % 2
+    if extra_h or extra_w:
+        x = F.pad(x, (0, extra_w, 0, extra_h))
+    return x, (total[0] // 2, total[1] // 2)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Output length of a convolution along one axis (PyTorch's formula)."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -58,7 +81,7 @@ def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[in
 
 def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
     for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
+        if not isinstance(t, Tensor) or t.dim() != 4:  # an unbatched x was given its batch axis before this
             raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
@@ -307,19 +330,28 @@ def conv2d_relu(
     ``relu=False``), forward and backward, on fused kernels.
 
     Args:
-        x: N x C x H x W, float32/float16/bfloat16 (float64 for gradchecks), NCHW, channels_last or any strides.
+        x: N x C x H x W (or unbatched C x H x W, as F.conv2d takes), float32/float16/bfloat16 (float64 for
+            gradchecks), NCHW, channels_last or any strides.
         weight: Cout x C/groups x R x S, x's dtype and device.
         bias: optional Cout vector, x's dtype.
-        stride, padding, dilation: ints or (h, w) pairs, as in F.conv2d (padding as numbers only).
+        stride, padding, dilation: ints or (h, w) pairs, as in F.conv2d; padding also "valid" or "same" (stride 1).
         groups: as in F.conv2d.
         relu: apply the ReLU (the default) or not.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice (see
             :mod:`fcnkern.backend`).
 
     Returns:
-        N x Cout x OH x OW in x's dtype and memory format. Accumulation is fp32 (fp64 for fp64).
+        N x Cout x OH x OW (Cout x OH x OW for an unbatched x) in x's dtype and memory format. Accumulation is fp32
+        (fp64 for fp64).
     """
-    stride_t, padding_t, dilation_t = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if isinstance(x, Tensor) and x.dim() == 3:
+        y = conv2d_relu(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, relu, backend=backend)
+        return y.squeeze(0)
+    stride_t, dilation_t = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        x, padding_t = _string_padding(x, weight, padding, stride_t, dilation_t)
+    else:
+        padding_t = _pair(padding, "padding")
     _validate(x, weight, bias, stride_t, padding_t, dilation_t, groups)
     be = _backend.resolve(backend, x.device.type, "conv2d_relu", IMPLEMENTED)
     if be == "torch":

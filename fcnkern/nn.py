@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fcnkern.conv_relu import conv2d_relu
@@ -18,13 +19,12 @@ class Conv2dReLU(nn.Conv2d):
     conv through the same kernels, as FCN's score layers use).
 
     Same constructor, parameters and state_dict keys (``weight``, ``bias``) as ``nn.Conv2d``, so weights load from
-    one; :meth:`from_conv` wraps an existing layer. Only numeric padding with ``padding_mode="zeros"``.
+    one; :meth:`from_conv` wraps an existing layer. Every padding and ``padding_mode`` of nn.Conv2d: a mode other
+    than "zeros" pads x with F.pad first and convolves unpadded, as nn.Conv2d itself does.
     """
 
     def __init__(self, *args, relu: bool = True, backend: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("Conv2dReLU supports numeric zero padding only (padding_mode='zeros')")
         self.relu, self.backend = relu, backend
 
     @classmethod
@@ -39,8 +39,11 @@ class Conv2dReLU(nn.Conv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return conv2d_relu(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.relu,
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups, self.relu,
             backend=self.backend,
         )  # fmt: skip
 

@@ -4,6 +4,7 @@ over FCN's geometries and odd ones; ReLU boundary; gradcheck; Hypothesis; memory
 from __future__ import annotations
 
 import os
+import warnings
 from unittest import mock
 
 import pytest
@@ -291,14 +292,54 @@ def test_module_is_a_drop_in_for_conv2d():
     assert wrapped.weight is conv.weight
     torch.testing.assert_close(wrapped(x), conv(x))
     assert "relu=False" in repr(wrapped)
-    with pytest.raises(ValueError, match="zero padding"):
-        Conv2dReLU(3, 3, 3, padding="same")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize(
+    ("padding", "kernel", "dilation"),
+    [("same", 3, 1), ("same", 2, 1), ("same", 4, 3), ("same", 3, 2), ("valid", 3, 1)],
+    ids=["same-k3", "same-k2-odd-total", "same-k4d3-odd-total", "same-k3d2", "valid"],
+)
+def test_string_padding_matches_conv2d(device, backend, padding, kernel, dilation):
+    """F.conv2d's padding="same" (where the total d (k - 1) is odd, the extra zero goes right/bottom) and "valid"."""
+    case = (2, 5, 9, 8, 6, kernel, 1, 0, dilation, 1)
+    tensors, geometry = _inputs(case, torch.float32, device)
+    with warnings.catch_warnings():  # PyTorch warns that its own even-kernel "same" pads a copy; so does this
+        warnings.simplefilter("ignore", UserWarning)
+        _check(device, backend, torch.float32, tensors, dict(geometry, padding=padding))
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_unbatched_input_like_conv2d(device, backend):
+    tensors, geometry = _inputs(CASES[1], torch.float32, device)
+    tensors[0] = tensors[0][1]  # C x H x W, as F.conv2d takes it
+    _check(device, backend, torch.float32, tensors, geometry)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"], ids=str)
+def test_module_padding_modes_match_conv2d(device, backend, padding_mode, padding):
+    conv = nn.Conv2d(5, 7, 3, padding=padding, padding_mode=padding_mode).to(device)
+    layer = Conv2dReLU.from_conv(conv, backend=backend)
+    x = torch.randn(2, 5, 9, 8, generator=generator("padding_mode", padding_mode, padding)).to(device)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = layer(x_ours), F.relu(conv(x_ref))
+    torch.testing.assert_close(y_ours, y_ref)
+    g = torch.randn(y_ref.shape, generator=generator("padding_mode upstream")).to(device)
+    grads_ours = torch.autograd.grad(y_ours, (x_ours, conv.weight, conv.bias), g)
+    grads_ref = torch.autograd.grad(y_ref, (x_ref, conv.weight, conv.bias), g)
+    for a, b in zip(grads_ours, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(x=torch.randn(2, 3, 5)), ValueError, "4-d"),
+        (dict(x=torch.randn(3, 5)), ValueError, "4-d"),
+        (dict(x=torch.randn(2, 5, 5)), ValueError, "does not fit"),  # unbatched, with the wrong channel count
+        (dict(padding="full"), ValueError, "'valid', 'same'"),
+        (dict(padding="same", stride=2), ValueError, "strided"),
         (dict(x=torch.randint(0, 3, (1, 3, 5, 5))), TypeError, "float32"),
         (dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)), ValueError, "weight is torch.float64"),
         (dict(weight=torch.randn(4, 2, 3, 3)), ValueError, "does not fit"),
