@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fcnkern
-from fcnkern.benchmarking import peak_extra_bytes, synchronized
+from fcnkern.benchmarking import peak_extra_bytes, run_interleaved, synchronized
 
 # name: (in channels, out channels, input size, kernel, padding, relu)
 FCN8S_LAYERS = {
@@ -56,20 +56,16 @@ def _fn(impl: str, weight, bias, padding, relu):
     return lambda x: F.relu(F.conv2d(x, weight, bias, 1, padding)) if relu else F.conv2d(x, weight, bias, 1, padding)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(("device", "impl"), list(_impls()))
-@pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
-def test_fcn8s_layer(benchmark, layer, device, impl, mode):
+def _layer_step(layer: str, device: str, impl: str, mode: str):
+    """One synchronised call of ``impl`` on FCN-8s's ``layer``: the forward (no grad) or forward + backward."""
     cin, cout, size, k, padding, relu = FCN8S_LAYERS[layer]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if impl == "onednn-fused" and mode != "fwd":
-        pytest.skip("oneDNN's fused conv+ReLU op has no backward")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cin, size, size, generator=g).to(device, dtype)
     weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
     bias = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
-    fn = _fn(impl, weight, bias, padding, relu)
     if mode == "fwd":
+        fn = _fn(impl, weight, bias, padding, relu)
 
         def step():
             with torch.no_grad():
@@ -77,16 +73,39 @@ def test_fcn8s_layer(benchmark, layer, device, impl, mode):
     else:
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
         fn_grad = _fn(impl, leaves[1], leaves[2], padding, relu)
-        out = fn_grad(leaves[0])
-        upstream = torch.randn(out.shape, generator=g).to(device, dtype)
+        upstream = torch.randn(fn_grad(leaves[0]).shape, generator=g).to(device, dtype)
 
         def step():
             fn_grad(leaves[0]).backward(upstream)
             for t in leaves:
                 t.grad = None
 
-    step = synchronized(step, device)
+    return synchronized(step, device)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(("device", "impl"), list(_impls()))
+@pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
+def test_fcn8s_layer(benchmark, layer, device, impl, mode):
+    if impl == "onednn-fused" and mode != "fwd":
+        pytest.skip("oneDNN's fused conv+ReLU op has no backward")
+    step = _layer_step(layer, device, impl, mode)
     step()
     benchmark.group = f"conv+relu {device} {layer} {mode}"
     benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, device) or 0) / 2**20
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+@pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
+def test_fcn8s_layer_interleaved(benchmark, layer, device, mode):
+    """fcnkern's kernels against eager F.relu(F.conv2d), alternating round by round (see
+    fcnkern.benchmarking.run_interleaved): the per-layer speed-ups without the drift of a shared machine."""
+    impls = ["fcnkern-cpu"] if device == "cpu" else ["fcnkern-triton", "fcnkern-cuda"]
+    steps = {impl: _layer_step(layer, device, impl, mode) for impl in [*impls, "eager"]}
+    benchmark.group = f"conv+relu {device} {layer} {mode} interleaved"
+    run_interleaved(benchmark, steps, baseline="eager")

@@ -5,14 +5,11 @@ memory in extra_info. CPU: 1 x 3 x 256 x 256 in fp32. CUDA: 1 x 3 x 500 x 500 in
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
 from fcnkern import models
-from fcnkern.benchmarking import peak_extra_bytes, synchronized
+from fcnkern.benchmarking import peak_extra_bytes, run_interleaved, synchronized
 
 CASES = {"cpu": ((1, 3, 256, 256), torch.float32), "cuda": ((1, 3, 500, 500), torch.bfloat16)}
 
@@ -68,9 +65,8 @@ def test_fcn8s(benchmark, device, impl, mode):
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
 )
 def test_fcn8s_train_step_interleaved(benchmark, device):
-    """The training-step ratio against the eager twin with the two steps alternating round by round, so that drift
-    of a shared machine (this 2-core VM swings by 10-30 % over minutes) hits both alike. The benchmark's own time is
-    the pair; extra_info holds each side's median and the median of the per-round ratios (twin / fcnkern)."""
+    """The training-step ratio against the eager twin, the two steps alternating round by round (see
+    fcnkern.benchmarking.run_interleaved; extra_info's fcnkern_speedup_median is twin time / fcnkern time)."""
     shape, dtype = CASES[device]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)
@@ -79,22 +75,6 @@ def test_fcn8s_train_step_interleaved(benchmark, device):
     ours = models.fcn8s(21).to(device, dtype).train()
     twin = models.fcn8s(21, twin=True).to(device, dtype).train()
     twin.load_state_dict(ours.state_dict())
-    times: dict[str, list[float]] = {"fcnkern": [], "pytorch-eager": []}
     steps = {name: _training_step(m, m, x, target, device) for name, m in (("fcnkern", ours), ("pytorch-eager", twin))}
-
-    def pair():
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-
-    pair()  # warm-up, not recorded below
-    for t in times.values():
-        t.clear()
     benchmark.group = f"FCN-8s {device} {'x'.join(map(str, shape))} train-step interleaved"
-    benchmark.pedantic(pair, rounds=7, iterations=1)
-    ratios = [b / a for a, b in zip(times["fcnkern"], times["pytorch-eager"], strict=True)]
-    for name, t in times.items():
-        benchmark.extra_info[f"{name}_median_ms"] = statistics.median(t) * 1e3
-    benchmark.extra_info["speedup_median"] = statistics.median(ratios)
-    benchmark.extra_info["speedups"] = ratios
+    run_interleaved(benchmark, steps, baseline="pytorch-eager")

@@ -86,6 +86,31 @@ def median_ms(fn: Callable[[], object], device: str, rounds: int = 5, warmup: in
     return statistics.median(times)
 
 
+def run_interleaved(benchmark, steps: dict[str, Callable[[], object]], baseline: str, rounds: int = 7) -> None:
+    """Time ``steps`` (already synchronised) alternating round by round under pytest-benchmark, so that drift of a
+    shared machine (a 2-core VM swings by 10-30 % over minutes) hits all of them alike. The benchmark's own time is
+    one round of all steps; extra_info gets each step's median ms and, for each step but ``baseline``, the
+    per-round speed-ups (baseline time / its time) and their median."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+
+    def one_round():
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+
+    one_round()  # warm-up, not recorded
+    for t in times.values():
+        t.clear()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    for name, t in times.items():
+        benchmark.extra_info[f"{name}_median_ms"] = statistics.median(t) * 1e3
+        if name != baseline:
+            ratios = [b / a for a, b in zip(t, times[baseline], strict=True)]
+            benchmark.extra_info[f"{name}_speedups"] = ratios
+            benchmark.extra_info[f"{name}_speedup_median"] = statistics.median(ratios)
+
+
 def cross_entropy_step(impl: str, logits: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], object]:
     """One timed cross-entropy call (summed, ignore label 255): ``impl`` is "torch" (F.cross_entropy) or an fcnkern
     backend name; ``mode`` is "fwd" (no autograd) or "fwd+bwd" (the gradient is dropped after each call, not
