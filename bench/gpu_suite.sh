@@ -34,7 +34,8 @@ cat "$OUT/env.txt"
 
 step build 200 "$OUT/build.log" python3 -m pip install --no-build-isolation --no-deps -e .
 step info 20 "$OUT/info.log" python3 -m fcnkern info
-step tests 140 "$OUT/tests.log" python3 -m pytest tests -q -p no:cacheprovider -k cuda -n 8 --timeout=120
+# -v: each result is logged as it comes, so a run cut off by its limit still shows what passed.
+step tests 140 "$OUT/tests.log" python3 -m pytest tests -v -p no:cacheprovider -k cuda -n 8 --timeout=120
 step memcheck 60 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/gpu_sanitize_run.py
 bench_args=(--benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-columns=min,median,max)
 step bench 90 "$OUT/bench.log" python3 -m pytest bench/ "${bench_args[@]}" -k "cuda and not compile" \
@@ -45,6 +46,7 @@ step racecheck 50 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --erro
 step bench-compile 240 "$OUT/bench-compile.log" python3 -m pytest bench/test_bench_models.py "${bench_args[@]}" \
   -k "cuda and (compile or fcnkern)" --benchmark-json="$OUT/bench-compile.json"
 
-echo "== summary"; cat "$OUT/summary.txt"; tail -3 "$OUT/tests.log"; grep -E "ERROR SUMMARY" "$OUT"/*check.log
+echo "== summary"; cat "$OUT/summary.txt"; tail -3 "$OUT/tests.log"; grep -cE " PASSED " "$OUT/tests.log"
+grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "ERROR SUMMARY" "$OUT"/*check.log
 cat "$OUT/floors.json" 2>/dev/null
 exit $status

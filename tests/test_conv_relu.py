@@ -37,6 +37,7 @@ CASES = [
     (2, 37, 19, 17, 11, 3, 1, 1, 1, 1),
     (1, 64, 21, 16, 8, 3, 1, 2, 2, 2),  # ... with dilation 2 and 2 groups of 32
     (2, 48, 17, 23, 40, 2, 1, 0, 1, 1),  # ... an even kernel, no padding
+    (1, 40, 17, 16, 36, 1, 1, 0, 1, 1),  # ... 1 x 1 (fc7, score layers): the weight is its own tap layout, viewed
 ]
 
 
@@ -110,6 +111,8 @@ def _layout(x, weight, layout):
     if layout == "strided_view":  # every other column of a wider tensor, and a transposed-storage weight
         x = torch.cat([x, x.flip(-1)], dim=-1)[..., ::2]
         weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+        if weight.is_contiguous():  # a 1 x 1 kernel: transposed storage is the same; every other input channel then
+            weight = torch.cat([weight, weight.flip(1)], dim=1)[:, ::2]
         assert not x.is_contiguous() and not weight.is_contiguous()
     return x, weight
 
