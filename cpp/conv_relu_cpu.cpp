@@ -291,13 +291,13 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
   const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
   const at::Tensor w_taps = grid.taps<acc_t>(weight);
-  const int64_t block = std::min(grid.block(g.k_g, g.c_g), wide), blocks = (wide + block - 1) / block;
-  const int64_t tasks = g.n * g.groups * blocks;
+  const EvenBlocks blocks(wide, grid.block(g.k_g, g.c_g), g.n * g.groups);
+  const int64_t tasks = g.n * g.groups * blocks.count;
   run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(g.k_g * block);
+    std::vector<acc_t> out(g.k_g * blocks.max_size());
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task % blocks, group = (task / blocks) % g.groups, n = task / (blocks * g.groups);
-      const int64_t q0 = b * block, count = std::min(block, wide - q0);
+      const int64_t b = task % blocks.count, group = (task / blocks.count) % g.groups;
+      const int64_t n = task / (blocks.count * g.groups), q0 = blocks.begin(b), count = blocks.size(b);
       auto out_m = matrix(out.data(), g.k_g, count, acc);
       const at::Tensor xg = xp[n].narrow(0, group * g.c_g, g.c_g);
       for (int64_t rs = 0; rs < taps; ++rs) {
@@ -335,10 +335,10 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   at::Tensor dy_wide = at::empty({g.k, length}, grad.options().dtype(acc));
   acc_t* dyw = dy_wide.mutable_data_ptr<acc_t>();
 
-  const int64_t w_block = grid.block(g.k_g, g.c_g), w_blocks = need_w ? (wide + w_block - 1) / w_block : 0;
+  const EvenBlocks w_cut(wide, grid.block(g.k_g, g.c_g), g.groups);
   const int64_t interior = g.h * wp;  // dXp columns of the input's rows, from column pad_h * wp on
-  const int64_t x_block = std::min(grid.block(g.c_g, g.k_g), interior);
-  const int64_t x_blocks = need_x ? (interior + x_block - 1) / x_block : 0;
+  const EvenBlocks x_cut(interior, grid.block(g.c_g, g.k_g), g.groups);
+  const int64_t w_blocks = need_w ? w_cut.count : 0, x_blocks = need_x ? x_cut.count : 0;
   const int64_t tasks = g.groups * (w_blocks + x_blocks);
   const bool spread = spread_tasks(tasks);
   const int64_t threads = spread ? at::get_num_threads() : 1;
@@ -388,12 +388,12 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
     const at::Tensor xp = need_w ? grid.padded<scalar_t, acc_t>(x, n) : at::Tensor();
     run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
       const int64_t tid = spread ? at::get_thread_num() : 0;
-      std::vector<acc_t> out(need_x ? g.c_g * x_block : 0);
+      std::vector<acc_t> out(need_x ? g.c_g * x_cut.max_size() : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t group = task % g.groups, b = task / g.groups;
         const at::Tensor dy_g = dy_wide.narrow(0, group * g.k_g, g.k_g);
         if (b < w_blocks) {
-          const int64_t q0 = b * w_block, count = std::min(w_block, wide - q0);
+          const int64_t q0 = w_cut.begin(b), count = w_cut.size(b);
           const at::Tensor dy_m = dy_g.narrow(1, margin + q0, count);
           const at::Tensor xg = xp.narrow(0, group * g.c_g, g.c_g);
           const at::Tensor slot = dw_parts->slot(tid, group);
@@ -404,8 +404,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           dw_parts->mark_used(tid, group);
           continue;
         }
-        const int64_t p0 = g.pad_h * wp + (b - w_blocks) * x_block;
-        const int64_t count = std::min(x_block, (g.pad_h + g.h) * wp - p0);
+        const int64_t p0 = g.pad_h * wp + x_cut.begin(b - w_blocks), count = x_cut.size(b - w_blocks);
         auto out_m = matrix(out.data(), g.c_g, count, acc);
         for (int64_t rs = 0; rs < taps; ++rs) {
           mm_into(out_m, w_taps[group][rs].t(), dy_g.narrow(1, margin + p0 - grid.offset(rs), count), rs == 0);

@@ -24,6 +24,25 @@ void run_tasks(int64_t tasks, bool spread, const Body& body) {
   }
 }
 
+// `total` columns cut into `count` near-equal blocks of about `max_block` at most, each starting on a multiple of 16
+// columns (so block widths, the GEMM output's row stride, stay multiples of 16 but for the last; unaligned widths
+// cost a few percent). The count is rounded up so that `outer` x count tasks are a multiple of the thread count.
+// Before, full blocks and a short last one left threads unevenly loaded (conv5_1's forward, 6 blocks on 2 threads:
+// 1152 vs 872 columns; conv4_2's 21 blocks: 11 vs 10); evened, the deep 3x3 layers' forward took 2-7 % less time
+// and their forward + backward 0-4 % (A/B interleaved in one process).
+struct EvenBlocks {
+  int64_t total, count;
+  EvenBlocks(int64_t total_columns, int64_t max_block, int64_t outer)
+      : total(total_columns), count(std::max<int64_t>(1, (total_columns + max_block - 1) / max_block)) {
+    const int64_t threads = at::get_num_threads();
+    while ((outer * count) % threads != 0 && (count + 1) * 16 <= total) ++count;
+  }
+  int64_t begin(int64_t b) const { return b >= count ? total : total * b / count / 16 * 16; }
+  int64_t size(int64_t b) const { return begin(b + 1) - begin(b); }
+  // Blocks start at most 15 columns before their even share, so none is wider than the share + 16.
+  int64_t max_size() const { return std::min(total, (total + count - 1) / count + 16); }
+};
+
 // A contiguous rows x cols acc_t matrix over a raw buffer, for at::mm_out / addmm_.
 inline at::Tensor matrix(void* data, int64_t rows, int64_t cols, at::ScalarType acc) {
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(acc));
