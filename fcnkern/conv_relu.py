@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fcnkern import _ext
 from fcnkern import backend as _backend
+from fcnkern.second_order import register_reference_double_backward
 
 __all__ = ["conv2d_relu", "conv_output_size"]
 
@@ -253,12 +254,11 @@ def _triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract)."""
     need_x, need_w, need_b = output_mask
-    empty = x.new_empty((0,))
-    dx = _triton_dgrad(grad, y, x, weight, stride, padding, dilation, groups, relu) if need_x else empty
-    dw, db = empty, empty
+    dx = _triton_dgrad(grad, y, x, weight, stride, padding, dilation, groups, relu) if need_x else x.new_empty(0)
+    dw, db = x.new_empty(0), x.new_empty(0)  # distinct: a custom op's outputs may not alias one another
     if need_w or need_b:
         dw, db = _triton_wgrad(grad, y, x, weight, need_b, stride, padding, dilation, groups, relu)
-    return dx, dw if need_w else empty, db
+    return dx, dw if need_w else x.new_empty(0), db
 
 
 def _fake_fwd(x, weight, bias, stride, padding, dilation, groups, relu):
@@ -297,13 +297,27 @@ def _register_autograd(fwd_name: str, bwd_op) -> None:
 
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
+
+
+def _reference_bwd(grad, y, x, weight, stride, padding, dilation, groups, relu, output_mask):
+    """The backward op's (dx, dweight, dbias) in differentiable PyTorch ops (its double backward: see
+    fcnkern.second_order); x and weight must require grad."""
+    g = torch.where(y > 0, grad, torch.zeros_like(grad)) if relu else grad
+    dx, dw = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding, dilation, groups), (x, weight), g,
+                                 create_graph=True)  # fmt: skip
+    empty = x.new_empty((0,))
+    return tuple(t if need else empty for t, need in zip((dx, dw, g.sum((0, 2, 3))), output_mask, strict=True))
+
+
 _register_autograd("fcnkern::triton_conv2d_relu", _triton_bwd)
+register_reference_double_backward("fcnkern::triton_conv2d_relu_bwd", _reference_bwd)
 
 
 def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::conv2d_relu")(_fake_fwd)
     torch.library.register_fake("fcnkern::conv2d_relu_bwd")(_fake_bwd)
     _register_autograd("fcnkern::conv2d_relu", torch.ops.fcnkern.conv2d_relu_bwd)
+    register_reference_double_backward("fcnkern::conv2d_relu_bwd", _reference_bwd)
 
 
 _ext.on_load(_register_cpp_ops)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fcnkern import _ext
 from fcnkern import backend as _backend
+from fcnkern.second_order import differentiable_grad
 
 __all__ = ["check_loss_options", "pixelwise_cross_entropy", "reduce_pixel_loss", "validate_labels"]
 
@@ -202,8 +203,9 @@ def _register(fwd_name: str, bwd_op) -> None:
         if grad_loss is None:
             return None, None, None, None
         logits, target, weight, stats = ctx.saved_tensors
-        grad = bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index)
-        return grad, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
+            return _differentiable_grad(logits, target, weight, ctx.ignore_index, grad_loss), None, None, None
+        return bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index), None, None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -213,10 +215,21 @@ def _fake_fwd_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore
     return logits.new_empty((n, h, w), dtype=_acc_dtype(logits.dtype)), torch.empty_like(logits)
 
 
+def _differentiable_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, grad_loss: Tensor):
+    """The logits' gradient for upstream grad_loss (N x H x W) by F.cross_entropy's formula, kept differentiable
+    (second-order gradients: see fcnkern.second_order)."""
+
+    def per_pixel(x: Tensor) -> Tensor:
+        return F.cross_entropy(x.to(_acc_dtype(x.dtype)), target, weight, ignore_index=ignore_index, reduction="none")
+
+    return differentiable_grad(per_pixel, logits, grad_loss)
+
+
 def _setup_fwd_grad(ctx, inputs, output):
-    _, target, _, ignore_index = inputs
+    logits, target, weight, ignore_index = inputs
     _, grad = output
-    ctx.save_for_backward(grad, target)
+    # logits and weight only for a create_graph=True backward; a reference, usually held by the caller anyway
+    ctx.save_for_backward(grad, target, logits, weight)
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(grad)
     # Otherwise autograd fills an N x C x H x W zero gradient for the grad output: measured 32 ms of a 90 ms step.
@@ -226,7 +239,9 @@ def _setup_fwd_grad(ctx, inputs, output):
 def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
     if grad_loss is None:
         return None, None, None, None
-    grad, target = ctx.saved_tensors
+    grad, target, logits, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
+        return _differentiable_grad(logits, target, weight, ctx.ignore_index, grad_loss), None, None, None
     return _scale_precomputed_grad(grad, grad_loss, target, ctx.ignore_index), None, None, None
 
 

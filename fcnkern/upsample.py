@@ -32,6 +32,7 @@ from torch import Tensor
 from fcnkern import _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _wgrad_splits
+from fcnkern.second_order import register_reference_double_backward
 
 __all__ = ["bilinear_kernel", "bilinear_upsample_crop", "bilinear_weight", "upsample_crop"]
 
@@ -233,22 +234,37 @@ def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
+def _reference_upsample_bwd(grad, x, weight, stride, crop, groups, output_mask):
+    """The learned backward op's (dx, dweight, dbias) in differentiable PyTorch ops (its double backward: see
+    fcnkern.second_order); x and weight must require grad."""
+    full = F.conv_transpose2d(x, weight, None, stride, groups=groups)
+    kept = full[:, :, crop[0] : crop[0] + grad.shape[2], crop[1] : crop[1] + grad.shape[3]]
+    dx, dw = torch.autograd.grad(kept, (x, weight), grad, create_graph=True)
+    empty = x.new_empty((0,))
+    return tuple(t if need else empty for t, need in zip((dx, dw, grad.sum((0, 2, 3))), output_mask, strict=True))
+
+
 def _fake_bilinear(t, factor, top, left, h, w):  # forward and backward: N x C x h x w in t's memory format
     return _out_like(t, (t.shape[0], t.shape[1], h, w))
 
 
-def _register_bilinear_autograd(fwd_name: str, bwd_op) -> None:
+def _register_bilinear_autograd(fwd_name: str, fwd_op, bwd_name: str, bwd_op) -> None:
     """One autograd formula for the Triton and the C++ bilinear ops (x, factor, top, left, out_h, out_w) -> out,
-    whose backward ops take (grad, factor, top, left, in_h, in_w)."""
+    whose backward ops take (grad, factor, top, left, in_h, in_w); and the backward op's own: it is linear in grad
+    with the forward as its adjoint, so its derivative is the forward kernel (double backward at kernel speed)."""
 
     def setup_context(ctx, inputs, output):
-        x, factor, top, left, _, _ = inputs
-        ctx.geometry = (factor, top, left, x.shape[2], x.shape[3])
+        t, factor, top, left, _, _ = inputs
+        ctx.geometry = (factor, top, left, t.shape[2], t.shape[3])
 
     def backward(ctx, grad):
         return bwd_op(grad, *ctx.geometry), None, None, None, None, None
 
+    def backward_of_backward(ctx, grad):
+        return fwd_op(grad, *ctx.geometry), None, None, None, None, None
+
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd_name, backward_of_backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,18 +403,26 @@ def _triton_bilinear_bwd(grad: Tensor, factor: int, top: int, left: int, in_h: i
 _triton_upsample.register_fake(_fake_upsample)
 _triton_upsample_bwd.register_fake(_fake_upsample_bwd)
 _register_upsample_autograd("fcnkern::triton_upsample_crop", _triton_upsample_bwd)
+register_reference_double_backward("fcnkern::triton_upsample_crop_bwd", _reference_upsample_bwd)
 _triton_bilinear.register_fake(_fake_bilinear)
 _triton_bilinear_bwd.register_fake(_fake_bilinear)
-_register_bilinear_autograd("fcnkern::triton_bilinear_upsample_crop", _triton_bilinear_bwd)
+_register_bilinear_autograd(
+    "fcnkern::triton_bilinear_upsample_crop", _triton_bilinear, "fcnkern::triton_bilinear_upsample_crop_bwd",
+    _triton_bilinear_bwd,
+)  # fmt: skip
 
 
 def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::upsample_crop")(_fake_upsample)
     torch.library.register_fake("fcnkern::upsample_crop_bwd")(_fake_upsample_bwd)
     _register_upsample_autograd("fcnkern::upsample_crop", torch.ops.fcnkern.upsample_crop_bwd)
+    register_reference_double_backward("fcnkern::upsample_crop_bwd", _reference_upsample_bwd)
     torch.library.register_fake("fcnkern::bilinear_upsample_crop")(_fake_bilinear)
     torch.library.register_fake("fcnkern::bilinear_upsample_crop_bwd")(_fake_bilinear)
-    _register_bilinear_autograd("fcnkern::bilinear_upsample_crop", torch.ops.fcnkern.bilinear_upsample_crop_bwd)
+    _register_bilinear_autograd(
+        "fcnkern::bilinear_upsample_crop", torch.ops.fcnkern.bilinear_upsample_crop,
+        "fcnkern::bilinear_upsample_crop_bwd", torch.ops.fcnkern.bilinear_upsample_crop_bwd,
+    )  # fmt: skip
 
 
 _ext.on_load(_register_cpp_ops)

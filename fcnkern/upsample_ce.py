@@ -37,12 +37,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fcnkern import _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv
 from fcnkern.cross_entropy import Reduction, check_loss_options, reduce_pixel_loss, validate_labels
+from fcnkern.second_order import differentiable_grad
 from fcnkern.upsample import _check_input, _check_window, _pair, bilinear_upsample_crop
 
 __all__ = ["IMPLEMENTED", "upsample_cross_entropy"]
@@ -149,6 +151,19 @@ def _fake_bwd(grad_loss, scores, target, weight, factor, top, left, ignore_index
     return scores.new_empty(scores.shape, dtype=_acc_dtype(scores.dtype))
 
 
+def _differentiable_grad(scores, target, weight, factor, top, left, ignore_index, grad_loss) -> Tensor:
+    """The scores' gradient for upstream grad_loss (N x H x W) through PyTorch's upsampling + crop +
+    F.cross_entropy, kept differentiable (second-order gradients: see fcnkern.second_order). Full-resolution
+    logits exist here, in this rare path only."""
+
+    def per_pixel(s: Tensor) -> Tensor:
+        logits = bilinear_upsample_crop(s.to(_acc_dtype(s.dtype)), factor, (top, left), target.shape[-2:],
+                                        backend="torch")  # fmt: skip
+        return F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none")
+
+    return differentiable_grad(per_pixel, scores, grad_loss)
+
+
 def _register(fwd_name: str, bwd_op) -> None:
     def setup_context(ctx, inputs, output):
         scores, target, weight, factor, top, left, ignore_index, _ = inputs
@@ -161,6 +176,8 @@ def _register(fwd_name: str, bwd_op) -> None:
         if grad_loss is None:
             return (None,) * 8
         scores, target, weight, precomputed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
+            return (_differentiable_grad(scores, target, weight, *ctx.args, grad_loss),) + (None,) * 7
         scalar_upstream = grad_loss.numel() > 0 and all(step == 0 for step in grad_loss.stride())
         if precomputed.numel() > 0 and scalar_upstream:
             upstream = grad_loss[0, 0, 0]
