@@ -26,7 +26,8 @@ void run_tasks(int64_t tasks, bool spread, const Body& body) {
 
 // `total` columns cut into `count` near-equal blocks of about `max_block` at most, each starting on a multiple of 16
 // columns (so block widths, the GEMM output's row stride, stay multiples of 16 but for the last; unaligned widths
-// cost a few percent). The count is rounded up so that `outer` x count tasks are a multiple of the thread count.
+// cost a few percent). Where `outer` x count tasks are spread over threads, the count is rounded up to make that a
+// multiple of the thread count.
 // Before, full blocks and a short last one left threads unevenly loaded (conv5_1's forward, 6 blocks on 2 threads:
 // 1152 vs 872 columns; conv4_2's 21 blocks: 11 vs 10); evened, the deep 3x3 layers' forward took 2-7 % less time
 // and their forward + backward 0-4 % (A/B interleaved in one process).
@@ -34,6 +35,9 @@ struct EvenBlocks {
   int64_t total, count;
   EvenBlocks(int64_t total_columns, int64_t max_block, int64_t outer)
       : total(total_columns), count(std::max<int64_t>(1, (total_columns + max_block - 1) / max_block)) {
+    // Only where the tasks are spread anyway: a cut into more blocks would spread fc7's backward, with a 64 MB
+    // weight-gradient accumulator per thread (peak 213 MB against 80).
+    if (!spread_tasks(outer * count)) return;
     const int64_t threads = at::get_num_threads();
     while ((outer * count) % threads != 0 && (count + 1) * 16 <= total) ++count;
   }
@@ -87,14 +91,17 @@ class LazyParts {
   bool first_use(int64_t tid, int64_t group) const { return started_[tid * parts_.size(1) + group] == 0; }
   void mark_used(int64_t tid, int64_t group) { started_[tid * parts_.size(1) + group] = 1; }
 
-  // The sum over threads, slots that no task reached counting as zero.
+  // The sum over threads (in thread order, so deterministic), slots that no task reached counting as zero.
   at::Tensor total() {
     for (int64_t t = 0; t < parts_.size(0); ++t) {
       for (int64_t gi = 0; gi < parts_.size(1); ++gi) {
         if (first_use(t, gi)) parts_[t][gi].zero_();
       }
     }
-    return parts_.size(0) == 1 ? parts_[0] : parts_.sum(0);
+    // Summed into the first thread's slot: no third weight-sized buffer at the backward's peak.
+    at::Tensor sum = parts_[0];
+    for (int64_t t = 1; t < parts_.size(0); ++t) sum.add_(parts_[t]);
+    return sum;
   }
 
  private:
