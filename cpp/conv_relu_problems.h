@@ -117,7 +117,7 @@ struct Forward {
   FCNK_HD void store(int64_t m, int64_t k, acc_of<T> v) const {
     const int64_t ow = m % s.ow, oh = (m / s.ow) % s.oh, n = m / (s.ow * s.oh), kk = group * s.k_g + k;
     if (bias != nullptr) v += to_acc(bias[kk]);
-    if (relu) v = v > acc_of<T>(0) ? v : acc_of<T>(0);
+    if (relu) v = v < acc_of<T>(0) ? acc_of<T>(0) : v;  // NaN stays NaN, as in torch.relu
     y[n * ys.n + kk * ys.c + oh * ys.h + ow * ys.w] = from_acc<T>(v);
   }
 };

@@ -132,7 +132,7 @@ def conv_fwd_kernel(
 
     acc += tl.load(b_ptr + group * K_G + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # not tl.maximum, which turns NaN into 0; torch.relu keeps NaN
     y_off = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + ((group * K_G + kk) * y_sc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 

@@ -176,6 +176,21 @@ def test_relu_boundary_outputs_of_exactly_zero_pass_no_gradient(device, backend)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=_case_id)
+def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
+    """NaN in, NaN out where PyTorch has it: a ReLU written as max(v, 0) turns NaN into 0 (the Triton kernel's
+    tl.maximum did), which would hide a diverging network behind finite activations."""
+    (x, weight, bias), geometry = _inputs(case, torch.float32, device, "nan")
+    x = x.clone()
+    x[0, 0, 1, 1], x[-1, -1, 2, 3] = float("nan"), float("inf")
+    ours = conv2d_relu(x, weight, bias, backend=backend, **geometry)
+    ref = _reference(x, weight, bias, **geometry)
+    assert ref.isnan().any() and torch.equal(ours.isnan(), ref.isnan())
+    finite = ref.isfinite()
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
 def test_gradcheck_float64(backend, case):
