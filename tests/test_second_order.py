@@ -117,3 +117,21 @@ def test_create_graph_with_only_some_gradients_requested(device, backend):
     (g,) = torch.autograd.grad(fn(x, w, b, backend).sum(), x, create_graph=True)
     (ref,) = torch.autograd.grad(fn(x, w, b, "torch").sum(), x, create_graph=True)
     torch.testing.assert_close(g, ref)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("op", ["pixelwise_cross_entropy", "upsample_cross_entropy"])
+def test_create_graph_mean_over_no_pixels(device, backend, op):
+    """Every pixel ignored, reduction mean: the loss is NaN (0/0, as PyTorch's) and its upstream gradient infinite,
+    yet the gradient is exactly 0, on the kernels' path and on the create_graph=True one (PyTorch's formula)."""
+    inputs, _ = (_cross_entropy if op == "pixelwise_cross_entropy" else _head)(device, torch.float32)
+    x = inputs[0]
+    h, w = (x.shape[2], x.shape[3]) if op == "pixelwise_cross_entropy" else (11, 13)
+    target = torch.full((x.shape[0], h, w), 255, device=device)
+    if op == "pixelwise_cross_entropy":
+        loss = fcnkern.pixelwise_cross_entropy(x, target, reduction="mean", backend=backend)
+    else:
+        loss = fcnkern.upsample_cross_entropy(x, target, 4, (3, 2), reduction="mean", backend=backend)
+    for create_graph in (False, True):
+        (g,) = torch.autograd.grad(loss, x, create_graph=create_graph, retain_graph=True)
+        assert torch.equal(g, torch.zeros_like(g)), create_graph
