@@ -268,10 +268,9 @@ def _fake_fwd(x, weight, bias, stride, padding, dilation, groups, relu):
 
 def _fake_bwd(grad, y, x, weight, stride, padding, dilation, groups, relu, output_mask):
     need_x, need_w, need_b = output_mask
-    empty = x.new_empty((0,))
-    dx = _out_like(x, tuple(x.shape)) if need_x else empty
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty
-    return dx, dw, weight.new_empty((weight.shape[0],)) if need_b else empty
+    dx = _out_like(x, tuple(x.shape)) if need_x else x.new_empty(0)  # a fresh empty each: outputs may not alias
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0)
+    return dx, dw, weight.new_empty((weight.shape[0],)) if need_b else x.new_empty(0)
 
 
 def _register_autograd(fwd_name: str, bwd_op) -> None:

@@ -207,10 +207,9 @@ def _fake_upsample(x, weight, bias, stride, crop, out_size, groups):
 
 def _fake_upsample_bwd(grad, x, weight, stride, crop, groups, output_mask):
     need_x, need_w, need_b = output_mask
-    empty = x.new_empty((0,))
-    dx = _out_like(x, tuple(x.shape)) if need_x else empty
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty
-    return dx, dw, x.new_empty((grad.shape[1],)) if need_b else empty
+    dx = _out_like(x, tuple(x.shape)) if need_x else x.new_empty(0)  # a fresh empty each: outputs may not alias
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0)
+    return dx, dw, x.new_empty((grad.shape[1],)) if need_b else x.new_empty(0)
 
 
 def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
@@ -360,11 +359,11 @@ def _triton_upsample_bwd(
     """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract). The bias
     gradient is a plain reduction of the kept gradient."""
     need_x, need_w, need_b = output_mask
-    empty = x.new_empty((0,))
-    dx = _triton_upsample_dgrad(grad, x, weight, stride, crop, groups) if need_x else empty
-    dw = _triton_upsample_wgrad(grad, x, weight, stride, crop, groups) if need_w else empty
+    # a fresh empty for each output not asked for: a custom op's outputs may not alias one another
+    dx = _triton_upsample_dgrad(grad, x, weight, stride, crop, groups) if need_x else x.new_empty(0)
+    dw = _triton_upsample_wgrad(grad, x, weight, stride, crop, groups) if need_w else x.new_empty(0)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    db = grad.sum((0, 2, 3), dtype=acc_dtype).to(grad.dtype) if need_b else empty
+    db = grad.sum((0, 2, 3), dtype=acc_dtype).to(grad.dtype) if need_b else x.new_empty(0)
     return dx, dw, db
 
 
