@@ -299,13 +299,12 @@ _triton_bwd.register_fake(_fake_bwd)
 
 
 def _reference_bwd(grad, y, x, weight, stride, padding, dilation, groups, relu, output_mask):
-    """The backward op's (dx, dweight, dbias) in differentiable PyTorch ops (its double backward: see
+    """The backward op's (dx, dweight, dbias), all three, in differentiable PyTorch ops (its double backward: see
     fcnkern.second_order); x and weight must require grad."""
     g = torch.where(y > 0, grad, torch.zeros_like(grad)) if relu else grad
     dx, dw = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding, dilation, groups), (x, weight), g,
                                  create_graph=True)  # fmt: skip
-    empty = x.new_empty((0,))
-    return tuple(t if need else empty for t, need in zip((dx, dw, g.sum((0, 2, 3))), output_mask, strict=True))
+    return dx, dw, g.sum((0, 2, 3))
 
 
 _register_autograd("fcnkern::triton_conv2d_relu", _triton_bwd)

@@ -27,7 +27,8 @@ from torch import Tensor
 def register_reference_double_backward(bwd_name: str, reference: Callable[..., tuple[Tensor, ...]]) -> None:
     """Registers the derivative of backward op ``bwd_name`` (any schema returning a tuple of tensors) as that of
     ``reference``: the same maths in differentiable PyTorch ops, called with the op's arguments, its floating-point
-    tensors as fresh leaves that require grad."""
+    tensors as fresh leaves that require grad. ``reference`` returns every output in full; those the op left
+    zero-size (not asked for) are skipped."""
 
     def setup_context(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, Tensor) for a in inputs]
@@ -45,7 +46,10 @@ def register_reference_double_backward(bwd_name: str, reference: Callable[..., t
                 a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args
             ]
             outs = reference(*leaves)
-            pairs = [(o, g) for o, g in zip(outs, out_grads, strict=True) if g is not None and o.requires_grad]
+            # A zero-size gradient belongs to an output the backward op was not asked for (or an empty one): it
+            # contributes nothing, so the reference may return every output whatever the op's output_mask.
+            pairs = [(o, g) for o, g in zip(outs, out_grads, strict=True)
+                     if g is not None and g.numel() > 0 and o.requires_grad]  # fmt: skip
             if not pairs or not wanted:
                 return tuple(result)
             grads = torch.autograd.grad(

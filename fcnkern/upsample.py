@@ -234,13 +234,12 @@ def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
 
 
 def _reference_upsample_bwd(grad, x, weight, stride, crop, groups, output_mask):
-    """The learned backward op's (dx, dweight, dbias) in differentiable PyTorch ops (its double backward: see
-    fcnkern.second_order); x and weight must require grad."""
+    """The learned backward op's (dx, dweight, dbias), all three, in differentiable PyTorch ops (its double
+    backward: see fcnkern.second_order); x and weight must require grad."""
     full = F.conv_transpose2d(x, weight, None, stride, groups=groups)
     kept = full[:, :, crop[0] : crop[0] + grad.shape[2], crop[1] : crop[1] + grad.shape[3]]
     dx, dw = torch.autograd.grad(kept, (x, weight), grad, create_graph=True)
-    empty = x.new_empty((0,))
-    return tuple(t if need else empty for t, need in zip((dx, dw, grad.sum((0, 2, 3))), output_mask, strict=True))
+    return dx, dw, grad.sum((0, 2, 3))
 
 
 def _fake_bilinear(t, factor, top, left, h, w):  # forward and backward: N x C x h x w in t's memory format
