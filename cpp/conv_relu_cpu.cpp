@@ -42,7 +42,6 @@ int64_t pixel_block_budget() {
 }
 
 // Pixels per block: the im2col buffer (J x block, fp32) at about the budget, a multiple of 16, 256..8192.
-
 int64_t pixel_block(const ConvGeometry& g, int64_t elem_bytes) {
   const int64_t fit = pixel_block_budget() / std::max<int64_t>(g.j * elem_bytes, 1);
   return std::clamp<int64_t>(fit / 16 * 16, 256, 8192);
@@ -396,12 +395,11 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           const int64_t q0 = w_cut.begin(b), count = w_cut.size(b);
           const at::Tensor dy_m = dy_g.narrow(1, margin + q0, count);
           const at::Tensor xg = xp.narrow(0, group * g.c_g, g.c_g);
-          const at::Tensor slot = dw_parts->slot(tid, group);
-          const bool first = dw_parts->first_use(tid, group);
-          for (int64_t rs = 0; rs < taps; ++rs) {
-            mm_into(slot[rs], dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t(), first);
-          }
-          dw_parts->mark_used(tid, group);
+          dw_parts->accumulate(tid, group, [&](const at::Tensor& slot, bool overwrite) {
+            for (int64_t rs = 0; rs < taps; ++rs) {
+              mm_into(slot[rs], dy_m, xg.narrow(1, q0 + grid.offset(rs), count).t(), overwrite);
+            }
+          });
           continue;
         }
         const int64_t p0 = g.pad_h * wp + x_cut.begin(b - w_blocks), count = x_cut.size(b - w_blocks);
@@ -474,9 +472,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
           if (need_w) {
             im2col(xp, xs, g, n, group, p0, count, cols.data());
-            mm_into(dw_parts->slot(tid, group), dy_m, matrix(cols.data(), g.j, count, acc).t(),
-                               dw_parts->first_use(tid, group));
-            dw_parts->mark_used(tid, group);
+            dw_parts->accumulate(tid, group, [&](const at::Tensor& slot, bool overwrite) {
+              mm_into(slot, dy_m, matrix(cols.data(), g.j, count, acc).t(), overwrite);
+            });
           }
           if (need_x) {
             auto dcols = matrix(cols.data(), g.j, count, acc);

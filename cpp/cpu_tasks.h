@@ -87,9 +87,12 @@ class LazyParts {
  public:
   explicit LazyParts(at::Tensor parts) : parts_(std::move(parts)), started_(parts_.size(0) * parts_.size(1), 0) {}
 
-  at::Tensor slot(int64_t tid, int64_t group) const { return parts_[tid][group]; }
-  bool first_use(int64_t tid, int64_t group) const { return started_[tid * parts_.size(1) + group] == 0; }
-  void mark_used(int64_t tid, int64_t group) { started_[tid * parts_.size(1) + group] = 1; }
+  // Runs gemms(slot, overwrite) on thread tid's slot for `group`, overwrite being true on the slot's first use.
+  template <typename Gemms>
+  void accumulate(int64_t tid, int64_t group, const Gemms& gemms) {
+    gemms(parts_[tid][group], first_use(tid, group));
+    started_[tid * parts_.size(1) + group] = 1;
+  }
 
   // The sum over threads (in thread order, so deterministic), slots that no task reached counting as zero.
   at::Tensor total() {
@@ -105,6 +108,8 @@ class LazyParts {
   }
 
  private:
+  bool first_use(int64_t tid, int64_t group) const { return started_[tid * parts_.size(1) + group] == 0; }
+
   at::Tensor parts_;
   std::vector<uint8_t> started_;
 };
