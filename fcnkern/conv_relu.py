@@ -203,12 +203,14 @@ def _triton_dgrad(
     return dx
 
 
-def _wgrad_splits(m: int, programs: int, block_pixels: int, device: torch.device) -> int:
-    """How many ways to split the pixel reduction so the GPU has a few waves of programs (each split costs one
-    weight-sized fp32 partial in the workspace)."""
+def _wgrad_splits(m: int, programs: int, block_pixels: int, device: torch.device) -> tuple[int, int]:
+    """(splits, pixels per split) for a weight gradient's pixel reduction over m pixels: enough splits for the GPU
+    to have a few waves of programs (each split costs one weight-sized fp32 partial in the workspace), each a whole
+    number of blocks, and at least one split of one block (an empty batch has m = 0)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = _cdiv(4 * sms, programs)
-    return max(1, min(want, _cdiv(m, 8 * block_pixels), 64))
+    want = max(1, min(_cdiv(4 * sms, programs), _cdiv(m, 8 * block_pixels), 64))
+    per_split = max(1, _cdiv(_cdiv(m, want), block_pixels)) * block_pixels
+    return max(1, _cdiv(m, per_split)), per_split
 
 
 def _triton_wgrad(
@@ -224,9 +226,7 @@ def _triton_wgrad(
     m, k_g, j = n * oh * ow, cout // groups, c_g * r * s
     bm, bn, bk, warps = k.wgrad_blocks(x.element_size())
     programs = _cdiv(k_g, bm) * _cdiv(j, bn) * groups
-    splits = _wgrad_splits(m, programs, bk, x.device)
-    per_split = _cdiv(_cdiv(m, splits), bk) * bk
-    splits = max(1, _cdiv(m, per_split))
+    splits, per_split = _wgrad_splits(m, programs, bk, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw_parts = _ext.maybe_poison(torch.empty((splits, groups * k_g, j), dtype=acc_dtype, device=x.device))
     db_parts = _ext.maybe_poison(torch.empty((splits, cout if has_bias else 0), dtype=acc_dtype, device=x.device))

@@ -72,8 +72,8 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
 def _check_window(full: tuple[int, int], crop: tuple[int, int], out_size: tuple[int, int]) -> None:
     if min(crop) < 0:
         raise ValueError(f"crop offsets must be >= 0, got {crop}")
-    if min(out_size) < 1:
-        raise ValueError(f"out_size must be positive, got {out_size}")
+    if min(out_size) < 0:
+        raise ValueError(f"out_size must be >= 0, got {out_size}")
     for axis, full_len, start, length in zip(("height", "width"), full, crop, out_size, strict=True):
         if start + length > full_len:
             raise ValueError(
@@ -124,7 +124,8 @@ def upsample_crop(
         weight: Cin x (Cout / groups) x kh x kw, x's dtype and device.
         stride: upsampling factor, an int or (sh, sw).
         crop: (top, left) offset of the kept window in the full output, >= 0.
-        out_size: (H, W) of the kept window, which must lie inside the full (h - 1) * s + k output.
+        out_size: (H, W) of the kept window, which must lie inside the full (h - 1) * s + k output (a 0 gives an
+            empty result, as slicing would).
         bias: optional Cout vector.
         groups: as in ConvTranspose2d (Cin for a per-channel layer).
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice (see
@@ -154,7 +155,7 @@ def upsample_crop(
     full = ((x.shape[2] - 1) * sh + weight.shape[2], (x.shape[3] - 1) * sw + weight.shape[3])
     _check_window(full, crop_t, size_t)
     be = _backend.resolve(backend, x.device.type, "upsample_crop", IMPLEMENTED["upsample_crop"])
-    if be == "torch":
+    if be == "torch" or 0 in size_t:  # an empty window leaves no pixel for a kernel: PyTorch's empty result
         return _crop(F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups), crop_t, size_t, x)
     args = (x, weight, bias, [sh, sw], list(crop_t), list(size_t), groups)
     if be == "triton":
@@ -191,6 +192,8 @@ def bilinear_upsample_crop(
     _check_window(((x.shape[2] - 1) * factor + k, (x.shape[3] - 1) * factor + k), crop_t, size_t)
     be = _backend.resolve(backend, x.device.type, "bilinear_upsample_crop", IMPLEMENTED["bilinear_upsample_crop"])
     (top, left), (h, w) = crop_t, size_t
+    if 0 in size_t:  # an empty window leaves no pixel for a kernel: PyTorch's empty result below
+        be = "torch"
     if be == "triton":
         return torch.ops.fcnkern.triton_bilinear_upsample_crop(x, factor, top, left, h, w)
     if be in ("cpu", "cuda"):
@@ -335,9 +338,7 @@ def _triton_upsample_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop
     use_dot = cin_g >= k.DOT_MIN_CHANNELS and j >= k.DOT_MIN_CHANNELS
     bm, bn, bk, warps = k.learned_blocks(cin_g, j, x.element_size(), use_dot)
     m_blocks = _cdiv(cin_g, bm)
-    splits = _wgrad_splits(pixels, m_blocks * _cdiv(j, bn) * groups, bk, x.device)
-    per_split = _cdiv(_cdiv(pixels, splits), bk) * bk
-    splits = _cdiv(pixels, per_split)
+    splits, per_split = _wgrad_splits(pixels, m_blocks * _cdiv(j, bn) * groups, bk, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     parts = _ext.maybe_poison(torch.empty((splits, cin, j), dtype=acc_dtype, device=x.device))
     k.upsample_wgrad_kernel[(m_blocks * groups * splits, _cdiv(j, bn))](

@@ -264,8 +264,8 @@ def test_bad_input_raises():
         upsample_crop_fn(x, w, 2, (1, 0), (8, 8))  # full output is 8 x 8
     with pytest.raises(ValueError, match=">= 0"):
         upsample_crop_fn(x, w, 2, (-1, 0), (4, 4))
-    with pytest.raises(ValueError, match="positive"):
-        bilinear_upsample_crop(x, 2, (0, 0), (0, 4))
+    with pytest.raises(ValueError, match="out_size must be >= 0"):
+        bilinear_upsample_crop(x, 2, (0, 0), (-1, 4))
     with pytest.raises(ValueError, match="groups"):
         upsample_crop_fn(x, w, 2, (0, 0), (4, 4), groups=3)
     with pytest.raises(ValueError, match="weight is"):
