@@ -14,6 +14,8 @@ from helpers import (
     device_backend_params,
     generator,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import fcnkern
@@ -157,6 +159,10 @@ BILINEAR_CASES = [  # (channels, factor, h, w, crop, out_size): FCN-32s/8s final
 def test_bilinear_path_equals_diagonal_full_layer(device, backend, dtype, layout, case):
     """Forward and gradient equal nn.ConvTranspose2d(C, C, 2f, f) with FCN's diagonal bilinear weight, then the
     crop: fp32 tight, fp16/bf16 no worse than twice that layer's own error in the dtype, judged in float64."""
+    _check_bilinear(device, backend, dtype, case, layout)
+
+
+def _check_bilinear(device, backend, dtype, case, layout):
     c, factor, h, w, crop, size = case
     k = 2 * factor
     g = generator("diag", case, dtype, layout)
@@ -256,6 +262,50 @@ def test_fcn32s_geometry_gives_an_input_sized_output():
     crop = geometry.fcn_crops("fcn32s")["upscore"]
     out = bilinear_upsample_crop(torch.randn(1, 21, score, score), 32, (crop, crop), (500, 500))
     assert out.shape == (1, 21, 500, 500)
+
+
+def _available(backend: str) -> None:
+    if not fcnkern.backend_info(backend).available:
+        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+
+
+def _draw_window(data, full: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A random crop (top, left) and a non-empty window size that fits inside the full output."""
+    crop = tuple(data.draw(st.integers(0, n - 1)) for n in full)
+    size = tuple(data.draw(st.integers(1, n - c)) for n, c in zip(full, crop, strict=True))
+    return crop, size  # type: ignore[return-value]
+
+
+@given(
+    data=st.data(),
+    c_g=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    factor=st.integers(1, 5),
+    k=st.integers(1, 11),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    backend=st.sampled_from(["cpu", "triton"]),
+)
+def test_property_random_learned_geometries(data, c_g, groups, factor, k, h, w, backend):
+    """Random factors, kernels (smaller and larger than the stride, odd and even), crops and windows anywhere in
+    the full output, groups: forward and the three gradients against conv_transpose2d + slicing."""
+    _available(backend)
+    crop, size = _draw_window(data, ((h - 1) * factor + k, (w - 1) * factor + k))
+    _check_learned("cpu", backend, torch.float32, (c_g * groups, factor, k, groups, h, w, crop, size), "nchw")
+
+
+@given(
+    data=st.data(),
+    c=st.integers(1, 4),
+    factor=st.integers(1, 7),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    backend=st.sampled_from(["cpu", "triton"]),
+)
+def test_property_random_bilinear_geometries(data, c, factor, h, w, backend):
+    _available(backend)
+    crop, size = _draw_window(data, ((h + 1) * factor, (w + 1) * factor))
+    _check_bilinear("cpu", backend, torch.float32, (c, factor, h, w, crop, size), "nchw")
 
 
 def test_bad_input_raises():

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, device_backend_params, generator, rel_err
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fcnkern
 from fcnkern import bilinear_weight, models, upsample_ce, upsample_cross_entropy
@@ -133,6 +135,28 @@ def test_layouts(device, backend, layout):
     """channels_last scores; a non-contiguous window of a larger tensor with a strided target."""
     _check(device, backend, torch.float32, CASES[1], "sum", use_weight=True, layout=layout)
     _check(device, backend, torch.float32, CASES[6], "none", use_weight=False, layout=layout)
+
+
+@given(
+    data=st.data(),
+    c=st.integers(1, 6),
+    factor=st.integers(1, 9),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    n=st.integers(1, 2),
+    reduction=st.sampled_from(["sum", "mean", "none"]),
+    use_weight=st.booleans(),
+    backend=st.sampled_from(["cpu", "triton"]),
+)
+def test_property_random_geometries(data, c, factor, h, w, n, reduction, use_weight, backend):
+    """Random factors, crops and windows anywhere in the full (h + 1) f x (w + 1) f output (cells cut at any
+    offset), with ignored pixels and every reduction, against conv_transpose2d + slicing + F.cross_entropy."""
+    if not fcnkern.backend_info(backend).available:
+        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    full = ((h + 1) * factor, (w + 1) * factor)
+    crop = tuple(data.draw(st.integers(0, k - 1)) for k in full)
+    size = tuple(data.draw(st.integers(1, k - t)) for k, t in zip(full, crop, strict=True))
+    _check("cpu", backend, torch.float32, Case(c, factor, h, w, crop, size, n), reduction, use_weight)
 
 
 @pytest.mark.parametrize(("device", "backend"), _params())
