@@ -39,6 +39,31 @@ def device_backend_params(op: str = "", implemented: tuple[str, ...] = fcnkern.B
     return params
 
 
+def require_backend(backend: str) -> None:
+    """Skip (with the reason) where ``backend`` cannot run here; for tests that draw the backend themselves."""
+    info = fcnkern.backend_info(backend)
+    if not info.available:
+        pytest.skip(f"backend {backend!r} unavailable: {info.reason}")
+
+
+def split_examples(ways: int):
+    """Hypothesis settings that give each of ``ways`` parametrized copies of a property test an equal share of the
+    profile's examples (at least 10): parametrizing the backend then shows each one's skip reason without
+    multiplying the test's time."""
+    from hypothesis import settings
+
+    return settings(max_examples=max(10, settings().max_examples // ways))
+
+
+def draw_window(data, full: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Hypothesis: a random crop (top, left) and a non-empty window size that fits inside a ``full``-sized output."""
+    from hypothesis import strategies as st
+
+    crop = tuple(data.draw(st.integers(0, n - 1)) for n in full)
+    size = tuple(data.draw(st.integers(1, n - c)) for n, c in zip(full, crop, strict=True))
+    return crop, size  # type: ignore[return-value]
+
+
 def generator(*key) -> torch.Generator:
     """A generator seeded from the test's parameters: inputs differ between cases and repeat between runs."""
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))

@@ -10,12 +10,19 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, device_backend_params, generator
+from helpers import (
+    LOW_PRECISION,
+    assert_fp32_ok,
+    assert_low_precision_ok,
+    device_backend_params,
+    generator,
+    require_backend,
+    split_examples,
+)
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
-import fcnkern
 from fcnkern import BackendUnavailableError, conv2d_relu, conv_relu
 from fcnkern.nn import Conv2dReLU
 
@@ -129,18 +136,13 @@ def test_memory_formats_and_views(device, backend, layout, case):
     _check(device, backend, torch.float32, (x, weight, bias), geometry)
 
 
-def _require_cpu():
-    if not fcnkern.backend_info("cpu").available:
-        pytest.skip(f"backend 'cpu' unavailable: {fcnkern.backend_info('cpu').reason}")
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("case", CASES[9:], ids=_case_id)
 def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, layout):
     """The CPU's shifted-GEMM backward, which it takes by itself from 256 channels per group (VGG's conv3_2 to
     conv5_3), forced onto the small stride-1 cases with FCNKERN_CONV_SHIFTED=all."""
-    _require_cpu()
+    require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_SHIFTED", "all")
     (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout)
     x, weight = _layout(x, weight, layout)
@@ -151,7 +153,7 @@ def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, l
 def test_cpu_deep_layer_takes_its_default_paths(dtype):
     """A 256 -> 256 channel 3x3 layer on a 10 x 30 map: the CPU kernel's own choice (shifted GEMMs forward and
     backward) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
-    _require_cpu()
+    require_backend("cpu")
     case = (1, 256, 10, 30, 256, 3, 1, 1, 1, 1)
     tensors, geometry = _inputs(case, dtype, "cpu")
     _check("cpu", "cpu", dtype, tensors, geometry)
@@ -195,8 +197,7 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
 def test_gradcheck_float64(backend, case):
-    if not fcnkern.backend_info(backend).available:
-        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    require_backend(backend)
     _n, c, h, w, cout, k, stride, padding, dilation, groups = case
     padding = min(padding, 2)  # the padding-100 case would spend the gradcheck on zeros
     g = generator("gradcheck", case)
@@ -216,7 +217,7 @@ def test_gradcheck_float64(backend, case):
 def test_gradcheck_float64_shifted_path(monkeypatch, shifted):
     """gradcheck on a geometry the CPU kernel runs as shifted GEMMs (stride 1, >= 32 channels per group, >= 256
     wide output columns), which the shrunken cases above do not reach: the forward, and with "all" the backward."""
-    _require_cpu()
+    require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_SHIFTED", shifted if shifted != "default" else "1")
     g = generator("gradcheck-shifted")
     x = torch.randn(1, 32, 15, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -236,6 +237,8 @@ def test_only_requested_gradients_are_computed(device, backend):
     assert x.grad is None
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@split_examples(2)
 @given(
     n=st.integers(1, 2),
     c_g=st.integers(1, 9),
@@ -247,9 +250,9 @@ def test_only_requested_gradients_are_computed(device, backend):
     stride=st.integers(1, 3),
     padding=st.integers(0, 3),
     dilation=st.integers(1, 2),
-    backend=st.sampled_from(["cpu", "triton"]),
 )
 def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, padding, dilation, backend):
+    require_backend(backend)
     if conv_relu.conv_output_size(h, k, stride, padding, dilation) < 1 or (
         conv_relu.conv_output_size(w, k, stride, padding, dilation) < 1
     ):
@@ -278,7 +281,7 @@ def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h,
     """Stride 1 with >= 32 channels per group: where the CPU kernel switches between im2col and shifted GEMMs (at
     256 wide output columns), over random maps, kernels, paddings and dilations; "all" takes the shifted backward
     too."""
-    _require_cpu()
+    require_backend("cpu")
     assume(min(conv_relu.conv_output_size(s, k, 1, padding, dilation) for s in (h, w)) >= 1)
     case = (n, c_g * groups, h, w, k_g * groups, k, 1, padding, dilation, groups)
     tensors, geometry = _inputs(case, torch.float32, "cpu")
@@ -289,8 +292,7 @@ def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h,
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck_and_compile_fullgraph(backend):
-    if not fcnkern.backend_info(backend).available:
-        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    require_backend(backend)
     (x, weight, bias), _ = _inputs(CASES[1], torch.float32, "cpu", "opcheck")
     op = torch.ops.fcnkern.triton_conv2d_relu if backend == "triton" else torch.ops.fcnkern.conv2d_relu
     args = (x, weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [1, 1], 1, True)

@@ -13,6 +13,8 @@ from helpers import (
     device_backend_params,
     generator,
     rel_err,
+    require_backend,
+    split_examples,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -178,15 +180,14 @@ def test_gradient_scaling_and_second_backward(device, backend, upstream):
     assert rel_err(x.grad, 2 * first) <= FP32_TOL
 
 
-def test_custom_ignore_index_and_negative_ignore():
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+def test_custom_ignore_index_and_negative_ignore(backend):
+    require_backend(backend)
     logits, target, *_ = make_inputs((2, 5, 4, 6), torch.float32, "cpu", "ignore")
     target[target == IGNORE] = -100
-    for backend in ("cpu", "torch", "triton"):
-        if not fcnkern.backend_info(backend).available:
-            continue
-        loss = pixelwise_cross_entropy(logits, target, ignore_index=-100, reduction="mean", backend=backend)
-        ref = F.cross_entropy(logits, target, ignore_index=-100, reduction="mean")
-        assert torch.allclose(loss, ref, rtol=1e-5), backend
+    loss = pixelwise_cross_entropy(logits, target, ignore_index=-100, reduction="mean", backend=backend)
+    ref = F.cross_entropy(logits, target, ignore_index=-100, reduction="mean")
+    assert torch.allclose(loss, ref, rtol=1e-5), backend
 
 
 @pytest.mark.parametrize(
@@ -226,8 +227,7 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck_float64(backend, reduction):
-    if not fcnkern.backend_info(backend).available:
-        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
+    require_backend(backend)
     logits, target, weight, *_ = make_inputs((2, 4, 3, 5), torch.float64, "cpu", "gradcheck", reduction)
     x = logits.requires_grad_()
     assert torch.autograd.gradcheck(
@@ -243,6 +243,8 @@ def test_module_matches_function_and_keeps_weight_in_state_dict():
     assert "reduction='mean'" in repr(module)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+@split_examples(3)
 @given(
     n=st.integers(1, 3),
     c=st.integers(1, 40),
@@ -250,12 +252,10 @@ def test_module_matches_function_and_keeps_weight_in_state_dict():
     w=st.integers(1, 19),
     reduction=st.sampled_from(REDUCTIONS),
     weighted=st.booleans(),
-    backend=st.sampled_from(["cpu", "triton", "torch"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property_random_shapes(n, c, h, w, reduction, weighted, backend, seed):
-    if not fcnkern.backend_info(backend).available:
-        return
+    require_backend(backend)
     logits, target, weight, grad_none, grad_scalar = make_inputs((n, c, h, w), torch.float32, "cpu", seed)
     upstream = grad_none if reduction == "none" else grad_scalar
     check_against_reference(

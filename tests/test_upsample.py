@@ -12,7 +12,10 @@ from helpers import (
     assert_fp32_ok,
     assert_low_precision_ok,
     device_backend_params,
+    draw_window,
     generator,
+    require_backend,
+    split_examples,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -190,8 +193,7 @@ def test_bilinear_gradcheck_float64(device, backend):
 
 
 def test_bilinear_cpu_op_registration():
-    if not fcnkern.backend_info("cpu").available:
-        pytest.skip(f"cpu backend unavailable: {fcnkern.backend_info('cpu').reason}")
+    require_backend("cpu")
     x = torch.randn(2, 3, 4, 5, generator=generator("opcheck-bil"))
     torch.library.opcheck(torch.ops.fcnkern.bilinear_upsample_crop.default, (x.requires_grad_(), 4, 3, 2, 9, 11))
     grad = torch.randn(2, 3, 9, 11, generator=generator("opcheck-bil-g"))
@@ -264,18 +266,8 @@ def test_fcn32s_geometry_gives_an_input_sized_output():
     assert out.shape == (1, 21, 500, 500)
 
 
-def _available(backend: str) -> None:
-    if not fcnkern.backend_info(backend).available:
-        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
-
-
-def _draw_window(data, full: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """A random crop (top, left) and a non-empty window size that fits inside the full output."""
-    crop = tuple(data.draw(st.integers(0, n - 1)) for n in full)
-    size = tuple(data.draw(st.integers(1, n - c)) for n, c in zip(full, crop, strict=True))
-    return crop, size  # type: ignore[return-value]
-
-
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@split_examples(2)
 @given(
     data=st.data(),
     c_g=st.integers(1, 5),
@@ -284,27 +276,27 @@ def _draw_window(data, full: tuple[int, int]) -> tuple[tuple[int, int], tuple[in
     k=st.integers(1, 11),
     h=st.integers(1, 5),
     w=st.integers(1, 5),
-    backend=st.sampled_from(["cpu", "triton"]),
 )
 def test_property_random_learned_geometries(data, c_g, groups, factor, k, h, w, backend):
     """Random factors, kernels (smaller and larger than the stride, odd and even), crops and windows anywhere in
     the full output, groups: forward and the three gradients against conv_transpose2d + slicing."""
-    _available(backend)
-    crop, size = _draw_window(data, ((h - 1) * factor + k, (w - 1) * factor + k))
+    require_backend(backend)
+    crop, size = draw_window(data, ((h - 1) * factor + k, (w - 1) * factor + k))
     _check_learned("cpu", backend, torch.float32, (c_g * groups, factor, k, groups, h, w, crop, size), "nchw")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@split_examples(2)
 @given(
     data=st.data(),
     c=st.integers(1, 4),
     factor=st.integers(1, 7),
     h=st.integers(1, 5),
     w=st.integers(1, 5),
-    backend=st.sampled_from(["cpu", "triton"]),
 )
 def test_property_random_bilinear_geometries(data, c, factor, h, w, backend):
-    _available(backend)
-    crop, size = _draw_window(data, ((h + 1) * factor, (w + 1) * factor))
+    require_backend(backend)
+    crop, size = draw_window(data, ((h + 1) * factor, (w + 1) * factor))
     _check_bilinear("cpu", backend, torch.float32, (c, factor, h, w, crop, size), "nchw")
 
 

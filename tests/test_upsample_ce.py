@@ -10,7 +10,17 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW_PRECISION, assert_fp32_ok, assert_low_precision_ok, device_backend_params, generator, rel_err
+from helpers import (
+    LOW_PRECISION,
+    assert_fp32_ok,
+    assert_low_precision_ok,
+    device_backend_params,
+    draw_window,
+    generator,
+    rel_err,
+    require_backend,
+    split_examples,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -137,6 +147,8 @@ def test_layouts(device, backend, layout):
     _check(device, backend, torch.float32, CASES[6], "none", use_weight=False, layout=layout)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@split_examples(2)
 @given(
     data=st.data(),
     c=st.integers(1, 6),
@@ -146,16 +158,12 @@ def test_layouts(device, backend, layout):
     n=st.integers(1, 2),
     reduction=st.sampled_from(["sum", "mean", "none"]),
     use_weight=st.booleans(),
-    backend=st.sampled_from(["cpu", "triton"]),
 )
 def test_property_random_geometries(data, c, factor, h, w, n, reduction, use_weight, backend):
     """Random factors, crops and windows anywhere in the full (h + 1) f x (w + 1) f output (cells cut at any
     offset), with ignored pixels and every reduction, against conv_transpose2d + slicing + F.cross_entropy."""
-    if not fcnkern.backend_info(backend).available:
-        pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
-    full = ((h + 1) * factor, (w + 1) * factor)
-    crop = tuple(data.draw(st.integers(0, k - 1)) for k in full)
-    size = tuple(data.draw(st.integers(1, k - t)) for k, t in zip(full, crop, strict=True))
+    require_backend(backend)
+    crop, size = draw_window(data, ((h + 1) * factor, (w + 1) * factor))
     _check("cpu", backend, torch.float32, Case(c, factor, h, w, crop, size, n), reduction, use_weight)
 
 
