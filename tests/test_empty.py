@@ -119,7 +119,7 @@ def test_empty_forward_backward(device, backend, case):
     out, expected = ours(*mine, backend=backend), ref(*theirs)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
-    # A ones upstream gradient: for a mean over nothing PyTorch's is NaN-free only through the 0 pixels it reaches.
+    # A mean over nothing is NaN, but no pixel passes its gradient on: every input gradient is still exactly 0.
     out.backward(torch.ones_like(out))
     expected.backward(torch.ones_like(expected))
     for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
