@@ -69,9 +69,11 @@ FLAT_BLOCK_K = 32
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     # "upcast" exists for the CPU interpreter only, whose tl.dot on bf16 operands is wrong (it has no bf16 math):
     # bf16 x bf16 products are exact in fp32, so an fp32 dot of the upcast tiles gives what tensor cores give.
+    # out_dtype: triton 3.6 asserts that the accumulator has the dot's out_dtype, which defaults to fp32 even for
+    # the fp64 (gradcheck) variants; 3.8 infers it.
     if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -267,22 +269,23 @@ def _signature(pointers: dict[str, str], *stride_groups: str, extra: tuple[str, 
 
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.conv_relu can produce on a GPU:
-    fp32 (IEEE and TF32), fp16 and bf16; with and without ReLU; every block shape of pick_blocks / wgrad_blocks;
-    flat and per-tap forward; wgrad with and without bias. Kernel sizes are run-time arguments. Used to prove that
-    they all compile for each architecture (fcnkern.kernels.compile_check)."""
+    fp32 (IEEE and TF32), fp16, bf16 and fp64 (the gradchecks'); with and without ReLU; every block shape of
+    pick_blocks / wgrad_blocks; flat and per-tap forward; wgrad with and without bias. Kernel sizes are run-time
+    arguments. Used to prove that they all compile for each architecture (fcnkern.kernels.compile_check)."""
     import triton.language as tl
 
-    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp64", 8)):
         ptr = f"*{ty}"
+        acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
         fwd_sig = _signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr}, "x", "w", "y")
         dgrad_sig = _signature({"g_ptr": ptr, "y_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr}, "g", "y", "w", "dx")
         wgrad_sig = _signature(
-            {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": "*fp32", "db_ptr": "*fp32"}, "g", "y", "x",
+            {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, "db_ptr": acc_ty}, "g", "y", "x",
             extra=("G", "PIX_PER_SPLIT"),
         )  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
             for relu in (False, True):
-                base = {"RELU": relu, "ACC": tl.float32, "DOT_PRECISION": precision}
+                base = {"RELU": relu, "ACC": acc, "DOT_PRECISION": precision}
                 tag = f"{ty}_{precision}_relu{int(relu)}"
                 for bm, bn, bk, warps in all_blocks(elem):
                     blocks = {"BLOCK_M": bm, "BLOCK_N": bn}

@@ -380,19 +380,20 @@ def launch_configs():
     def w_strides() -> dict[str, str]:
         return _geometry_sig("w_si", "w_so", "w_sh", "w_sw")
 
-    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+    for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp64", 8)):  # fp64: the gradchecks'
         ptr = f"*{ty}"
+        acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
         fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
                    **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo)}  # fmt: skip
         dgrad_sig = {"g_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **_geometry_sig(*dims), **strides("g"),
                      **w_strides(), **strides("dx"), **_geometry_sig(*geo)}  # fmt: skip
-        wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": "*fp32", **_geometry_sig(*dims), **strides("g", "x"),
+        wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
                      **_geometry_sig(*geo, "GROUPS", "PIX_PER_SPLIT")}  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
             for (bm, bn, bk, warps), use_dot in all_learned_blocks(elem):
                 if not use_dot and precision == "tf32":
                     continue  # CUDA-core variants ignore DOT_PRECISION
-                consts = {"USE_DOT": use_dot, "ACC": tl.float32, "DOT_PRECISION": precision,
+                consts = {"USE_DOT": use_dot, "ACC": acc, "DOT_PRECISION": precision,
                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                 tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}"
                 fwd = upsample_fwd_kernel if use_dot else upsample_fwd_direct_kernel
@@ -405,11 +406,11 @@ def launch_configs():
                 yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
         bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("TOTAL", "C", "H", "W", "OH", "OW"),
                    **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
-        yield f"bilinear_fwd_{ty}", bilinear_fwd_kernel, bil_sig, {"ACC": tl.float32, "BLOCK": BILINEAR_BLOCK}, 4
-        # Width pass: the gradient (ty) into the fp32 intermediate; height pass: the intermediate into dx (ty).
-        for axis, src, dst in ((3, ptr, "*fp32"), (2, "*fp32", ptr)):
+        yield f"bilinear_fwd_{ty}", bilinear_fwd_kernel, bil_sig, {"ACC": acc, "BLOCK": BILINEAR_BLOCK}, 4
+        # Width pass: the gradient (ty) into the fp32 (fp64) intermediate; height pass: the intermediate into dx (ty).
+        for axis, src, dst in ((3, ptr, acc_ty), (2, acc_ty, ptr)):
             sig = {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("TOTAL", "C", "D2", "D3"),
                    **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
                    **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
             yield (f"bilinear_bwd_axis{axis}_{ty}", bilinear_bwd_axis_kernel, sig,
-                   {"AXIS": axis, "ACC": tl.float32, "BLOCK": BILINEAR_BLOCK}, 4)  # fmt: skip
+                   {"AXIS": axis, "ACC": acc, "BLOCK": BILINEAR_BLOCK}, 4)  # fmt: skip
