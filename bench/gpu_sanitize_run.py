@@ -8,12 +8,16 @@ import torch.nn.functional as F
 
 import fcnkern
 
+# argv[1:] picks the backends (default both), so that gpu_suite.sh can run one sanitizer process per backend.
+BACKENDS = tuple(sys.argv[1:]) or ("cuda", "triton")
+
 
 def main() -> int:
     assert torch.cuda.is_available(), "needs a CUDA device"
+    assert set(BACKENDS) <= {"cuda", "triton"}, f"unknown backends {BACKENDS}"
     failures = 0
     g = torch.Generator(device="cuda").manual_seed(0)
-    for backend in ("cuda", "triton"):
+    for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             for shape in ((1, 1, 1, 1), (2, 21, 13, 17), (1, 150, 7, 5), (3, 5, 1, 257)):
                 n, c, h, w = shape
@@ -27,9 +31,12 @@ def main() -> int:
                     if not torch.allclose(loss.double(), ref, rtol=2e-2, atol=2e-2) or not grad.isfinite().all():
                         print(f"MISMATCH {backend} {dtype} {shape} {reduction}", flush=True)
                         failures += 1
-    failures += _conv_relu(g)
-    failures += _upsample(g)
-    failures += _head(g)
+    # Progress per op, so that a run cut off by its time limit still shows which kernels it covered.
+    print(f"cross_entropy done ({failures} mismatches)", flush=True)
+    for part in (_conv_relu, _upsample, _head):
+        failures += part(g)
+        torch.cuda.synchronize()
+        print(f"{part.__name__.lstrip('_')} done ({failures} mismatches so far)", flush=True)
     torch.cuda.synchronize()
     print(f"sanitize run done: {failures} mismatches")
     return 1 if failures else 0
@@ -42,7 +49,7 @@ def _conv_relu(g: torch.Generator) -> int:
     # (n, c, h, w, cout, k, stride, padding, dilation, groups)
     cases = [(1, 3, 11, 13, 8, 3, 1, 100, 1, 1), (2, 17, 9, 7, 21, 3, 2, 1, 1, 1), (1, 6, 8, 8, 4, 3, 1, 2, 2, 2),
              (1, 40, 5, 3, 21, 1, 1, 0, 1, 1), (1, 32, 7, 7, 24, 7, 1, 0, 1, 1)]  # fmt: skip
-    for backend, dtype in [(b, d) for b in ("cuda", "triton") for d in (torch.float32, torch.float16, torch.bfloat16)]:
+    for backend, dtype in [(b, d) for b in BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)]:
         for n, c, h, w, cout, k, stride, padding, dilation, groups in cases:
             x = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
             weight = (torch.randn(cout, c // groups, k, k, device="cuda", generator=g) * 0.2).to(dtype)
@@ -65,7 +72,7 @@ def _upsample(g: torch.Generator) -> int:
     # (n, c, h, w, factor, kernel, groups, crop, out_size)
     cases = [(1, 21, 3, 2, 32, 64, 21, (19, 19), (37, 5)), (2, 21, 5, 7, 2, 4, 1, (0, 0), (12, 16)),
              (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5))]  # fmt: skip
-    for backend in ("cuda", "triton"):
+    for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for n, c, h, w, f, k, groups, crop, size in cases:
                 x = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
@@ -92,7 +99,7 @@ def _head(g: torch.Generator) -> int:
     # (n, c, h, w, factor, crop, out_size)
     cases = [(1, 21, 3, 3, 32, (19, 19), (97, 89)), (2, 21, 5, 6, 8, (31, 31), (13, 17)),
              (1, 150, 3, 2, 2, (1, 1), (5, 3)), (3, 1, 1, 1, 3, (0, 2), (4, 3))]  # fmt: skip
-    for backend in ("cuda", "triton"):
+    for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             for n, c, h, w, f, crop, size in cases:
                 s = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()

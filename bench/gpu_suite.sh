@@ -1,53 +1,83 @@
 #!/usr/bin/env bash
 # Issue 7: everything only a GPU can show, in one call of the device tool, from the repository root:
 #     run(command="bash bench/gpu_suite.sh", timeout_s=600)
-# Writes under $OUT (default /tmp/fcnkern-gpu): env.txt, build.log, tests.log, memcheck.log, racecheck.log,
-# bench.json (pytest-benchmark, PyTorch baselines in the same run), floors.json (copy bandwidth, bf16 GEMM rate),
-# and prints a summary last. Each step runs even if an earlier one failed; the exit code is the first failure's.
-# A task's device time is 15 minutes in all, machine start included, so the call must end inside its 600 s: each
-# step has its own time limit (most important first: build, GPU parity, memcheck, benchmarks, floors, racecheck),
-# and only the CUDA-device tests and benchmarks run here (`-k cuda`; CI runs the CPU ones). A step that runs out
-# of time says so (rc=124) and the next one starts. STEPS="build tests" (say) runs a subset.
-# On a machine already warm from an earlier call the build is kept; otherwise every call needs "build" first.
+# A task's device time is 15 minutes in all, machine start included, so the whole script keeps to DEADLINE seconds
+# (default 570): each step gets its own limit, cut to what is left, and a step that runs out says so (rc=124).
+#   1. build the extension for sm_90 (the machine's torch 2.11 + cu130, nvcc 13.0), then `fcnkern info`;
+#   2. at the same time (correctness only, so they may share the GPU): the CUDA-device parity tests (`-k cuda`; CI
+#      runs the CPU ones) and compute-sanitizer memcheck and racecheck, one process per backend;
+#   3. alone on the GPU (timings): copy bandwidth and bf16 GEMM rate (floors.json), the benchmarks with their PyTorch
+#      baselines in the same run (bench.json), then the main job on the GPU (train.json).
+# The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
+# and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
+# STEPS="build tests" (say) runs a subset; on a machine still warm from an earlier call the build is kept.
 set -uo pipefail
 OUT=${OUT:-/tmp/fcnkern-gpu}
+DEADLINE=${DEADLINE:-570}
+LOGS=$(mktemp -d /tmp/fcnkern-gpu-logs.XXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-status=0
-STEPS=${STEPS:-build info tests memcheck bench floors racecheck}
-step() {  # step NAME SECONDS LOGFILE COMMAND...: run within SECONDS, log, remember the first failure
-  local name=$1 limit=$2 log=$3; shift 3
-  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
-  local rc=$?
-  echo "$name: rc=$rc in $((SECONDS - t0)) s (log: $(basename "$log"))" | tee -a "$OUT/summary.txt"
-  [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
+STEPS=${STEPS:-build info tests memcheck racecheck floors bench train}
+
+pack() {
+  cp "$LOGS"/summary.txt "$LOGS"/env.txt "$OUT"/ 2>/dev/null
+  for f in bench.json floors.json train.json bench-compile.json; do [ -f "$LOGS/$f" ] && cp "$LOGS/$f" "$OUT/"; done
+  # Steps run side by side: write aside, then rename, so that the archive is never half written.
+  tar czf "$OUT/logs-$BASHPID.tmp" -C "$LOGS" . 2>/dev/null && mv "$OUT/logs-$BASHPID.tmp" "$OUT/logs.tar.gz"
   return 0
+}
+step() {  # step NAME SECONDS COMMAND...: run within min(SECONDS, time left), log to NAME.log, note the outcome
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" ${name%%-*} "*) ;; *) return 0 ;; esac
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then echo "$name: not run (no time left)" | tee -a "$LOGS/summary.txt"; return 0; fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$LOGS/summary.txt"
+  pack
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| device', torch.cuda.get_device_name())"
-  nvcc --version | tail -2; echo "command: bash bench/gpu_suite.sh"; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+  nvcc --version | tail -2; echo "git: $(git rev-parse --short HEAD 2>/dev/null) | command: bash bench/gpu_suite.sh"; } > "$LOGS/env.txt" 2>&1
+cat "$LOGS/env.txt"
 
-step build 200 "$OUT/build.log" python3 -m pip install --no-build-isolation --no-deps -e .
-step info 20 "$OUT/info.log" python3 -m fcnkern info
+# compute-sanitizer ships with the CUDA toolkit but is not always on the PATH.
+SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/bin/compute-sanitizer "$CUDA_HOME"/compute-sanitizer/compute-sanitizer \
+  /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+[ -z "$SANITIZER" ] && SANITIZER=$(find / -xdev -maxdepth 6 -type f -name compute-sanitizer 2>/dev/null | head -1)
+echo "compute-sanitizer: ${SANITIZER:-not found}" | tee -a "$LOGS/env.txt"
+
+step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
+# From here on a missing extension must show as an unavailable backend, not start a minutes-long JIT compile.
+export FCNKERN_NO_JIT=1
+step info 30 python3 -m fcnkern info
 # -v: each result is logged as it comes, so a run cut off by its limit still shows what passed.
-step tests 140 "$OUT/tests.log" python3 -m pytest tests -v -p no:cacheprovider -n 8 --timeout=120 \
-  -k "cuda and not cuda_problems and not cuda_elements"  # those two check CUDA index maths on the CPU (CI)
-step memcheck 60 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/gpu_sanitize_run.py
-bench_args=(--benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-columns=min,median,max)
-step bench 90 "$OUT/bench.log" python3 -m pytest bench/ "${bench_args[@]}" -k "cuda and not compile" \
-  --benchmark-json="$OUT/bench.json"
-step floors 20 "$OUT/floors.log" python3 bench/gpu_floors.py "$OUT/floors.json"
-step racecheck 50 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/gpu_sanitize_run.py
-# Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=bench-compile in a later call.
-step bench-compile 240 "$OUT/bench-compile.log" python3 -m pytest bench/test_bench_models.py "${bench_args[@]}" \
-  -k "cuda and (compile or fcnkern)" --benchmark-json="$OUT/bench-compile.json"
+# Not cuda_problems / cuda_elements: those check CUDA index maths on the CPU (CI runs them). The FCN twin test
+# too: its GPU cases are named by backend (triton, cuda), not device.
+step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 10 --timeout=150 \
+  -k "(cuda and not cuda_problems and not cuda_elements) or matches_pytorch_twin" &
+for tool in memcheck racecheck; do
+  for backend in cuda triton; do step "$tool-$backend" 200 "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 1 \
+    python3 bench/gpu_sanitize_run.py "$backend" & done
+done
+wait
+step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
+step bench 150 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
+  --benchmark-columns=min,median,max -k "cuda and not compile" --benchmark-json="$LOGS/bench.json"
+step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
+# Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=compile in a later call.
+step compile 240 python3 -m pytest bench/test_bench_models.py --benchmark-only -q -p no:cacheprovider \
+  -k "cuda and (compile or fcnkern)" --benchmark-json="$LOGS/bench-compile.json"
+rm -rf "$LOGS/run"
+pack
 
-echo "== summary"; cat "$OUT/summary.txt"; tail -3 "$OUT/tests.log"; grep -cE " PASSED " "$OUT/tests.log"
-grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -20; grep -E "ERROR SUMMARY" "$OUT"/*check.log
-cat "$OUT/floors.json" 2>/dev/null
-exit $status
+echo "== summary"; cat "$LOGS/summary.txt"
+grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOGS/tests.log" | tail -2
+grep -cE " PASSED " "$LOGS/tests.log"; grep -E " (FAILED|ERROR) " "$LOGS/tests.log" | head -20
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatch|MISMATCH" "$LOGS"/memcheck-*.log "$LOGS"/racecheck-*.log
+cat "$LOGS/floors.json" 2>/dev/null; tail -5 "$LOGS/train.log" 2>/dev/null
+! grep -qE "rc=[1-9]" "$LOGS/summary.txt"

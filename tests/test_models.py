@@ -40,7 +40,7 @@ def _outputs_and_grads(model, x, upstream):
 
 def _backends() -> list:
     params = []
-    for backend in ("cpu", "triton", "torch"):
+    for backend in ("cpu", "triton", "cuda", "torch"):
         info = fcnkern.backend_info(backend)
         marks = [] if info.available else [pytest.mark.skip(reason=f"backend {backend!r} unavailable: {info.reason}")]
         params.append(pytest.param(backend, marks=marks, id=backend))
@@ -50,7 +50,7 @@ def _backends() -> list:
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (37, 41)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_matches_pytorch_twin_forward_and_backward(variant, backend, size):
+def test_matches_pytorch_twin_forward_and_backward(variant, backend, size, monkeypatch):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the Triton interpreter needs many minutes for a VGG16 at padding 100 (the "
                     "op-level tests cover the Triton kernels on CPU)")  # fmt: skip
@@ -58,7 +58,9 @@ def test_matches_pytorch_twin_forward_and_backward(variant, backend, size):
     g = generator("input", variant, size)
     x = torch.randn(2, 3, *size, generator=g)
     upstream = torch.randn(2, 21, *size, generator=g)
-    if backend == "triton":  # on the GPU, compared with the twin on the CPU
+    if backend in ("triton", "cuda"):  # on the GPU, compared with the twin on the CPU
+        # fcnkern's fp32 GPU kernels follow PyTorch's TF32 switch; the twin on the CPU is plain fp32.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         out, dx, grads = _outputs_and_grads(model.cuda(), x.cuda(), upstream.cuda())
         out, dx, grads = out.cpu(), dx.cpu(), {k: v.cpu() for k, v in grads.items()}
     else:
