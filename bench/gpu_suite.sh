@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: run within min(SECONDS, time left), lo
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| device', torch.cuda.get_device_name())"
-  nvcc --version | tail -2; echo "git: $(git rev-parse --short HEAD 2>/dev/null) | command: bash bench/gpu_suite.sh"; } > "$LOGS/env.txt" 2>&1
+  nvcc --version | tail -2; echo "git: ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)} | command: bash bench/gpu_suite.sh"; } > "$LOGS/env.txt" 2>&1
 cat "$LOGS/env.txt"
 
 # compute-sanitizer ships with the CUDA toolkit but is not always on the PATH.
