@@ -57,10 +57,14 @@ def _conv_relu(g: torch.Generator) -> int:
             bias = torch.randn(cout, device="cuda", generator=g).to(dtype).requires_grad_()
             y = fcnkern.conv2d_relu(x, weight, bias, stride, padding, dilation, groups, backend=backend)
             grads = torch.autograd.grad(y.float().square().sum(), (x, weight, bias))
+            y_torch = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+            grads_torch = torch.autograd.grad(y_torch.float().square().sum(), (x, weight, bias))
             ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation, groups))
-            err = (y.double() - ref).norm() / ref.norm().clamp_min(1e-12)
-            if err > 2e-2 or not all(t.isfinite().all() for t in grads):
-                print(f"MISMATCH conv2d_relu {backend} {dtype} {(n, c, h, w, cout, k)} rel err {float(err):.3g}")
+            err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+            # A gradient may overflow fp16 where PyTorch's own does too (conv1_1's bias: ~50k padded pixels).
+            finite = all((a.isfinite() | ~b.isfinite()).all() for a, b in zip(grads, grads_torch, strict=True))
+            if err > 2e-2 or not finite:
+                print(f"MISMATCH conv2d_relu {backend} {dtype} {(n, c, h, w, cout, k)} rel err {err:.3g}")
                 failures += 1
     return failures
 

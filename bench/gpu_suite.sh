@@ -10,7 +10,8 @@
 #      baselines in the same run (bench.json), then the main job on the GPU (train.json).
 # The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
 # and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
-# STEPS="build tests" (say) runs a subset; on a machine still warm from an earlier call the build is kept.
+# STEPS="build tests" (say) runs a subset, BENCH_K picks benchmarks (pytest -k); on a machine still warm from an
+# earlier call the build is kept.
 set -uo pipefail
 OUT=${OUT:-/tmp/fcnkern-gpu}
 DEADLINE=${DEADLINE:-570}
@@ -18,7 +19,7 @@ LOGS=$(mktemp -d /tmp/fcnkern-gpu-logs.XXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-build info tests memcheck racecheck floors bench train}
+STEPS=${STEPS:-build info tests memcheck racecheck floors probe bench train}
 
 pack() {
   cp "$LOGS"/summary.txt "$LOGS"/env.txt "$OUT"/ 2>/dev/null
@@ -56,18 +57,20 @@ step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 export FCNKERN_NO_JIT=1
 step info 30 python3 -m fcnkern info
 # -v: each result is logged as it comes, so a run cut off by its limit still shows what passed.
-# Not cuda_problems / cuda_elements: those check CUDA index maths on the CPU (CI runs them). The FCN twin test
-# too: its GPU cases are named by backend (triton, cuda), not device.
-step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 10 --timeout=150 \
-  -k "(cuda and not cuda_problems and not cuda_elements) or matches_pytorch_twin" &
+# Not cuda_problems / cuda_elements: those check CUDA index maths on the CPU (CI runs them). The FCN twin test's GPU
+# cases are named by backend (triton, cuda), not device; test_tf32 runs on the GPU only. FCNKERN_FAILURE_LOG: each
+# failure's traceback as it happens, since the limit can stop pytest before its summary.
+FCNKERN_FAILURE_LOG="$LOGS/failures.log" step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 12 \
+  --timeout=150 -k "(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32" &
 for tool in memcheck racecheck; do
   for backend in cuda triton; do step "$tool-$backend" 200 "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 1 \
     python3 bench/gpu_sanitize_run.py "$backend" & done
 done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
+step probe 40 python3 bench/gpu_probe.py
 step bench 150 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
-  --benchmark-columns=min,median,max -k "cuda and not compile" --benchmark-json="$LOGS/bench.json"
+  --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
 # Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=compile in a later call.
 step compile 240 python3 -m pytest bench/test_bench_models.py --benchmark-only -q -p no:cacheprovider \
@@ -79,5 +82,6 @@ echo "== summary"; cat "$LOGS/summary.txt"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOGS/tests.log" | tail -2
 grep -cE " PASSED " "$LOGS/tests.log"; grep -E " (FAILED|ERROR) " "$LOGS/tests.log" | head -20
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatch|MISMATCH" "$LOGS"/memcheck-*.log "$LOGS"/racecheck-*.log
-cat "$LOGS/floors.json" 2>/dev/null; tail -5 "$LOGS/train.log" 2>/dev/null
+cat "$LOGS/floors.json" 2>/dev/null; grep "^{" "$LOGS/probe.log" 2>/dev/null; tail -3 "$LOGS/train.log" 2>/dev/null
+grep -A12 "^====" "$LOGS/failures.log" 2>/dev/null | head -150
 ! grep -qE "rc=[1-9]" "$LOGS/summary.txt"

@@ -9,9 +9,10 @@ Four backends compute every op:
 
 Which one runs is decided, first match wins, by the op's ``backend=`` argument, the innermost
 ``with fcnkern.use_backend(...)`` block, the ``FCNKERN_BACKEND`` environment variable, and otherwise by the tensors'
-device (CUDA: cuda, triton, torch; CPU: cpu, torch), among the backends the op has kernels for. A backend that
-is named explicitly but cannot run (or has no kernel for that op) raises :class:`BackendUnavailableError` saying why;
-only the automatic choice moves on to the next candidate.
+device, among the backends the op has kernels for: on CPU tensors cpu, then torch; on CUDA tensors the fastest
+measured on an H100 (``_CUDA_AUTO_ORDER``; bench/results/h100-*). A backend that is named explicitly but cannot run
+(or has no kernel for that op) raises :class:`BackendUnavailableError` saying why; only the automatic choice moves on
+to the next candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# The automatic choice on CUDA tensors, per op, fastest first, from the H100 benchmarks in bench/results/ (training
+# steps: forward + backward). fcnkern's conv kernels lose to cuDNN (Triton 2-10x slower per VGG layer, the C++ kernel
+# 10-40x; issue 3), so the automatic choice keeps PyTorch's convolution; explicit backends still run them.
+_CUDA_AUTO_ORDER = {
+    "conv2d_relu": ("torch", "triton", "cuda"),
+    "upsample_crop": ("triton", "cuda", "torch"),  # the C++ kernel is 3-10x slower than the Triton one
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -143,7 +151,8 @@ def resolve(
     device = torch.device(device_type)
     name = requested_backend(explicit)
     if name is None:
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        order = _CUDA_AUTO_ORDER.get(op) if device.type == "cuda" else None
+        for candidate in order or _AUTO_ORDER.get(device.type, ("torch",)):
             if (
                 candidate in implemented
                 and _device_problem(candidate, device) is None

@@ -313,8 +313,10 @@ def pixelwise_cross_entropy(
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice
             (see :mod:`fcnkern.backend`).
         check_labels: True: raise ValueError on out-of-range labels on every device (a sync on CUDA). None
-            (default): raise where that costs no sync (CPU tensors); on CUDA a bad label makes the loss NaN.
-            False: never check eagerly. Under torch.compile no eager check runs; the C++ CPU kernel still raises.
+            (default): raise where that costs no sync (CPU tensors), and on the torch backend on every device
+            (PyTorch's CUDA kernel would hit a device-side assert); with the triton and cuda kernels a bad label
+            makes the loss NaN. False: never check eagerly. Under torch.compile no eager check runs; the C++ CPU
+            kernel still raises.
 
     Returns:
         The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32.
@@ -327,7 +329,8 @@ def pixelwise_cross_entropy(
     if check_labels and eager:
         validate_labels(target, num_classes, ignore_index)
     if be == "torch":
-        if check_labels is None and eager and logits.device.type == "cpu":
+        # On every device: PyTorch's CUDA kernel would stop the process with a device-side assert on a bad label.
+        if check_labels is None and eager:
             validate_labels(target, num_classes, ignore_index)
         if weight is not None:
             weight = weight.to(logits.dtype)

@@ -259,9 +259,10 @@ def upsample_cross_entropy(
     check_loss_options(weight, num_classes, scores.device, ignore_index, reduction)
     be = _backend.resolve(backend, scores.device.type, "upsample_cross_entropy", IMPLEMENTED)
     # The cpu kernel raises on bad labels itself and the interpreted Triton op checks them (no sync on a CPU
-    # tensor); the torch reference is checked here, and any backend when the caller asks.
+    # tensor); the torch reference is checked here on every device (PyTorch's CUDA kernel would hit a device-side
+    # assert), and any backend when the caller asks.
     eager = not torch.compiler.is_compiling()
-    own_check = check_labels is None and scores.device.type == "cpu" and be == "torch"
+    own_check = check_labels is None and be == "torch"
     if eager and (check_labels or own_check):
         validate_labels(target, num_classes, ignore_index)
     if be == "torch" or 0 in target.shape[1:]:  # an empty window leaves no pixel for a kernel: PyTorch's result

@@ -123,7 +123,7 @@ def head_kernel(
             g = g * tl.load(g_ptr + n * g_sn + y * g_sh + x * g_sw, mask=pmask & valid, other=0.0).to(ACC)
         g = tl.where(pmask & valid, tl.where(in_range, g, float("nan")), 0.0)
         ws_slice = (n.to(tl.int64) * C * CR + cr) * CQ * S + cq * S + sl
-        plane = N.to(tl.int64) * C * CR * CQ * S  # one tap's block of the workspace
+        plane = tl.cast(N, tl.int64) * C * CR * CQ * S  # one tap's block; tl.cast: N may be a constexpr 1
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C

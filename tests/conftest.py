@@ -5,11 +5,16 @@
 - FCNKERN_POISON=1 makes every op fill its fresh outputs with NaN before the kernel runs, so an element a kernel
   forgets to write fails the parity checks instead of passing on leftover memory;
 - Hypothesis runs derandomized (the same examples every run, so CI is reproducible); HYPOTHESIS_PROFILE=explore
-  searches fresh random examples, more of them.
+  searches fresh random examples, more of them;
+- fp32 means fp32: PyTorch lets cuDNN use TF32 for fp32 convolutions by default, and fcnkern's Triton kernels follow
+  that switch, so every test runs with it off (tests/test_tf32.py checks the TF32 path at TF32 precision);
+- FCNKERN_FAILURE_LOG=FILE appends each failure's report to FILE as it happens (the GPU suite runs under a time
+  limit that can cut pytest off before its summary).
 """
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -20,3 +25,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FCNKERN_POISON", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fp32_without_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FCNKERN_FAILURE_LOG")
+    # Under pytest-xdist the controller gets every worker's reports; log there only, once.
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

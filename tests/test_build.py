@@ -86,6 +86,22 @@ def test_every_triton_config_compiles_for_sm80_and_sm90():
     assert not missing, f"no tensor-core instructions in {missing[:5]}"
 
 
+def test_triton_kernels_compile_with_integer_arguments_of_one():
+    """At launch Triton turns an int argument equal to 1 (N = 1, C = 1, a unit stride) into a constexpr Python int;
+    each kernel must compile that way too (``N.to(...)`` on one broke the fused head at batch 1 on the GPU)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcnkern.kernels.compile_check", "90", "--ints-of-one"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    kernels = {r["kernel"].split("_")[0] for r in records}
+    assert {"ce", "conv", "upsample", "bilinear", "head"} <= kernels, kernels
+    assert all(r["kernel"].endswith("_ints1") for r in records)
+
+
 def test_cpu_block_cache_recycles_and_empties():
     """Big CPU gradients come from a recycled block cache; empty_cache() hands the blocks back."""
     import fcnkern

@@ -50,7 +50,7 @@ def _backends() -> list:
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (37, 41)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_matches_pytorch_twin_forward_and_backward(variant, backend, size, monkeypatch):
+def test_matches_pytorch_twin_forward_and_backward(variant, backend, size):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the Triton interpreter needs many minutes for a VGG16 at padding 100 (the "
                     "op-level tests cover the Triton kernels on CPU)")  # fmt: skip
@@ -58,9 +58,7 @@ def test_matches_pytorch_twin_forward_and_backward(variant, backend, size, monke
     g = generator("input", variant, size)
     x = torch.randn(2, 3, *size, generator=g)
     upstream = torch.randn(2, 21, *size, generator=g)
-    if backend in ("triton", "cuda"):  # on the GPU, compared with the twin on the CPU
-        # fcnkern's fp32 GPU kernels follow PyTorch's TF32 switch; the twin on the CPU is plain fp32.
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    if backend in ("triton", "cuda"):  # on the GPU (TF32 off: conftest), compared with the twin on the CPU
         out, dx, grads = _outputs_and_grads(model.cuda(), x.cuda(), upstream.cuda())
         out, dx, grads = out.cpu(), dx.cpu(), {k: v.cpu() for k, v in grads.items()}
     else:

@@ -233,7 +233,7 @@ def test_out_of_range_label(device, backend):
     scores = torch.randn(1, 4, 3, 3, device=device)
     target = torch.zeros(1, 9, 10, dtype=torch.long, device=device)
     target[0, 4, 4] = 4
-    if device == "cpu":
+    if device == "cpu" or backend == "torch":  # on CUDA, PyTorch's own kernel would hit a device-side assert
         with pytest.raises(ValueError, match="label 4"):
             upsample_cross_entropy(scores, target, 4, (2, 3), backend=backend)
     else:  # no sync by default: the loss is NaN, never silently wrong; check_labels=True raises
