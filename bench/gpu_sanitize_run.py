@@ -57,12 +57,15 @@ def _conv_relu(g: torch.Generator) -> int:
             bias = torch.randn(cout, device="cuda", generator=g).to(dtype).requires_grad_()
             y = fcnkern.conv2d_relu(x, weight, bias, stride, padding, dilation, groups, backend=backend)
             grads = torch.autograd.grad(y.float().square().sum(), (x, weight, bias))
-            y_torch = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
-            grads_torch = torch.autograd.grad(y_torch.float().square().sum(), (x, weight, bias))
-            ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation, groups))
-            err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-12))
-            # A gradient may overflow fp16 where PyTorch's own does too (conv1_1's bias: ~50k padded pixels).
-            finite = all((a.isfinite() | ~b.isfinite()).all() for a, b in zip(grads, grads_torch, strict=True))
+            # The fp64 reference runs on the CPU: under racecheck, cuDNN's own sm90 dgrad kernel reports shared-memory
+            # hazards (H100, 2026-11-26), which are not fcnkern's to judge.
+            leaves = [t.detach().cpu().double().requires_grad_() for t in (x, weight, bias)]
+            ref = F.relu(F.conv2d(*leaves, stride, padding, dilation, groups))
+            ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+            err = float((y.detach().cpu().double() - ref.detach()).norm() / ref.detach().norm().clamp_min(1e-12))
+            # A gradient may overflow fp16 where its exact value does (conv1_1's bias sums ~50k padded pixels).
+            big = torch.finfo(dtype).max / 2
+            finite = all((a.cpu().isfinite() | (r.abs() > big)).all() for a, r in zip(grads, ref_grads, strict=True))
             if err > 2e-2 or not finite:
                 print(f"MISMATCH conv2d_relu {backend} {dtype} {(n, c, h, w, cout, k)} rel err {err:.3g}")
                 failures += 1

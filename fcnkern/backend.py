@@ -30,11 +30,11 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # The automatic choice on CUDA tensors, per op, fastest first, from the H100 benchmarks in bench/results/ (training
-# steps: forward + backward). fcnkern's conv kernels lose to cuDNN (Triton 2-10x slower per VGG layer, the C++ kernel
-# 10-40x; issue 3), so the automatic choice keeps PyTorch's convolution; explicit backends still run them.
+# steps: forward + backward). fcnkern's conv kernels lose to cuDNN (per VGG layer in training, Triton 2-36x slower,
+# the C++ kernel 6-70x; issue 3), so the automatic choice keeps PyTorch's convolution; explicit choices still run them.
 _CUDA_AUTO_ORDER = {
     "conv2d_relu": ("torch", "triton", "cuda"),
-    "upsample_crop": ("triton", "cuda", "torch"),  # the C++ kernel is 3-10x slower than the Triton one
+    "upsample_crop": ("triton", "cuda", "torch"),  # the C++ kernel: 3-10x slower than Triton in training
 }
 
 
