@@ -94,7 +94,7 @@ def _upsample(g: torch.Generator) -> int:
                 err = (out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
                 finite = all(t.isfinite().all() for t in (*grads, bil_grad))
                 if err > 2e-2 or not finite:
-                    print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {float(err):.3g}")
+                    print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {float(err.detach()):.3g}")
                     failures += 1
     return failures
 

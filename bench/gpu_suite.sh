@@ -6,8 +6,9 @@
 #   1. build the extension for sm_90 (the machine's torch 2.11 + cu130, nvcc 13.0), then `fcnkern info`;
 #   2. at the same time (correctness only, so they may share the GPU): the CUDA-device parity tests (`-k cuda`; CI
 #      runs the CPU ones) and compute-sanitizer memcheck and racecheck, one process per backend;
-#   3. alone on the GPU (timings): copy bandwidth and bf16 GEMM rate (floors.json), the benchmarks with their PyTorch
-#      baselines in the same run (bench.json), then the main job on the GPU (train.json).
+#   3. alone on the GPU (timings): copy bandwidth and bf16 GEMM rate (floors.json), the CE probe, the benchmarks with
+#      their PyTorch baselines in the same run (bench.json), then the main job on the GPU (train.json), its eval and
+#      `fcnkern bench` (cli.log).
 # The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
 # and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
 # STEPS="build tests" (say) runs a subset, BENCH_K picks benchmarks (pytest -k); on a machine still warm from an
@@ -19,7 +20,7 @@ LOGS=$(mktemp -d /tmp/fcnkern-gpu-logs.XXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-build info tests memcheck racecheck floors probe bench train}
+STEPS=${STEPS:-build info tests memcheck racecheck floors probe bench train cli}
 
 pack() {
   cp "$LOGS"/summary.txt "$LOGS"/env.txt "$OUT"/ 2>/dev/null
@@ -72,6 +73,9 @@ step probe 40 python3 bench/gpu_probe.py
 step bench 150 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
   --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
+# The rest of the command line on the GPU: eval of that checkpoint (metrics, prediction grid) and `fcnkern bench`.
+step cli 60 sh -c "python3 -m fcnkern eval --checkpoint '$LOGS/run/last.pt' --png '$LOGS/predictions.png' &&
+  python3 -m fcnkern bench --ops cross_entropy upsample --rounds 5 --json '$LOGS/cli-bench.json'"
 # Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=compile in a later call.
 step compile 240 python3 -m pytest bench/test_bench_models.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (compile or fcnkern)" --benchmark-json="$LOGS/bench-compile.json"
