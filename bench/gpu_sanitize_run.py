@@ -62,7 +62,7 @@ def _conv_relu(g: torch.Generator) -> int:
             leaves = [t.detach().cpu().double().requires_grad_() for t in (x, weight, bias)]
             ref = F.relu(F.conv2d(*leaves, stride, padding, dilation, groups))
             ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-            err = float((y.detach().cpu().double() - ref.detach()).norm() / ref.detach().norm().clamp_min(1e-12))
+            err = float(((y.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12)).detach())
             # A gradient may overflow fp16 where its exact value does (conv1_1's bias sums ~50k padded pixels).
             big = torch.finfo(dtype).max / 2
             finite = all((a.cpu().isfinite() | (r.abs() > big)).all() for a, r in zip(grads, ref_grads, strict=True))
@@ -91,10 +91,10 @@ def _upsample(g: torch.Generator) -> int:
                 ref = full[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
                 bil = fcnkern.bilinear_upsample_crop(x, f, crop, size, backend=backend) if k == 2 * f else None
                 (bil_grad,) = torch.autograd.grad(bil.float().sum(), x) if bil is not None else (x,)
-                err = (out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+                err = float(((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).detach())
                 finite = all(t.isfinite().all() for t in (*grads, bil_grad))
                 if err > 2e-2 or not finite:
-                    print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {float(err.detach()):.3g}")
+                    print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {err:.3g}")
                     failures += 1
     return failures
 

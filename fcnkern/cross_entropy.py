@@ -326,12 +326,12 @@ def pixelwise_cross_entropy(
     num_classes = logits.shape[1]
     # A data-dependent check cannot be traced; under torch.compile the kernels' own handling stands alone.
     eager = not torch.compiler.is_compiling()
-    if check_labels and eager:
+    # The torch reference is checked on every device: PyTorch's CUDA kernel would stop the process with a
+    # device-side assert on a bad label.
+    own_check = check_labels is None and be == "torch"
+    if eager and (check_labels or own_check):
         validate_labels(target, num_classes, ignore_index)
     if be == "torch":
-        # On every device: PyTorch's CUDA kernel would stop the process with a device-side assert on a bad label.
-        if check_labels is None and eager:
-            validate_labels(target, num_classes, ignore_index)
         if weight is not None:
             weight = weight.to(logits.dtype)
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)

@@ -39,8 +39,7 @@ def ones_variants():
             continue
         seen.add((fn, flags))
         ints = {k: 1 for k, ty in signature.items() if ty in ("i32", "i64")}
-        in_order = {k: "constexpr" if k in ints else ty for k, ty in signature.items()}
-        yield f"{name}_ints1", fn, in_order, {**constexprs, **ints}, num_warps
+        yield f"{name}_ints1", fn, signature, {**constexprs, **ints}, num_warps  # compile_all marks them constexpr
 
 
 def compile_all(cc: int, configs=None):
