@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _ext
+from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.second_order import register_reference_double_backward
 
@@ -291,7 +291,7 @@ def _register_autograd(fwd_name: str, bwd_op) -> None:
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
                 None, None, None, None, None)  # fmt: skip
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _autograd.register_autograd(fwd_name, backward, setup_context)
 
 
 _triton_fwd.register_fake(_fake_fwd)
@@ -371,6 +371,6 @@ def conv2d_relu(
         return F.relu(y) if relu else y
     args = (x, weight, bias, list(stride_t), list(padding_t), list(dilation_t), groups, relu)
     if be == "triton":
-        return torch.ops.fcnkern.triton_conv2d_relu(*args)
+        return _autograd.call("fcnkern::triton_conv2d_relu", *args)
     _ext.load()
-    return torch.ops.fcnkern.conv2d_relu(*args)
+    return _autograd.call("fcnkern::conv2d_relu", *args)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _ext
+from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.second_order import differentiable_grad
 
@@ -207,7 +207,7 @@ def _register(fwd_name: str, bwd_op) -> None:
             return _differentiable_grad(logits, target, weight, ctx.ignore_index, grad_loss), None, None, None
         return bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index), None, None, None
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _autograd.register_autograd(fwd_name, backward, setup_context)
 
 
 def _fake_fwd_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -245,19 +245,27 @@ def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
     return _scale_precomputed_grad(grad, grad_loss, target, ctx.ignore_index), None, None, None
 
 
+def cpu_scalar_upstream(grad_loss: Tensor) -> float | None:
+    """The upstream gradient's one value when it is a scalar broadcast over the pixels (stride 0: the gradient of
+    a sum or mean) on a CPU tensor in eager mode, where reading it costs no sync; else None."""
+    if grad_loss.numel() == 0 or grad_loss.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if any(step != 0 for step in grad_loss.stride()):
+        return None
+    return float(grad_loss.reshape(-1)[0])
+
+
 def _scale_precomputed_grad(grad: Tensor, grad_loss: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """grad (computed for an upstream gradient of 1) times the real upstream gradient. Out of place, so that
     several backwards through one graph (gradcheck, retain_graph=True) stay right. Ignored pixels get exactly 0
     whatever the upstream value, as in PyTorch: a mean over no pixels sends an infinite upstream gradient."""
     if grad_loss.numel() == 0:
         return grad
-    scalar_upstream = all(step == 0 for step in grad_loss.stride())
-    if scalar_upstream and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling():
-        value = grad_loss.reshape(-1)[0]
-        if float(value) == 1.0:
-            return grad
-        if math.isfinite(float(value)):
-            return (grad * value).to(grad.dtype)
+    value = cpu_scalar_upstream(grad_loss)
+    if value == 1.0:
+        return grad
+    if value is not None and math.isfinite(value):
+        return (grad * value).to(grad.dtype)
     upstream = torch.where(target == ignore_index, 0.0, grad_loss)
     return (grad * upstream.unsqueeze(1)).to(grad.dtype)
 
@@ -267,7 +275,7 @@ def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::pixelwise_ce_fwd_grad")(_fake_fwd_grad)
     torch.library.register_fake("fcnkern::pixelwise_ce_bwd")(_fake_bwd)
     _register("fcnkern::pixelwise_ce_fwd", torch.ops.fcnkern.pixelwise_ce_bwd)
-    torch.library.register_autograd("fcnkern::pixelwise_ce_fwd_grad", _backward_fwd_grad, setup_context=_setup_fwd_grad)
+    _autograd.register_autograd("fcnkern::pixelwise_ce_fwd_grad", _backward_fwd_grad, _setup_fwd_grad)
 
 
 _triton_fwd.register_fake(_fake_fwd)
@@ -284,10 +292,10 @@ _ext.on_load(_register_cpp_ops)
 def _kernel_forward(be: str, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """Per-pixel loss from backend ``be``'s kernels, differentiable with respect to logits."""
     if be == "triton":
-        return torch.ops.fcnkern.triton_pixelwise_ce_fwd(logits, target, weight, ignore_index)[0]
+        return _autograd.call("fcnkern::triton_pixelwise_ce_fwd", logits, target, weight, ignore_index)[0]
     if be == "cpu" and logits.requires_grad and torch.is_grad_enabled():
-        return torch.ops.fcnkern.pixelwise_ce_fwd_grad(logits, target, weight, ignore_index)[0]
-    return torch.ops.fcnkern.pixelwise_ce_fwd(logits, target, weight, ignore_index)[0]
+        return _autograd.call("fcnkern::pixelwise_ce_fwd_grad", logits, target, weight, ignore_index)[0]
+    return _autograd.call("fcnkern::pixelwise_ce_fwd", logits, target, weight, ignore_index)[0]
 
 
 def pixelwise_cross_entropy(

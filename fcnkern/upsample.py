@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _ext
+from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _wgrad_splits
 from fcnkern.second_order import register_reference_double_backward
@@ -159,9 +159,9 @@ def upsample_crop(
         return _crop(F.conv_transpose2d(x, weight, bias, (sh, sw), groups=groups), crop_t, size_t, x)
     args = (x, weight, bias, [sh, sw], list(crop_t), list(size_t), groups)
     if be == "triton":
-        return torch.ops.fcnkern.triton_upsample_crop(*args)
+        return _autograd.call("fcnkern::triton_upsample_crop", *args)
     _ext.load()
-    return torch.ops.fcnkern.upsample_crop(*args)
+    return _autograd.call("fcnkern::upsample_crop", *args)
 
 
 def bilinear_upsample_crop(
@@ -195,10 +195,10 @@ def bilinear_upsample_crop(
     if 0 in size_t:  # an empty window leaves no pixel for a kernel: PyTorch's empty result below
         be = "torch"
     if be == "triton":
-        return torch.ops.fcnkern.triton_bilinear_upsample_crop(x, factor, top, left, h, w)
+        return _autograd.call("fcnkern::triton_bilinear_upsample_crop", x, factor, top, left, h, w)
     if be in ("cpu", "cuda"):
         _ext.load()
-        return torch.ops.fcnkern.bilinear_upsample_crop(x, factor, top, left, h, w)
+        return _autograd.call("fcnkern::bilinear_upsample_crop", x, factor, top, left, h, w)
     channels = x.shape[1]
     weight = bilinear_kernel(k, x.dtype).to(x.device).expand(channels, 1, k, k)
     return _crop(F.conv_transpose2d(x, weight, None, factor, groups=channels), crop_t, size_t, x)
@@ -233,7 +233,7 @@ def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
                             weight, *ctx.geometry, mask)  # fmt: skip
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _autograd.register_autograd(fwd_name, backward, setup_context)
 
 
 def _reference_upsample_bwd(grad, x, weight, stride, crop, groups, output_mask):
@@ -264,7 +264,7 @@ def _register_bilinear_autograd(fwd_name: str, fwd_op, bwd_name: str, bwd_op) ->
     def backward_of_backward(ctx, grad):
         return fwd_op(grad, *ctx.geometry), None, None, None, None, None
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _autograd.register_autograd(fwd_name, backward, setup_context)
     torch.library.register_autograd(bwd_name, backward_of_backward, setup_context=setup_context)
 
 

@@ -34,16 +34,17 @@ The learned layers FCN does train (the 2x ``upscore2``/``upscore_pool4``) work a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _ext
+from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv
-from fcnkern.cross_entropy import Reduction, check_loss_options, reduce_pixel_loss, validate_labels
+from fcnkern.cross_entropy import Reduction, check_loss_options, cpu_scalar_upstream, reduce_pixel_loss, validate_labels
 from fcnkern.second_order import differentiable_grad
 from fcnkern.upsample import _check_input, _check_window, _pair, bilinear_upsample_crop
 
@@ -179,7 +180,12 @@ def _register(fwd_name: str, bwd_op) -> None:
         if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
             return (_differentiable_grad(scores, target, weight, *ctx.args, grad_loss),) + (None,) * 7
         scalar_upstream = grad_loss.numel() > 0 and all(step == 0 for step in grad_loss.stride())
-        if precomputed.numel() > 0 and scalar_upstream:
+        value = cpu_scalar_upstream(grad_loss)
+        if precomputed.numel() > 0 and value == 1.0:  # loss.backward() of a sum: the forward's gradient as it is
+            grad = precomputed
+        elif precomputed.numel() > 0 and value is not None and math.isfinite(value):
+            grad = precomputed * value
+        elif precomputed.numel() > 0 and scalar_upstream:
             upstream = grad_loss[0, 0, 0]
             # Where no kept pixel contributes (all ignored), the gradient is 0 even for an infinite upstream value
             # (a mean over no pixels), as in PyTorch.
@@ -188,7 +194,7 @@ def _register(fwd_name: str, bwd_op) -> None:
             grad = bwd_op(grad_loss, scores, target, weight, *ctx.args)
         return (grad.to(scores.dtype),) + (None,) * 7
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    _autograd.register_autograd(fwd_name, backward, setup_context)
 
 
 def _register_cpp_ops() -> None:
@@ -276,8 +282,8 @@ def upsample_cross_entropy(
     with_grad = reduction != "none" and scores.requires_grad and torch.is_grad_enabled()
     args = (scores, target, weight, factor, crop_t[0], crop_t[1], ignore_index, with_grad)
     if be == "triton":
-        loss = torch.ops.fcnkern.triton_upsample_ce_fwd(*args)[0]
+        loss = _autograd.call("fcnkern::triton_upsample_ce_fwd", *args)[0]
     else:
         _ext.load()
-        loss = torch.ops.fcnkern.upsample_ce_fwd(*args)[0]
+        loss = _autograd.call("fcnkern::upsample_ce_fwd", *args)[0]
     return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, scores.dtype)

@@ -1,0 +1,82 @@
+"""Every forward op has one autograd formula run two ways (fcnkern._autograd): the torch.library registration
+(torch.compile, opcheck) and an eager torch.autograd.Function. Eager calls take the Function; both give the same
+values and gradients, bit for bit, since they run the same kernels and the same backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE_BACKENDS, generator, skip_reason
+
+import fcnkern
+from fcnkern import _autograd
+
+IGNORE = 255
+
+
+def _cases(g: torch.Generator) -> dict:
+    """Each public op on small random inputs: name -> (function of backend, inputs that get gradients)."""
+    x = torch.randn(2, 3, 7, 5, generator=g)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    b = torch.randn(4, generator=g)
+    scores = torch.randn(2, 5, 3, 4, generator=g)
+    up_w = torch.randn(5, 5, 4, 4, generator=g)
+    logits = torch.randn(2, 5, 6, 7, generator=g)
+    target = torch.randint(0, 5, (2, 6, 7), generator=g)
+    target[0, 1, 2] = IGNORE
+    return {
+        "conv2d_relu": (lambda be, x, w, b: fcnkern.conv2d_relu(x, w, b, padding=1, backend=be), (x, w, b)),
+        "upsample_crop": (lambda be, s, w: fcnkern.upsample_crop(s, w, 2, (1, 1), (5, 7), backend=be), (scores, up_w)),
+        "bilinear": (lambda be, s: fcnkern.bilinear_upsample_crop(s, 2, (1, 2), (6, 7), backend=be), (scores,)),
+        "ce_sum": (lambda be, t: fcnkern.pixelwise_cross_entropy(t, target, backend=be), (logits,)),
+        "ce_none": (lambda be, t: fcnkern.pixelwise_cross_entropy(t, target, reduction="none", backend=be), (logits,)),
+        "head_sum": (lambda be, s: fcnkern.upsample_cross_entropy(s, target, 2, (1, 1), backend=be), (scores,)),
+        "head_none": (
+            lambda be, s: fcnkern.upsample_cross_entropy(s, target, 2, (1, 1), reduction="none", backend=be),
+            (scores,),
+        ),
+    }
+
+
+def _run(fn, backend: str, inputs: tuple[torch.Tensor, ...], g: torch.Generator):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(backend, *leaves)
+    out.backward(torch.randn(out.shape, generator=g))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", [b for b in DEVICE_BACKENDS["cpu"] if b != "torch"])
+@pytest.mark.parametrize("case", list(_cases(torch.Generator().manual_seed(0))))
+def test_eager_function_equals_registration(case, backend, monkeypatch):
+    reason = skip_reason("cpu", backend)
+    if reason:
+        pytest.skip(reason)
+    fn, inputs = _cases(generator("paths", case))[case]
+    seen: list[str] = []
+    eager_call = _autograd.call
+
+    def spy(name, *args):
+        seen.append(name)
+        return eager_call(name, *args)
+
+    monkeypatch.setattr(_autograd, "call", spy)
+    eager_out, eager_grads = _run(fn, backend, inputs, generator("paths-up", case))
+    assert seen, "the op did not go through fcnkern._autograd.call"
+    assert all(name in _autograd._eager for name in seen)
+
+    monkeypatch.setattr(_autograd, "call", lambda name, *args: _autograd._op(name)(*args))
+    reg_out, reg_grads = _run(fn, backend, inputs, generator("paths-up", case))
+    assert torch.equal(eager_out, reg_out)
+    for e, r in zip(eager_grads, reg_grads, strict=True):
+        assert e is not None and torch.equal(e, r)
+
+
+def test_eager_call_uses_the_function():
+    """An eager call's autograd node is the Function's, not the registration's generated one."""
+    reason = skip_reason("cpu", "triton")
+    if reason:
+        pytest.skip(reason)
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, requires_grad=True)
+    y = fcnkern.conv2d_relu(x, w, padding=1, backend="triton")
+    assert type(y.grad_fn).__name__ == "fcnkern_triton_conv2d_relu_eagerBackward"
