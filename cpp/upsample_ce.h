@@ -9,7 +9,7 @@
 //
 // Gradient. Each cell reduces its pixels' logit gradients into four C-vectors, P_ab[c] = sum over its kept pixels of
 // w_ab dlogit[c]: `cells`, 4 x N x C x CR x CQ in the accumulation dtype, for the CR x CQ cells the kept window
-// touches (rows r0 = top / f .. (top + H - 1) / f, columns likewise). combine_cell_grad sums, for every
+// touches (rows r0 = top / f .. (top + H - 1) / f, columns likewise). combine_one sums, for every
 // low-resolution pixel, the four partials of the cells that tap it, in a fixed order: deterministic.
 #pragma once
 
@@ -17,6 +17,8 @@
 
 #include <optional>
 #include <tuple>
+
+#include "common.h"
 
 namespace fcnkern {
 
@@ -31,8 +33,23 @@ HeadGeometry make_head_geometry(const at::Tensor& scores, const at::Tensor& targ
 // The backward's per-pixel upstream gradient: N x H x W in the accumulation dtype, on the scores' device.
 void check_head_grad_loss(const at::Tensor& grad_loss, const at::Tensor& scores, const HeadGeometry& g);
 
-// cells 4 x N x C x CR x CQ -> gradient N x C x h x w (same dtype and device), summed in a fixed order.
-at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g);
+// The gradient of score pixel (n, c, i, j) from the contiguous partials `cells`: it is tap (a, b) of cell
+// (i + 1 - a, j + 1 - b), so up to four cells' partials, added in the fixed order ab = 3, 2, 1, 0 (deterministic;
+// a pixel no kept cell taps gets 0). Shared by the CPU loop and the CUDA kernel.
+template <typename acc_t>
+FCNK_HD inline acc_t combine_one(const acc_t* cells, const HeadGeometry& g, int64_t n, int64_t c, int64_t i,
+                                 int64_t j) {
+  acc_t sum = 0;
+  for (int64_t ab = 3; ab >= 0; --ab) {
+    const int64_t cr = i + 1 - ab / 2 - g.r0, cq = j + 1 - ab % 2 - g.q0;
+    if (cr < 0 || cr >= g.cr || cq < 0 || cq >= g.cq) continue;
+    sum += cells[(((ab * g.n + n) * g.c + c) * g.cr + cr) * g.cq + cq];
+  }
+  return sum;
+}
+
+// cells 4 x N x C x CR x CQ (contiguous, on the CPU) -> gradient N x C x h x w, by combine_one.
+at::Tensor combine_cell_grad_cpu(const at::Tensor& cells, const HeadGeometry& g);
 
 // (loss N x H x W in the accumulation dtype; with with_grad the gradient N x C x h x w of loss.sum() with respect to
 // the scores, in the accumulation dtype, else an empty tensor). Bad labels: ValueError on the CPU; a NaN loss (and

@@ -65,20 +65,20 @@ void check_head_grad_loss(const at::Tensor& grad_loss, const at::Tensor& scores,
                     "grad_loss must be a ", acc, " N x H x W tensor on the scores' device (strides may be 0)");
 }
 
-at::Tensor combine_cell_grad(const at::Tensor& cells, const HeadGeometry& g) {
-  using at::indexing::Slice;
-  // Score pixel (i, j) is tap (a, b) of cell (i + 1 - a, j + 1 - b): each tap's cells are added as one shifted
-  // block, taps in a fixed order, so nothing larger than the gradient is allocated.
-  at::Tensor grad = at::zeros({g.n, g.c, g.h, g.w}, cells.options());
-  for (int64_t ab = 3; ab >= 0; --ab) {
-    const int64_t da = 1 - ab / 2, db = 1 - ab % 2;
-    const int64_t i_lo = std::max<int64_t>(0, g.r0 - da), i_hi = std::min(g.h, g.r0 + g.cr - da);
-    const int64_t j_lo = std::max<int64_t>(0, g.q0 - db), j_hi = std::min(g.w, g.q0 + g.cq - db);
-    if (i_lo >= i_hi || j_lo >= j_hi) continue;
-    grad.index({Slice(), Slice(), Slice(i_lo, i_hi), Slice(j_lo, j_hi)})
-        .add_(cells[ab].index({Slice(), Slice(), Slice(i_lo + da - g.r0, i_hi + da - g.r0),
-                               Slice(j_lo + db - g.q0, j_hi + db - g.q0)}));
-  }
+at::Tensor combine_cell_grad_cpu(const at::Tensor& cells, const HeadGeometry& g) {
+  at::Tensor grad = at::empty({g.n, g.c, g.h, g.w}, cells.options());
+  AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "combine_cell_grad_cpu", [&] {
+    const scalar_t* src = cells.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    // A task per ~16K gradient elements: one C++ loop instead of a zero fill and four strided adds (measured ~10 us
+    // of ATen calls per backward on a tiny input).
+    at::parallel_for(0, g.n * g.c * g.h, std::max<int64_t>(1, 16384 / g.w), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t i = row % g.h, c = (row / g.h) % g.c, n = row / (g.h * g.c);
+        for (int64_t j = 0; j < g.w; ++j) out[row * g.w + j] = combine_one(src, g, n, c, i, j);
+      }
+    });
+  });
   return grad;
 }
 
@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_ce_fwd_cpu(const at::Tensor& scores,
     maybe_poison(cells);
   }
   run_cells(g, scores, target, weight, ignore_index, at::Tensor(), loss, cells);
-  return {loss, with_grad ? combine_cell_grad(cells, g) : at::empty({0}, opts)};
+  return {loss, with_grad ? combine_cell_grad_cpu(cells, g) : at::empty({0}, opts)};
 }
 
 at::Tensor upsample_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& scores, const at::Tensor& target,
@@ -278,7 +278,7 @@ at::Tensor upsample_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& sc
   at::Tensor cells = at::empty({4, g.n, g.c, g.cr, g.cq}, scores.options().dtype(acc));
   maybe_poison(cells);
   run_cells(g, scores, target, weight, ignore_index, grad_loss, at::Tensor(), cells);
-  return combine_cell_grad(cells, g);
+  return combine_cell_grad_cpu(cells, g);
 }
 
 }  // namespace fcnkern

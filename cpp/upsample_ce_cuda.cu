@@ -122,6 +122,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 }
 
+// A thread per score-gradient element (grid-stride), each summing its up-to-four cell partials (combine_one):
+// one launch where a zero fill and four strided adds took five.
+template <typename acc_t>
+__global__ void combine_kernel(const acc_t* __restrict__ cells, HeadGeometry g, acc_t* __restrict__ grad,
+                               int64_t total) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % g.w, i = (e / g.w) % g.h, nc = e / (g.w * g.h);
+    grad[e] = combine_one(cells, g, nc / g.c, nc % g.c, i, j);
+  }
+}
+
+at::Tensor combine_cell_grad_cuda(const at::Tensor& cells, const HeadGeometry& g) {
+  at::Tensor grad = at::empty({g.n, g.c, g.h, g.w}, cells.options());
+  const int64_t total = grad.numel();
+  if (total == 0) return grad;
+  const at::cuda::CUDAGuard guard(cells.device());
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65536);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "combine_cell_grad_cuda", [&] {
+    combine_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(cells.data_ptr<scalar_t>(), g,
+                                                              grad.data_ptr<scalar_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
 void launch(const HeadGeometry& g, const at::Tensor& scores, const at::Tensor& target,
             const std::optional<at::Tensor>& weight, int64_t ignore_index, const at::Tensor& grad_loss,
             const at::Tensor& loss, const at::Tensor& cells) {
@@ -157,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> upsample_ce_fwd_cuda(const at::Tensor& scores
   maybe_poison(loss);
   at::Tensor cells = with_grad ? at::zeros({4, g.n, g.c, g.cr, g.cq}, opts) : at::Tensor();
   launch(g, scores, target, weight, ignore_index, at::Tensor(), loss, cells);
-  return {loss, with_grad ? combine_cell_grad(cells, g) : at::empty({0}, opts)};
+  return {loss, with_grad ? combine_cell_grad_cuda(cells, g) : at::empty({0}, opts)};
 }
 
 at::Tensor upsample_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& scores, const at::Tensor& target,
@@ -168,7 +195,7 @@ at::Tensor upsample_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& s
   const auto acc = acc_type_of(scores);
   at::Tensor cells = at::zeros({4, g.n, g.c, g.cr, g.cq}, scores.options().dtype(acc));
   launch(g, scores, target, weight, ignore_index, grad_loss, at::Tensor(), cells);
-  return combine_cell_grad(cells, g);
+  return combine_cell_grad_cuda(cells, g);
 }
 
 }  // namespace
