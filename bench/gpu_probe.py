@@ -1,32 +1,91 @@
-"""Why the Triton cross-entropy took 0.76 ms on 1 x 21 x 500 x 500 logits but 0.20 ms on 8 x 21 x 512 x 512 (H100,
-bench/results/h100-*): the forward timed on batch 1 and 8 at sides 500 and 512, next to the CUDA C++ kernel and
-F.cross_entropy. Prints one JSON line per case (median ms from triton.testing.do_bench)."""
+"""A/B probes for a GPU session, each against the alternative in the same process (median ms, triton do_bench).
+One JSON line per case:
+
+- ce: the Triton cross-entropy took 0.76 ms on 1 x 21 x 500 x 500 logits but 0.20 ms on 8 x 21 x 512 x 512 (H100,
+  bench/results/h100-*): the forward at batch 1 and 8, sides 500 and 512, next to the CUDA C++ kernel and
+  F.cross_entropy.
+- bilinear_index: the CUDA bilinear forward with its 32-bit multiply-shift index plan (the default) against the
+  64-bit plan (FCNKERN_CUDA_WIDE_INDEX=1), FCN-32s's final layer at batch 1 and 8; predicted 0.61 -> ~0.1-0.15 ms
+  at batch 8 on the H100 (cpp/fast_div.h).
+- call_path: forward + backward of each op through the eager autograd.Function (the default) against the
+  torch.library registration (fcnkern/_autograd.py), fused head and cross-entropy at batch 1; the host time saved
+  per call was 30-45 us on the 2-core CPU machine.
+"""
 
 import json
+import os
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
 import fcnkern
+from fcnkern import _autograd
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def ce_probe(g: torch.Generator) -> None:
+    for n, side in ((1, 500), (1, 512), (8, 500), (8, 512)):
+        x = torch.randn(n, 21, side, side, device="cuda", generator=g)
+        t = torch.randint(0, 21, (n, side, side), device="cuda", generator=g)
+        row = {"probe": "ce", "shape": [n, 21, side, side]}
+        with torch.no_grad():
+            for backend in ("triton", "cuda"):
+                row[backend] = bench(lambda b=backend, x=x, t=t: fcnkern.pixelwise_cross_entropy(x, t, backend=b))
+            row["torch"] = bench(lambda x=x, t=t: F.cross_entropy(x, t, ignore_index=255, reduction="sum"))
+        row["GBps_triton"] = x.numel() * 4 / row["triton"] / 1e6
+        print(json.dumps(row), flush=True)
+
+
+def bilinear_index_probe(g: torch.Generator) -> None:
+    for n in (1, 8):
+        scores = torch.randn(n, 21, 16, 16, device="cuda", generator=g)
+        fwd = lambda s=scores: fcnkern.bilinear_upsample_crop(s, 32, (19, 19), (500, 500), backend="cuda")  # noqa: E731
+        row = {"probe": "bilinear_index", "shape": [n, 21, 500, 500]}
+        with torch.no_grad():
+            narrow = fwd()
+            row["int32_ms"] = bench(fwd)
+            os.environ["FCNKERN_CUDA_WIDE_INDEX"] = "1"
+            try:
+                wide = fwd()
+                row["int64_ms"] = bench(fwd)
+            finally:
+                del os.environ["FCNKERN_CUDA_WIDE_INDEX"]
+        row["same_result"] = bool(torch.equal(narrow, wide))
+        row["write_GBps_int32"] = narrow.numel() * 4 / row["int32_ms"] / 1e6
+        print(json.dumps(row), flush=True)
+
+
+def call_path_probe(g: torch.Generator) -> None:
+    registered = lambda name, *args: _autograd._op(name)(*args)  # noqa: E731
+    eager = _autograd.call
+    for side in (8, 500):
+        t = torch.randint(0, 21, (1, side, side), device="cuda", generator=g)
+        scores = torch.randn(1, 21, side // 32 + 2, side // 32 + 2, device="cuda", generator=g, requires_grad=True)
+        logits = torch.randn(1, 21, side, side, device="cuda", generator=g, requires_grad=True)
+        cases = {
+            "head": lambda s=scores, t=t: fcnkern.upsample_cross_entropy(s, t, 32, (19, 19), backend="cuda").backward(),
+            "ce": lambda x=logits, t=t: fcnkern.pixelwise_cross_entropy(x, t, backend="cuda").backward(),
+        }
+        for name, fn in cases.items():
+            row = {"probe": "call_path", "op": name, "side": side}
+            for label, call in (("function_ms", eager), ("registration_ms", registered)):
+                _autograd.call = call
+                try:
+                    row[label] = bench(fn)
+                finally:
+                    _autograd.call = eager
+            print(json.dumps(row), flush=True)
 
 
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n, side in ((1, 500), (1, 512), (8, 500), (8, 512)):
-        x = torch.randn(n, 21, side, side, device="cuda", generator=g)
-        t = torch.randint(0, 21, (n, side, side), device="cuda", generator=g)
-        row = {"shape": [n, 21, side, side]}
-        with torch.no_grad():
-            for backend in ("triton", "cuda"):
-                row[backend] = triton.testing.do_bench(
-                    lambda b=backend, x=x, t=t: fcnkern.pixelwise_cross_entropy(x, t, backend=b), return_mode="median"
-                )
-            row["torch"] = triton.testing.do_bench(
-                lambda x=x, t=t: F.cross_entropy(x, t, ignore_index=255, reduction="sum"), return_mode="median"
-            )
-        row["GBps_triton"] = x.numel() * 4 / row["triton"] / 1e6
-        print(json.dumps(row), flush=True)
+    bilinear_index_probe(g)
+    call_path_probe(g)
+    ce_probe(g)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <type_traits>
+
 #include "common.h"
 #include "upsample.h"
 #include "upsample_cuda_elements.h"
@@ -42,14 +45,22 @@ int64_t grid_for(int64_t items) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(gridDim.x) * blockDim.x)
 
 // Each kernel runs its element function (cpp/upsample_cuda_elements.h) over its elements.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
 __global__ void __launch_bounds__(kThreads)
-    bilinear_fwd_kernel(const scalar_t* __restrict__ x, Strides4 xs, scalar_t* __restrict__ out, Strides4 os,
-                        int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t factor,
-                        int64_t top, int64_t left) {
-  FCNK_GRID_STRIDE(idx, N * C * OH * OW) {
-    bilinear_fwd_element<scalar_t, acc_t>(idx, x, xs, out, os, C, H, W, OH, OW, factor, top, left);
+    bilinear_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                        const BilinearFwdPlan<index_t, div_t> plan, index_t total) {
+  // An unsigned counter in the 32-bit plan: idx < total < 2^31 and step < 2^31, so idx + step cannot wrap.
+  using counter_t = std::conditional_t<sizeof(index_t) == 4, uint32_t, int64_t>;
+  const counter_t step = counter_t(gridDim.x) * blockDim.x, end = counter_t(total);
+  for (counter_t idx = counter_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < end; idx += step) {
+    bilinear_fwd_element<scalar_t, acc_t>(index_t(idx), x, out, plan);
   }
+}
+
+// FCNKERN_CUDA_WIDE_INDEX=1 forces the 64-bit plan: for timing one against the other on a GPU (bench/gpu_probe.py).
+bool wide_index_forced() {
+  const char* v = std::getenv("FCNKERN_CUDA_WIDE_INDEX");
+  return v != nullptr && v[0] == '1';
 }
 
 template <int AXIS, typename src_t, typename dst_t, typename acc_t>
@@ -112,9 +123,16 @@ at::Tensor bilinear_upsample_crop_cuda(const at::Tensor& x, int64_t factor, int6
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bilinear_upsample_crop_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bilinear_fwd_kernel<scalar_t, acc_t><<<grid_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), strides_of(x), out.mutable_data_ptr<scalar_t>(), strides_of(out), N, C,
-        x.size(2), x.size(3), out_h, out_w, factor, top, left);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    if (bilinear_fwd_fits_32bit(x, out, factor) && !wide_index_forced()) {
+      bilinear_fwd_kernel<scalar_t, acc_t><<<grid_for(out.numel()), kThreads, 0, stream>>>(
+          src, dst, bilinear_fwd_plan<int32_t, FastDiv32>(x, out, factor, top, left), int32_t(out.numel()));
+    } else {
+      bilinear_fwd_kernel<scalar_t, acc_t><<<grid_for(out.numel()), kThreads, 0, stream>>>(
+          src, dst, bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, factor, top, left), out.numel());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -6,43 +6,82 @@
 #include <cstdint>
 
 #include "common.h"
+#include "fast_div.h"
 #include "upsample.h"
 
 
 namespace fcnkern {
 namespace up_elements {
 
-struct Strides4 {
-  int64_t n, c, h, w;
-  FCNK_HD int64_t at(int64_t ni, int64_t ci, int64_t hi, int64_t wi) const {
+template <typename index_t>
+struct StridesOf {
+  index_t n, c, h, w;
+  FCNK_HD index_t at(index_t ni, index_t ci, index_t hi, index_t wi) const {
     return ni * n + ci * c + hi * h + wi * w;
   }
 };
+using Strides4 = StridesOf<int64_t>;
 
 // k(t) = 1 - |t - (f - 1/2)| / f: the weight of tap t in [0, 2f) of the bilinear kernel of factor f.
-template <typename acc_t>
-FCNK_HD inline acc_t bilinear_weight(int64_t t, int64_t factor) {
+template <typename acc_t, typename index_t>
+FCNK_HD inline acc_t bilinear_weight(index_t t, index_t factor) {
   const acc_t d = acc_t(t) - (acc_t(factor) - acc_t(0.5));
   return acc_t(1) - (d < acc_t(0) ? -d : d) / acc_t(factor);
 }
 
-// Bilinear forward, output element idx of the N x C x OH x OW window at (top, left): its 2 x 2 taps.
-template <typename scalar_t, typename acc_t>
-FCNK_HD inline void bilinear_fwd_element(int64_t idx, const scalar_t* x, Strides4 xs, scalar_t* out, Strides4 os,
-                                         int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t factor,
-                                         int64_t top, int64_t left) {
-  const int64_t ox = idx % OW, oy = (idx / OW) % OH, c = (idx / (OW * OH)) % C, n = idx / (OW * OH * C);
-  const int64_t Y = top + oy, X = left + ox;
-  const int64_t r1 = Y / factor, r0 = r1 - 1, c1 = X / factor, c0 = c1 - 1;
-  const acc_t wr1 = r1 < H ? bilinear_weight<acc_t>(Y - r1 * factor, factor) : acc_t(0);
+// The bilinear forward's sizes in index_t with div_t dividers (cpp/fast_div.h): FastDiv32 and int32_t where every
+// index and offset fits (bilinear_fwd_fits_32bit), else PlainDiv64 and int64_t.
+template <typename index_t, typename div_t>
+struct BilinearFwdPlan {
+  div_t ow, oh, c, f;  // dividers by OW, OH, C and the factor
+  index_t H, W, top, left;
+  StridesOf<index_t> xs, os;
+};
+
+inline bool fits_int32(const at::Tensor& t) {
+  int64_t last = 0;  // the largest element offset
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return t.numel() < (int64_t(1) << 31) && last < (int64_t(1) << 31);
+}
+
+// Whether the 32-bit plan holds every index of this forward: element counts, offsets and full-output coordinates.
+inline bool bilinear_fwd_fits_32bit(const at::Tensor& x, const at::Tensor& out, int64_t factor) {
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  return fits_int32(x) && fits_int32(out) && (x.size(2) + 1) * factor < kLimit && (x.size(3) + 1) * factor < kLimit;
+}
+
+template <typename index_t, typename div_t>
+BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at::Tensor& out, int64_t factor,
+                                                  int64_t top, int64_t left) {
+  const auto strides = [](const at::Tensor& t) {
+    return StridesOf<index_t>{index_t(t.stride(0)), index_t(t.stride(1)), index_t(t.stride(2)), index_t(t.stride(3))};
+  };
+  return {div_t(index_t(out.size(3))), div_t(index_t(out.size(2))), div_t(index_t(out.size(1))),
+          div_t(index_t(factor)),      index_t(x.size(2)),          index_t(x.size(3)),
+          index_t(top),                index_t(left),               strides(x),
+          strides(out)};
+}
+
+// Bilinear forward, output element idx of the N x C x OH x OW window at (top, left): its 2 x 2 taps. Five
+// divisions per element, each a multiply-shift in the 32-bit plan.
+template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
+FCNK_HD inline void bilinear_fwd_element(index_t idx, const scalar_t* x, scalar_t* out,
+                                         const BilinearFwdPlan<index_t, div_t>& p) {
+  const index_t q1 = p.ow.div(idx), q2 = p.oh.div(q1), n = p.c.div(q2);
+  const index_t ox = idx - q1 * p.ow.d, oy = q1 - q2 * p.oh.d, c = q2 - n * p.c.d;
+  const index_t Y = p.top + oy, X = p.left + ox, factor = p.f.d;
+  const index_t r1 = p.f.div(Y), r0 = r1 - 1, c1 = p.f.div(X), c0 = c1 - 1;
+  const acc_t wr1 = r1 < p.H ? bilinear_weight<acc_t>(Y - r1 * factor, factor) : acc_t(0);
   const acc_t wr0 = r0 >= 0 ? bilinear_weight<acc_t>(Y - r0 * factor, factor) : acc_t(0);
-  const acc_t wc1 = c1 < W ? bilinear_weight<acc_t>(X - c1 * factor, factor) : acc_t(0);
+  const acc_t wc1 = c1 < p.W ? bilinear_weight<acc_t>(X - c1 * factor, factor) : acc_t(0);
   const acc_t wc0 = c0 >= 0 ? bilinear_weight<acc_t>(X - c0 * factor, factor) : acc_t(0);
   // Clamped indices: a tap outside the input has weight 0 and reads a valid element.
-  const int64_t r0c = r0 >= 0 ? r0 : 0, r1c = r1 < H ? r1 : H - 1, c0c = c0 >= 0 ? c0 : 0, c1c = c1 < W ? c1 : W - 1;
+  const index_t r0c = r0 >= 0 ? r0 : 0, r1c = r1 < p.H ? r1 : p.H - 1;
+  const index_t c0c = c0 >= 0 ? c0 : 0, c1c = c1 < p.W ? c1 : p.W - 1;
+  const auto& xs = p.xs;
   const acc_t v00 = static_cast<acc_t>(x[xs.at(n, c, r0c, c0c)]), v01 = static_cast<acc_t>(x[xs.at(n, c, r0c, c1c)]);
   const acc_t v10 = static_cast<acc_t>(x[xs.at(n, c, r1c, c0c)]), v11 = static_cast<acc_t>(x[xs.at(n, c, r1c, c1c)]);
-  out[os.at(n, c, oy, ox)] = static_cast<scalar_t>(wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11));
+  out[p.os.at(n, c, oy, ox)] = static_cast<scalar_t>(wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11));
 }
 
 // One transpose pass along AXIS (2: height, 3: width), element idx of the N x C x D2 x D3 destination:

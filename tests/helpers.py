@@ -97,3 +97,20 @@ def assert_low_precision_ok(ours: torch.Tensor, torch_way: torch.Tensor, ref: to
     e_ours, e_torch = rel_err(ours, ref), rel_err(torch_way, ref)
     bound = 2 * e_torch + 4 * UNIT_ROUNDOFF[dtype]
     assert e_ours <= bound, f"{what}: rel. error {e_ours:.3g} > {bound:.3g} (PyTorch's own: {e_torch:.3g})"
+
+
+def load_cpu_check(name: str, source: str, functions: list[str]):
+    """Compile a CPU build of CUDA index maths from cpp/'s headers (torch's load_inline). Skips only where there is
+    no C++ compiler: a compile error in those headers fails the test instead of hiding as a skip."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load_inline
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}) to build the CPU check of the CUDA index maths")
+    cpp = Path(__file__).resolve().parents[1] / "cpp"
+    return load_inline(name, source, functions=functions, extra_include_paths=[str(cpp)], extra_cflags=["-O1"],
+                       verbose=False)  # fmt: skip

@@ -9,14 +9,10 @@ without a GPU. The tiling and WMMA path is exercised only on a GPU (bench/gpu_su
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generator
-
-CPP = Path(__file__).resolve().parents[1] / "cpp"
+from helpers import generator, load_cpu_check
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -76,13 +72,7 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor y, at::Tensor x, at
 
 @pytest.fixture(scope="module")
 def problems():
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        return load_inline("fcnkern_conv_problems_cpu", SOURCE, functions=["forward", "backward"],
-                           extra_include_paths=[str(CPP)], extra_cflags=["-O1"], verbose=False)  # fmt: skip
-    except Exception as exc:  # no C++ toolchain: say so instead of passing
-        pytest.skip(f"cannot compile the CPU build of the CUDA problems: {exc}")
+    return load_cpu_check("fcnkern_conv_problems_cpu", SOURCE, ["forward", "backward"])
 
 
 # (n, c, h, w, k, r, s, stride, padding, dilation, groups, channels_last)

@@ -9,16 +9,12 @@ machinery is exercised only on a GPU (bench/gpu_suite.sh)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generator
+from helpers import generator, load_cpu_check
 
 import fcnkern
-
-CPP = Path(__file__).resolve().parents[1] / "cpp"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -29,11 +25,30 @@ using namespace fcnkern::up_elements;
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int64_t oh, int64_t ow) {
+// Both index plans the CUDA forward launches: 32-bit with multiply-shift dividers, and 64-bit.
+at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int64_t oh, int64_t ow, bool narrow) {
   at::Tensor out = at::full({x.size(0), x.size(1), oh, ow}, NAN, x.options());
-  for (int64_t i = 0; i < out.numel(); ++i) {
-    bilinear_fwd_element<double, double>(i, x.data_ptr<double>(), strides_of(x), out.data_ptr<double>(),
-                                         strides_of(out), x.size(1), x.size(2), x.size(3), oh, ow, f, top, left);
+  TORCH_CHECK(bilinear_fwd_fits_32bit(x, out, f), "test sizes must fit the 32-bit plan");
+  const double* src = x.data_ptr<double>();
+  double* dst = out.data_ptr<double>();
+  if (narrow) {
+    const auto plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
+    for (int32_t i = 0; i < int32_t(out.numel()); ++i) bilinear_fwd_element<double, double>(i, src, dst, plan);
+  } else {
+    const auto plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
+    for (int64_t i = 0; i < out.numel(); ++i) bilinear_fwd_element<double, double>(i, src, dst, plan);
+  }
+  return out;
+}
+
+// FastDiv32 against / and %: n / d and n % d for every (d, n) pair given, as a 2 x len tensor.
+at::Tensor fast_divmod(at::Tensor d, at::Tensor n) {
+  at::Tensor out = at::empty({2, n.numel()}, n.options());
+  for (int64_t i = 0; i < n.numel(); ++i) {
+    const FastDiv32 div(int32_t(d.data_ptr<int64_t>()[i]));
+    const int32_t q = div.div(int32_t(n.data_ptr<int64_t>()[i]));
+    out.data_ptr<int64_t>()[i] = q;
+    out.data_ptr<int64_t>()[n.numel() + i] = n.data_ptr<int64_t>()[i] - int64_t(q) * div.d;
   }
   return out;
 }
@@ -98,14 +113,8 @@ std::vector<at::Tensor> learned_bwd(at::Tensor grad, at::Tensor x, at::Tensor w,
 
 @pytest.fixture(scope="module")
 def elements():
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        return load_inline("fcnkern_upsample_elements_cpu", SOURCE,
-                           functions=["bilinear_fwd", "bilinear_bwd", "learned_fwd", "learned_bwd"],
-                           extra_include_paths=[str(CPP)], extra_cflags=["-O1"], verbose=False)  # fmt: skip
-    except Exception as exc:  # no C++ toolchain: say so instead of passing
-        pytest.skip(f"cannot compile the CPU build of the CUDA element functions: {exc}")
+    functions = ["bilinear_fwd", "bilinear_bwd", "learned_fwd", "learned_bwd", "fast_divmod"]
+    return load_cpu_check("fcnkern_upsample_elements_cpu", SOURCE, functions)
 
 
 def _window(full, crop, size):
@@ -127,7 +136,9 @@ def test_bilinear_elements(elements, case):
     ref = _window(F.conv_transpose2d(xr, weight, stride=f, groups=c), crop, size)
     upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     (ref_dx,) = torch.autograd.grad(ref, xr, upstream)
-    torch.testing.assert_close(elements.bilinear_fwd(x, f, *crop, *size), ref.detach(), rtol=1e-12, atol=1e-12)
+    for narrow in (True, False):
+        out = elements.bilinear_fwd(x, f, *crop, *size, narrow)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(elements.bilinear_bwd(upstream, f, *crop, h, w), ref_dx, rtol=1e-12, atol=1e-12)
 
 
@@ -156,3 +167,28 @@ def test_learned_elements(elements, case):
     dx, dw = elements.learned_bwd(upstream, x, weight, list(stride), list(crop), groups)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_division(elements):
+    """cpp/fast_div.h's multiply-shift division equals / and % over its whole domain's edges: every divisor up to
+    4096 and every power of two and its neighbours up to 2^31 - 1, each with dividends 0, 1, d - 1, d, d + 1, 2^31 - 1
+    and its neighbours, and random ones."""
+    g = torch.Generator().manual_seed(7)
+    limit = 2**31 - 1
+    divisors = set(range(1, 4097))
+    for k in range(1, 32):
+        divisors |= {2**k - 1, 2**k, 2**k + 1}
+    divisors |= set(torch.randint(1, limit, (2000,), generator=g).tolist())
+    divisors = sorted(d for d in divisors if 1 <= d <= limit)
+    ds, ns = [], []
+    for d in divisors:
+        edges = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, limit, limit - 1, limit - d, (limit // d) * d - 1]
+        edges += torch.randint(0, limit, (8,), generator=g).tolist()
+        for n in edges:
+            if 0 <= n <= limit:
+                ds.append(d)
+                ns.append(n)
+    d_t, n_t = torch.tensor(ds), torch.tensor(ns)
+    got = elements.fast_divmod(d_t, n_t)
+    assert torch.equal(got[0], n_t // d_t)
+    assert torch.equal(got[1], n_t % d_t)
