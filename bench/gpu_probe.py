@@ -7,6 +7,9 @@ One JSON line per case:
 - bilinear_index: the CUDA bilinear forward with its 32-bit multiply-shift index plan (the default) against the
   64-bit plan (FCNKERN_CUDA_WIDE_INDEX=1), FCN-32s's final layer at batch 1 and 8; predicted 0.61 -> ~0.1-0.15 ms
   at batch 8 on the H100 (cpp/fast_div.h).
+- step_profile: where the FCN-8s bf16 training step's time goes (torch.profiler, 5 steps), fcnkern against the
+  eager twin: total host and device time and the ten largest device-time ops of each, for the 13.4 vs 11.6 ms the
+  H100 measured (issue 5).
 - call_path: forward + backward of each op through the eager autograd.Function (the default) against the
   torch.library registration (fcnkern/_autograd.py), fused head and cross-entropy at batch 1; the host time saved
   per call was 30-45 us on the 2-core CPU machine.
@@ -81,10 +84,51 @@ def call_path_probe(g: torch.Generator) -> None:
             print(json.dumps(row), flush=True)
 
 
+def step_profile_probe() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from fcnkern import models
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 500, 500, generator=g).to("cuda", torch.bfloat16)
+    target = torch.randint(0, 21, (1, 500, 500), generator=g).to("cuda")
+    torch.manual_seed(0)
+    ours = models.fcn8s(21).to("cuda", torch.bfloat16).train()
+    twin = models.fcn8s(21, twin=True).to("cuda", torch.bfloat16).train()
+    twin.load_state_dict(ours.state_dict())
+    for name, model in (("fcnkern", ours), ("pytorch-eager", twin)):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            model(x, target, reduction="sum").backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+        top = sorted(events, key=device_us, reverse=True)[:10]
+        row = {
+            "probe": "step_profile",
+            "model": name,
+            "device_ms_per_step": sum(device_us(e) for e in events) / 5 / 1e3,
+            "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / 5 / 1e3,
+            "top_device_ops": [[e.key[:80], round(device_us(e) / 5 / 1e3, 3), e.count // 5] for e in top],
+        }
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     bilinear_index_probe(g)
     call_path_probe(g)
+    step_profile_probe()
     ce_probe(g)
 
 

@@ -69,7 +69,7 @@ for tool in memcheck racecheck; do
 done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
-step probe 60 python3 bench/gpu_probe.py
+step probe 90 python3 bench/gpu_probe.py
 step bench 150 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
   --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
