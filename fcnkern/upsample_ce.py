@@ -69,24 +69,6 @@ def _cells(target: Tensor, factor: int, top: int, left: int) -> tuple[int, int, 
     return r0, q0, (top + out_h - 1) // factor - r0 + 1, (left + out_w - 1) // factor - q0 + 1
 
 
-def combine_cell_grad(cells: Tensor, h: int, w: int, r0: int, q0: int) -> Tensor:
-    """cells 4 x N x C x CR x CQ (the per-cell partials) -> gradient N x C x h x w, summed in a fixed order; the
-    Python twin of combine_cell_grad in cpp/upsample_ce_cpu.cpp. Score pixel (i, j) is tap (a, b) of cell
-    (i + 1 - a, j + 1 - b); each tap's cells are added as one shifted block, so nothing larger than the gradient is
-    allocated."""
-    _, n, c, cr, cq = cells.shape
-    grad = cells.new_zeros((n, c, h, w))
-    for ab in (3, 2, 1, 0):
-        da, db = 1 - ab // 2, 1 - ab % 2
-        i_lo, i_hi = max(0, r0 - da), min(h, r0 + cr - da)
-        j_lo, j_hi = max(0, q0 - db), min(w, q0 + cq - db)
-        if i_lo < i_hi and j_lo < j_hi:
-            rows = slice(i_lo + da - r0, i_hi + da - r0)
-            cols = slice(j_lo + db - q0, j_hi + db - q0)
-            grad[:, :, i_lo:i_hi, j_lo:j_hi] += cells[ab, :, :, rows, cols]
-    return grad
-
-
 def _triton_run(
     scores: Tensor, target: Tensor, weight: Tensor | None, grad_loss: Tensor | None, factor: int, top: int,
     left: int, ignore_index: int, write_loss: bool, with_grad: bool,
@@ -114,7 +96,14 @@ def _triton_run(
             HAS_UPSTREAM=grad_loss is not None, ACC=_acc(scores.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
             num_warps=k.HEAD_NUM_WARPS,
         )  # fmt: skip
-    grad = combine_cell_grad(ws.sum(dim=-1), h, w, r0, q0) if with_grad else ws
+    if not with_grad:
+        return loss, ws
+    grad = _ext.maybe_poison(scores.new_empty((n, c, h, w), dtype=acc))
+    total = grad.numel()
+    if total > 0:
+        k.combine_kernel[(_cdiv(total, k.COMBINE_BLOCK),)](
+            ws, grad, total, n * c, h, w, r0, q0, cr, cq, slices, BLOCK=k.COMBINE_BLOCK, num_warps=k.HEAD_NUM_WARPS
+        )
     return loss, grad
 
 

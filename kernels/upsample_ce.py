@@ -6,8 +6,8 @@ The kept full-resolution pixels of cell (r, q) (full rows r f .. r f + f - 1, co
 logit tile is four outer products (tap weights per pixel x scores per class), then an online max and rescaled sum
 per pixel gives the loss. With a gradient, a second walk recomputes the tile (four multiply-adds per logit, no
 memory traffic) and reduces the logit gradient over the pixels into the four weighted per-class partials of this
-slice of the cell, stored to a workspace that the launcher sums over slices in a fixed order (deterministic; no
-atomics).
+slice of the cell, stored to a workspace; combine_kernel then sums, for each score pixel, the partials of the
+four cells that tap it over every slice, in a fixed order (deterministic; no atomics).
 
 Labels outside [0, C) that are not ignore_index give a NaN loss and gradient at that pixel (no host sync).
 """
@@ -17,9 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["HEAD_NUM_WARPS", "head_blocks", "head_kernel", "launch_configs"]
+__all__ = ["COMBINE_BLOCK", "HEAD_NUM_WARPS", "combine_kernel", "head_blocks", "head_kernel", "launch_configs"]
 
 HEAD_NUM_WARPS = 4
+COMBINE_BLOCK = 256
 
 
 def head_blocks(factor: int, num_classes: int) -> tuple[int, int]:
@@ -138,6 +139,29 @@ def head_kernel(
             tl.store(at + 3 * plane, tl.sum(d * w11[None, :], axis=1), mask=cmask)
 
 
+@triton.jit
+def combine_kernel(ws_ptr, grad_ptr, total, NC, h, w, r0, q0, CR, CQ, S, BLOCK: tl.constexpr):
+    """Grid: cdiv(total, BLOCK) programs over grad (NC x h x w, contiguous, the workspace's dtype; total = NC h w).
+    Score pixel (i, j) is tap (a, b) of cell (i + 1 - a, j + 1 - b): its gradient is those taps' partials in ws
+    (4 x NC x CR x CQ x S) over every slice, added in a fixed order (taps 3..0, slices in order; deterministic).
+    The Triton twin of combine_one in cpp/upsample_ce.h: one launch where a slice sum, a zero fill and four strided
+    adds took six."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    j = offs % w
+    i = (offs // w) % h
+    nc = offs // w // h
+    acc = tl.zeros([BLOCK], dtype=ws_ptr.dtype.element_ty)
+    for k in tl.static_range(4):
+        cr = i + (1 - (3 - k) // 2) - r0
+        cq = j + (1 - (3 - k) % 2) - q0
+        ok = mask & (cr >= 0) & (cr < CR) & (cq >= 0) & (cq < CQ)
+        base = (((3 - k) * NC + nc) * CR + cr) * CQ * S + cq * S
+        for s in range(S):
+            acc += tl.load(ws_ptr + base + s, mask=ok, other=0.0)
+    tl.store(grad_ptr + offs, acc, mask=mask)
+
+
 def launch_configs():
     """Every (name, kernel, signature, constexprs, num_warps) the launcher in fcnkern.upsample_ce can produce: all
     scores dtypes, with and without class weights, the forward with and without the gradient, the per-pixel
@@ -162,3 +186,8 @@ def launch_configs():
                         }  # fmt: skip
                         tag = f"{scores_ty}_w{int(has_weight)}_l{int(write_loss)}g{int(with_grad)}u{int(upstream)}"
                         yield f"head_{tag}_p{block_p}c{block_c}", head_kernel, sig, consts, HEAD_NUM_WARPS
+        if scores_ty in ("fp16", "bf16"):
+            continue  # their workspace is fp32, as fp32's: one combine per workspace dtype
+        combine_sig = {"ws_ptr": f"*{acc_ty}", "grad_ptr": f"*{acc_ty}", "total": "i64",
+                       **{name: ints for name in ("NC", "h", "w", "r0", "q0", "CR", "CQ", "S")}}  # fmt: skip
+        yield f"head_combine_{acc_ty}", combine_kernel, combine_sig, {"BLOCK": COMBINE_BLOCK}, HEAD_NUM_WARPS
