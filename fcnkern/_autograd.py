@@ -53,3 +53,13 @@ def call(name: str, *args: Any) -> Any:
     if torch.compiler.is_compiling():
         return _op(name)(*args)
     return _eager[name].apply(*args)
+
+
+def backward_call(op: Callable[..., Any], *args: Any) -> Any:
+    """A backward op called from a backward formula. Below the Autograd key when autograd is not recording (the usual
+    backward: its registration's pass-through layer is ~10 us of host time per call); through it when it is
+    (create_graph=True), where the backward op's own registered derivative is needed."""
+    if torch.is_grad_enabled():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

@@ -287,7 +287,7 @@ def _register_autograd(fwd_name: str, bwd_op) -> None:
         x, weight, y = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = [need_x, need_w, need_b and ctx.has_bias]
-        dx, dw, db = bwd_op(grad, y, x, weight, *ctx.conv, mask)
+        dx, dw, db = _autograd.backward_call(bwd_op, grad, y, x, weight, *ctx.conv, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
                 None, None, None, None, None)  # fmt: skip
 

@@ -205,7 +205,8 @@ def _register(fwd_name: str, bwd_op) -> None:
         logits, target, weight, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
             return _differentiable_grad(logits, target, weight, ctx.ignore_index, grad_loss), None, None, None
-        return bwd_op(grad_loss, logits, target, weight, stats, ctx.ignore_index), None, None, None
+        grad = _autograd.backward_call(bwd_op, grad_loss, logits, target, weight, stats, ctx.ignore_index)
+        return grad, None, None, None
 
     _autograd.register_autograd(fwd_name, backward, setup_context)
 

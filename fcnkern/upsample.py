@@ -229,8 +229,8 @@ def _register_upsample_autograd(fwd_name: str, bwd_op) -> None:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mask = [need_x, need_w, need_b and ctx.has_bias]
-        dx, dw, db = bwd_op(grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(grad)), x,
-                            weight, *ctx.geometry, mask)  # fmt: skip
+        grad = grad.contiguous(memory_format=torch._prims_common.suggest_memory_format(grad))
+        dx, dw, db = _autograd.backward_call(bwd_op, grad, x, weight, *ctx.geometry, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
 
     _autograd.register_autograd(fwd_name, backward, setup_context)
@@ -259,7 +259,7 @@ def _register_bilinear_autograd(fwd_name: str, fwd_op, bwd_name: str, bwd_op) ->
         ctx.geometry = (factor, top, left, t.shape[2], t.shape[3])
 
     def backward(ctx, grad):
-        return bwd_op(grad, *ctx.geometry), None, None, None, None, None
+        return _autograd.backward_call(bwd_op, grad, *ctx.geometry), None, None, None, None, None
 
     def backward_of_backward(ctx, grad):
         return fwd_op(grad, *ctx.geometry), None, None, None, None, None

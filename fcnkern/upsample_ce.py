@@ -180,7 +180,7 @@ def _register(fwd_name: str, bwd_op) -> None:
             # (a mean over no pixels), as in PyTorch.
             grad = torch.where(precomputed == 0, 0.0, precomputed * upstream)
         else:
-            grad = bwd_op(grad_loss, scores, target, weight, *ctx.args)
+            grad = _autograd.backward_call(bwd_op, grad_loss, scores, target, weight, *ctx.args)
         return (grad.to(scores.dtype),) + (None,) * 7
 
     _autograd.register_autograd(fwd_name, backward, setup_context)
