@@ -16,8 +16,9 @@
 #include <limits>
 
 #include "common.h"
-#include "cuda_math.h"
 #include "cross_entropy.h"
+#include "cuda_grid.h"
+#include "cuda_math.h"
 
 namespace fcnkern {
 namespace {
@@ -115,11 +116,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int64_t grid_for(int64_t num_pixels) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Enough resident blocks to hide latency; the grid-stride loop covers the rest.
-  return std::max<int64_t>(1, std::min<int64_t>((num_pixels + kThreads - 1) / kThreads, sms * 16));
-}
+int64_t grid_for(int64_t num_pixels) { return grid_blocks(num_pixels, kThreads, 16); }
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cuda_grid.h"
 #include "cuda_math.h"
 #include "upsample_ce.h"
 
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 template <typename acc_t>
 __global__ void combine_kernel(const acc_t* __restrict__ cells, HeadGeometry g, acc_t* __restrict__ grad,
                                int64_t total) {
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  FCNK_GRID_STRIDE(e, total) {
     const int64_t j = e % g.w, i = (e / g.w) % g.h, nc = e / (g.w * g.h);
     grad[e] = combine_one(cells, g, nc / g.c, nc % g.c, i, j);
   }
@@ -139,7 +140,7 @@ at::Tensor combine_cell_grad_cuda(const at::Tensor& cells, const HeadGeometry& g
   if (total == 0) return grad;
   const at::cuda::CUDAGuard guard(cells.device());
   constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65536);
+  const int64_t blocks = grid_blocks(total, kThreads, 32);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(cells.scalar_type(), "combine_cell_grad_cuda", [&] {
     combine_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(cells.data_ptr<scalar_t>(), g,

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_grid.h"
 #include "upsample.h"
 #include "upsample_cuda_elements.h"
 
@@ -36,13 +37,7 @@ using namespace up_elements;
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-int64_t grid_for(int64_t items) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, sms * 32));
-}
-
-#define FCNK_GRID_STRIDE(i, total) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(gridDim.x) * blockDim.x)
+int64_t grid_for(int64_t items) { return grid_blocks(items, kThreads, 32); }
 
 // Each kernel runs its element function (cpp/upsample_cuda_elements.h) over its elements.
 template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
