@@ -246,14 +246,19 @@ def _backward_fwd_grad(ctx, grad_loss, _grad_grad):
     return _scale_precomputed_grad(grad, grad_loss, target, ctx.ignore_index), None, None, None
 
 
-def cpu_scalar_upstream(grad_loss: Tensor) -> float | None:
-    """The upstream gradient's one value when it is a scalar broadcast over the pixels (stride 0: the gradient of
-    a sum or mean) on a CPU tensor in eager mode, where reading it costs no sync; else None."""
+def scale_by_cpu_scalar(grad: Tensor, grad_loss: Tensor) -> Tensor | None:
+    """grad (computed for an upstream gradient of 1) times the upstream gradient, when that is one finite value
+    broadcast over the pixels (stride 0: the gradient of a sum or mean) on a CPU tensor in eager mode, where reading
+    it costs no sync: grad itself for 1 (loss.backward()), else one multiply. None otherwise (a per-pixel or device
+    upstream, or an infinite one), for the caller's general path."""
     if grad_loss.numel() == 0 or grad_loss.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     if any(step != 0 for step in grad_loss.stride()):
         return None
-    return float(grad_loss.reshape(-1)[0])
+    value = float(grad_loss.reshape(-1)[0])
+    if value == 1.0:
+        return grad
+    return (grad * value).to(grad.dtype) if math.isfinite(value) else None
 
 
 def _scale_precomputed_grad(grad: Tensor, grad_loss: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -262,11 +267,9 @@ def _scale_precomputed_grad(grad: Tensor, grad_loss: Tensor, target: Tensor, ign
     whatever the upstream value, as in PyTorch: a mean over no pixels sends an infinite upstream gradient."""
     if grad_loss.numel() == 0:
         return grad
-    value = cpu_scalar_upstream(grad_loss)
-    if value == 1.0:
-        return grad
-    if value is not None and math.isfinite(value):
-        return (grad * value).to(grad.dtype)
+    scaled = scale_by_cpu_scalar(grad, grad_loss)
+    if scaled is not None:
+        return scaled
     upstream = torch.where(target == ignore_index, 0.0, grad_loss)
     return (grad * upstream.unsqueeze(1)).to(grad.dtype)
 

@@ -34,7 +34,6 @@ The learned layers FCN does train (the 2x ``upscore2``/``upscore_pool4``) work a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor
 from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv
-from fcnkern.cross_entropy import Reduction, check_loss_options, cpu_scalar_upstream, reduce_pixel_loss, validate_labels
+from fcnkern.cross_entropy import Reduction, check_loss_options, reduce_pixel_loss, scale_by_cpu_scalar, validate_labels
 from fcnkern.second_order import differentiable_grad
 from fcnkern.upsample import _check_input, _check_window, _pair, bilinear_upsample_crop
 
@@ -169,18 +168,14 @@ def _register(fwd_name: str, bwd_op) -> None:
         if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
             return (_differentiable_grad(scores, target, weight, *ctx.args, grad_loss),) + (None,) * 7
         scalar_upstream = grad_loss.numel() > 0 and all(step == 0 for step in grad_loss.stride())
-        value = cpu_scalar_upstream(grad_loss)
-        if precomputed.numel() > 0 and value == 1.0:  # loss.backward() of a sum: the forward's gradient as it is
-            grad = precomputed
-        elif precomputed.numel() > 0 and value is not None and math.isfinite(value):
-            grad = precomputed * value
-        elif precomputed.numel() > 0 and scalar_upstream:
-            upstream = grad_loss[0, 0, 0]
-            # Where no kept pixel contributes (all ignored), the gradient is 0 even for an infinite upstream value
-            # (a mean over no pixels), as in PyTorch.
-            grad = torch.where(precomputed == 0, 0.0, precomputed * upstream)
-        else:
+        if precomputed.numel() == 0 or not scalar_upstream:  # a per-pixel upstream: the recomputing kernel
             grad = _autograd.backward_call(bwd_op, grad_loss, scores, target, weight, *ctx.args)
+        else:
+            grad = scale_by_cpu_scalar(precomputed, grad_loss)
+            if grad is None:
+                # Where no kept pixel contributes (all ignored), the gradient is 0 even for an infinite upstream
+                # value (a mean over no pixels), as in PyTorch.
+                grad = torch.where(precomputed == 0, 0.0, precomputed * grad_loss[0, 0, 0])
         return (grad.to(scores.dtype),) + (None,) * 7
 
     _autograd.register_autograd(fwd_name, backward, setup_context)
