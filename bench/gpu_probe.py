@@ -31,7 +31,9 @@ def bench(fn) -> float:
 
 
 def ce_probe(g: torch.Generator) -> None:
-    for n, side in ((1, 500), (1, 512), (8, 500), (8, 512)):
+    # 496: a multiple of 16 that is not a power of two; triton_flat: the same contiguous logits seen as one row of
+    # H*W pixels (W = 250000 is a multiple of 16), to tell a width effect from a size effect.
+    for n, side in ((1, 500), (1, 512), (1, 496), (8, 500), (8, 512)):
         x = torch.randn(n, 21, side, side, device="cuda", generator=g)
         t = torch.randint(0, 21, (n, side, side), device="cuda", generator=g)
         row = {"probe": "ce", "shape": [n, 21, side, side]}
@@ -39,6 +41,8 @@ def ce_probe(g: torch.Generator) -> None:
             for backend in ("triton", "cuda"):
                 row[backend] = bench(lambda b=backend, x=x, t=t: fcnkern.pixelwise_cross_entropy(x, t, backend=b))
             row["torch"] = bench(lambda x=x, t=t: F.cross_entropy(x, t, ignore_index=255, reduction="sum"))
+            xf, tf = x.view(n, 21, 1, side * side), t.view(n, 1, side * side)
+            row["triton_flat"] = bench(lambda x=xf, t=tf: fcnkern.pixelwise_cross_entropy(x, t, backend="triton"))
         row["GBps_triton"] = x.numel() * 4 / row["triton"] / 1e6
         print(json.dumps(row), flush=True)
 

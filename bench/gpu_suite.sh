@@ -20,7 +20,7 @@ LOGS=$(mktemp -d /tmp/fcnkern-gpu-logs.XXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-build info tests memcheck racecheck floors probe bench train cli}
+STEPS=${STEPS:-build info tests memcheck racecheck floors probe ncu bench train cli}
 
 pack() {
   cp "$LOGS"/summary.txt "$LOGS"/env.txt "$OUT"/ 2>/dev/null
@@ -69,9 +69,14 @@ for tool in memcheck racecheck; do
 done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
-step probe 90 python3 bench/gpu_probe.py
-step bench 150 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
-  --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile}" --benchmark-json="$LOGS/bench.json"
+step probe 75 python3 bench/gpu_probe.py
+# Nsight Compute on the two unexplained slow kernels (bench/gpu_ncu_run.py), if the machine has ncu and lets it read
+# the counters: one launch each.
+NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+step ncu 50 "${NCU:-ncu}" --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/gpu_ncu_run.py
+step bench 120 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
+  --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and not interleaved}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
 # The rest of the command line on the GPU: eval of that checkpoint (metrics, prediction grid) and `fcnkern bench`.
 step cli 60 sh -c "python3 -m fcnkern eval --checkpoint '$LOGS/run/last.pt' --png '$LOGS/predictions.png' &&
@@ -86,6 +91,7 @@ echo "== summary"; cat "$LOGS/summary.txt"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOGS/tests.log" | tail -2
 grep -cE " PASSED " "$LOGS/tests.log"; grep -E " (FAILED|ERROR) " "$LOGS/tests.log" | head -20
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatch|MISMATCH" "$LOGS"/memcheck-*.log "$LOGS"/racecheck-*.log
-cat "$LOGS/floors.json" 2>/dev/null; grep "^{" "$LOGS/probe.log" 2>/dev/null; tail -3 "$LOGS/train.log" 2>/dev/null
+cat "$LOGS/floors.json" 2>/dev/null; grep "^{" "$LOGS/probe.log" 2>/dev/null
+grep -E "ERR|==PROF==|^  [a-z_]+_kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots|No Eligible" "$LOGS/ncu.log" 2>/dev/null | head -60; tail -3 "$LOGS/train.log" 2>/dev/null
 grep -A12 "^====" "$LOGS/failures.log" 2>/dev/null | head -150
 ! grep -qE "rc=[1-9]" "$LOGS/summary.txt"
