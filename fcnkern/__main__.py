@@ -136,7 +136,9 @@ def _upsample_cases(args: argparse.Namespace, device: str):
                 impls[backend] = _grad_step(partial(_bilinear_fcn32s, backend=backend), [x], mode)
         yield "upsample", "FCN-32s final 21x16x16", mode, impls
 
-    learned = (weight + 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))).to(device)
+    # The noise is drawn on the CPU (one seed, the same weights on every device), then moved beside the weight.
+    noise = 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    learned = weight + noise.to(weight.device)
     for mode in ("fwd", "fwd+bwd"):
         impls = {"torch": _grad_step(lambda t, w: F.conv_transpose2d(t, w, stride=32)[:, :, 19:519, 19:519],
                                      [x, learned], mode)}  # fmt: skip
