@@ -112,6 +112,19 @@ def _pixel_strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(-2), t.stride(-1)
 
 
+def _pixel_rows(h: int, w: int, *tensors: Tensor) -> tuple[int, int]:
+    """(rows, row length) per image for the Triton kernels, which tile one row at a time: a whole image is one row of
+    h * w pixels where every tensor's rows lie back to back (stride_h == w * stride_w: contiguous NCHW, an expanded
+    upstream gradient), so that narrow images do not leave most of a tile idle; else the image's own h x w."""
+    if all(t.stride(-2) == w * t.stride(-1) for t in tensors):
+        return 1, h * w
+    return h, w
+
+
+def _row_grid(n: int, rows: int, row_len: int, block: int) -> tuple[int]:
+    return (n * rows * _cdiv(row_len, block),)
+
+
 @torch.library.custom_op("fcnkern::triton_pixelwise_ce_fwd", mutates_args=())
 def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Returns (loss N x H x W, stats 2 x N x H x W), as the C++ op ``fcnkern::pixelwise_ce_fwd`` does."""
@@ -126,10 +139,10 @@ def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_in
     num_pixels = n * h * w
     if num_pixels == 0:
         return loss, stats
-    grid = (_cdiv(num_pixels, k.CE_BLOCK_P),)
-    k.ce_fwd_kernel[grid](
+    rows, row_len = _pixel_rows(h, w, logits, target)
+    k.ce_fwd_kernel[_row_grid(n, rows, row_len, k.CE_BLOCK_P)](
         logits, target, weight if weight is not None else loss, loss, stats,
-        num_pixels, c, h, w,
+        num_pixels, c, rows, row_len,
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),
         ignore_index,
@@ -150,10 +163,10 @@ def _triton_bwd(
     num_pixels = n * h * w
     if grad.numel() == 0:
         return grad
-    grid = (_cdiv(num_pixels, k.CE_BLOCK_P),)
-    k.ce_bwd_kernel[grid](
+    rows, row_len = _pixel_rows(h, w, grad_loss, logits, target, grad)
+    k.ce_bwd_kernel[_row_grid(n, rows, row_len, k.CE_BLOCK_P)](
         grad_loss, logits, target, weight if weight is not None else stats, stats, grad,
-        num_pixels, c, h, w,
+        num_pixels, c, rows, row_len,
         *_pixel_strides(grad_loss),
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),

@@ -263,3 +263,18 @@ def test_property_random_shapes(n, c, h, w, reduction, weighted, backend, seed):
     check_against_reference(
         "cpu", backend, torch.float32, logits, target, weight if weighted else None, reduction, upstream
     )
+
+
+def test_triton_row_tiles_follow_the_memory_layout():
+    """The Triton kernels tile one row of pixels at a time: a contiguous image is one row of H*W pixels, a cropped
+    view keeps its own rows (its rows are not back to back), and both give F.cross_entropy's values."""
+    from fcnkern.cross_entropy import _pixel_rows
+
+    full = torch.randn(2, 5, 7, 11)
+    target = torch.randint(0, 5, (2, 7, 11))
+    assert _pixel_rows(7, 11, full, target) == (1, 77)
+    crop, crop_target = full[:, :, 1:6, 2:9], target[:, 1:6, 2:9]
+    assert _pixel_rows(5, 7, crop, crop_target) == (5, 7)
+    for x, t in ((full, target), (crop, crop_target)):
+        got = fcnkern.pixelwise_cross_entropy(x, t, reduction="none", backend="triton")
+        torch.testing.assert_close(got, F.cross_entropy(x, t, reduction="none"), rtol=1e-5, atol=1e-5)
