@@ -22,6 +22,7 @@ is ``output > 0``, exactly PyTorch's rule: an output of exactly 0 passes no grad
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -144,6 +145,41 @@ def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
     return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
+def _channels_last(t: Tensor) -> Tensor:
+    """t with the channel stride 1 (a copy unless t is channels_last already): the kernels' reduction axis is the
+    channel, so a tile row of channels is one contiguous, vectorisable load (cp.async on sm_80+)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _weight_channels_last(weight: Tensor) -> Tensor:
+    """weight (K x C x R x S) viewed over storage laid out K x R x S x C, channel stride 1, for the same reason."""
+    return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _keep_format(result: Tensor, like: Tensor) -> Tensor:
+    """result (channels_last from the kernels) in like's memory format, as the op's contract says."""
+    fmt = torch._prims_common.suggest_memory_format(like)
+    return result if fmt == torch.channels_last else result.contiguous(memory_format=fmt)
+
+
+# Offsets of every element (and of the masked lanes just past the edges) stay below this in the 32-bit plan.
+_INDEX32_LIMIT = 2**31 - 2**24
+
+
+def _index_type(*tensors: Tensor):
+    """tl.int32 for the kernels' pixel and offset arithmetic where every tensor's largest element offset fits (one
+    32-bit division where a 64-bit one is a ~70-instruction subroutine, and half the address registers), else
+    tl.int64. FCNKERN_TRITON_WIDE_INDEX=1 forces int64, so that tests and timings can reach that plan."""
+    import triton.language as tl
+
+    if os.environ.get("FCNKERN_TRITON_WIDE_INDEX") == "1":
+        return tl.int64
+    fits = all(
+        sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride(), strict=True)) < _INDEX32_LIMIT for t in tensors
+    )
+    return tl.int32 if fits else tl.int64
+
+
 @torch.library.custom_op("fcnkern::triton_conv2d_relu", mutates_args=())
 def _triton_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
@@ -151,13 +187,15 @@ def _triton_fwd(
 ) -> Tensor:  # fmt: skip
     from fcnkern.kernels import conv_relu as k
 
+    x_in = x
     n, _, h, w = x.shape
     cout, c_g, r, s = weight.shape
     oh, ow = _output_hw(x, weight, stride, padding, dilation)
-    y = _ext.maybe_poison(_out_like(x, (n, cout, oh, ow)))
     m, k_g = n * oh * ow, cout // groups
-    if y.numel() == 0:
-        return y
+    if n * cout * oh * ow == 0:
+        return _out_like(x, (n, cout, oh, ow))
+    x, weight = _channels_last(x), _weight_channels_last(weight)
+    y = _ext.maybe_poison(_channels_last(torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)))
     flat = c_g < k.FLAT_K_BELOW
     bm, bn, bk, warps = k.pick_blocks(m, k_g, x.element_size())
     if flat and x.element_size() < 8:
@@ -170,10 +208,10 @@ def _triton_fwd(
         m, c_g, h, w, k_g, oh, ow,
         *x.stride(), *weight.stride(), *y.stride(),
         *_geometry_args(stride, padding, dilation),
-        r, s, RELU=relu, FLAT_K=flat, ACC=_acc(x.dtype),
+        r, s, RELU=relu, FLAT_K=flat, ACC=_acc(x.dtype), INDEX=_index_type(x, weight, y),
         DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
-    return y
+    return _keep_format(y, x_in)
 
 
 def _triton_dgrad(
@@ -186,10 +224,11 @@ def _triton_dgrad(
     n, _, h, w = x.shape
     cout, c_g, r, s = weight.shape
     oh, ow = y.shape[2:]
-    dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
     m, k_g = n * h * w, cout // groups
-    if dx.numel() == 0:
-        return dx
+    if x.numel() == 0:
+        return _out_like(x, tuple(x.shape))
+    grad, y, weight = _channels_last(grad), _channels_last(y), _weight_channels_last(weight)
+    dx = _ext.maybe_poison(_channels_last(torch.empty(x.shape, dtype=x.dtype, device=x.device)))
     bm, bn, bk, warps = k.pick_blocks(m, c_g, x.element_size())
     grid = (_cdiv(m, bm), _cdiv(c_g, bn), groups)
     k.conv_dgrad_kernel[grid](
@@ -197,10 +236,10 @@ def _triton_dgrad(
         m, c_g, h, w, k_g, oh, ow,
         *grad.stride(), *y.stride(), *weight.stride(), *dx.stride(),
         *_geometry_args(stride, padding, dilation),
-        r, s, RELU=relu, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        r, s, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, weight, dx), DOT_PRECISION=_dot_precision(x),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
-    return dx
+    return _keep_format(dx, x)
 
 
 def _wgrad_splits(m: int, programs: int, block_pixels: int, device: torch.device) -> tuple[int, int]:
@@ -225,7 +264,9 @@ def _triton_wgrad(
     oh, ow = y.shape[2:]
     m, k_g, j = n * oh * ow, cout // groups, c_g * r * s
     bm, bn, bk, warps = k.wgrad_blocks(x.element_size())
-    programs = _cdiv(k_g, bm) * _cdiv(j, bn) * groups
+    flat = c_g < k.FLAT_K_BELOW
+    j_blocks = _cdiv(j, bn) if flat else r * s * _cdiv(c_g, bn)
+    programs = _cdiv(k_g, bm) * j_blocks * groups
     splits, per_split = _wgrad_splits(m, programs, bk, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw_parts = _ext.maybe_poison(torch.empty((splits, groups * k_g, j), dtype=acc_dtype, device=x.device))
@@ -234,16 +275,21 @@ def _triton_wgrad(
         dw_parts.zero_()
         db_parts.zero_()
     else:
-        grid = (_cdiv(k_g, bm), _cdiv(j, bn), splits * groups)
+        grad, y, x = _channels_last(grad), _channels_last(y), _channels_last(x)
+        grid = (_cdiv(k_g, bm), j_blocks, splits * groups)
         k.conv_wgrad_kernel[grid](
             grad, y, x, dw_parts, db_parts if has_bias else dw_parts,
             m, c_g, h, w, k_g, oh, ow, groups, per_split,
             *grad.stride(), *y.stride(), *x.stride(),
             *_geometry_args(stride, padding, dilation),
-            r, s, HAS_BIAS=has_bias, RELU=relu, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            r, s, HAS_BIAS=has_bias, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
+            DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )  # fmt: skip
-    dw = dw_parts.sum(0).reshape(weight.shape).to(weight.dtype)
+    dw = dw_parts.sum(0)
+    if flat:  # columns j = (c, r, s): the weight's own layout
+        dw = dw.reshape(weight.shape).to(weight.dtype)
+    else:  # j = (r, s, c)
+        dw = dw.reshape(cout, r, s, c_g).permute(0, 3, 1, 2).to(weight.dtype, memory_format=torch.contiguous_format)
     return dw, db_parts.sum(0).to(weight.dtype)
 
 

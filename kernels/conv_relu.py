@@ -2,21 +2,27 @@
 all implicit GEMMs that gather their operands from the NCHW-indexed tensors through strides (so NCHW,
 channels_last and non-contiguous views need no copy).
 
+The launcher hands every kernel channels_last activations and a weight stored K x R x S x C (channel stride 1;
+copies only where a tensor is not so already), so that a tile row of channels is one contiguous 16-byte-aligned
+load: on sm_90 these compile to pipelined cp.async loads feeding wgmma. Pixel and offset arithmetic is 32-bit
+(INDEX = int32) whenever every tensor's offsets fit, since a 64-bit division is a long subroutine on a GPU.
+
 Forward, per group g: Y[m, k] = relu(sum_j X[m, j] W[j, k] + b[k]) with m = (n, oh, ow) output pixels, k the
-group's output channels, and j = (c, r, s) the reduction. The reduction walks the R x S taps and, inside each tap,
-BLOCK_K channels at a time, so each operand row is one strided load. Layers with fewer than 16 channels per group
-(an RGB first layer) would waste most of every 16-deep ``tl.dot`` on padding; they flatten j = (c, r, s) into one
-axis instead (FLAT_K) and decode (c, r, s) per element.
+group's output channels, and j = (c, r, s) the reduction. The reduction is one loop over (tap, BLOCK_K-channel
+block), so each operand row is one contiguous load and the pipeliner sees every step. Layers with fewer than 16
+channels per group (an RGB first layer) would waste most of every 16-deep ``tl.dot`` on padding; they flatten
+j = (c, r, s) into one axis instead (FLAT_K) and decode (c, r, s) per element.
 
 Backward: the ReLU mask is applied where the output gradient is loaded (``where(y > 0, dy, 0)``, y being the saved
 output), so the masked gradient is never written out.
 
 - dgrad, per group: dX[m', c] = sum over (k, r, s) of dY'[n, k, oh, ow] W[k, c, r, s] with m' = (n, ih, iw) input
   pixels and oh = (ih + pad - r * dil) / stride, only where that divides exactly and lands inside the output.
-- wgrad, per group: dW[k, j] = sum over output pixels of dY'[m, k] X[m, j], with j = (c, r, s) flattened (the
-  weight's own layout) so that no channel padding is wasted. The pixel reduction is split SPLIT ways into an fp32
-  workspace that the launcher sums (deterministic, no atomics); programs owning the first j block also reduce
-  dY' over their pixels for the bias gradient.
+- wgrad, per group: dW[k, j] = sum over output pixels of dY'[m, k] X[m, j], with j = (r, s, c), each program's
+  columns one tap's channel block (contiguous in channels_last x), or for fewer than 16 channels j = (c, r, s)
+  flattened (FLAT_J, the weight's own layout) so that no channel padding is wasted. The pixel reduction is split
+  SPLIT ways into an fp32 workspace that the launcher sums (deterministic, no atomics); programs owning the first
+  j block also reduce dY' over their pixels for the bias gradient.
 
 Accumulation is fp32 (fp64 for fp64 inputs, which exists for gradcheck). fp16/bf16 use tensor cores; fp32 uses TF32
 only when the launcher passes ``DOT_PRECISION="tf32"`` (PyTorch's ``torch.backends.cudnn.allow_tf32``);
@@ -37,16 +43,16 @@ FLAT_K_BELOW = 16
 def pick_blocks(m: int, n: int, elem_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward and dgrad GEMMs, M pixels x N channels.
 
-    Few shapes on purpose, so that every one can be compile-checked: 128 x 128 tiles (64 deep in 16-bit types,
-    32 in fp32) on large layers, 32 or 64 wide on the narrow ones (21-class score layers), 64 rows for small images.
-    Masks cover the ragged edges. num_warps stays at 4: Inductor's conv template miscompiled non-1x1 kernels at
-    num_warps >= 8 on some Triton versions.
+    Few shapes on purpose, so that every one can be compile-checked: 64 x 128 tiles (64 deep in 16-bit types,
+    32 in fp32) on wide layers, 32 or 64 wide on the narrow ones (21-class score layers). Masks cover the ragged
+    edges. num_warps stays at 4: Inductor's conv template miscompiled non-1x1 kernels at num_warps >= 8 on some
+    Triton versions. At 4 warps a 128 x 128 tile spilled 2.0-2.5 KB per thread to local memory on sm_90 (ptxas -v,
+    triton 3.6, fp16 and TF32), 64 x 128 none, so 64 pixels it is.
     """
     if elem_bytes >= 8:  # fp64, for gradchecks in the interpreter only
         return 32, 32, 16, 4
     block_n = 32 if n <= 32 else 64 if n <= 64 else 128
-    block_m = 128 if m >= 4096 else 64
-    return block_m, block_n, 64 if elem_bytes <= 2 else 32, 4
+    return 64, block_n, 64 if elem_bytes <= 2 else 32, 4
 
 
 def all_blocks(elem_bytes: int) -> list[tuple[int, int, int, int]]:
@@ -85,11 +91,11 @@ def conv_fwd_kernel(
     y_sn, y_sc, y_sh, y_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R, S,
-    RELU: tl.constexpr, FLAT_K: tl.constexpr, ACC: tl.constexpr,
+    RELU: tl.constexpr, FLAT_K: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(2)
-    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(0).to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
     kk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     k_ok = kk < K_G
@@ -117,20 +123,23 @@ def conv_fwd_kernel(
             b = tl.load(w_base[None, :] + b_off, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
     else:
-        for rs in range(R * S):
+        # One loop over (tap, channel block), so that the software pipeliner overlaps loads across taps too (a
+        # 3x3 layer of 256 channels is 36 steps, not 9 loops of 4).
+        c_blocks = tl.cdiv(C_G, BLOCK_K)
+        for t in range(R * S * c_blocks):
+            rs = t // c_blocks
             r = rs // S
-            s = rs % S
+            s = rs - r * S
+            c = (t - rs * c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            c_ok = c < C_G
             ih = ih0 + r * dil_h
             iw = iw0 + s * dil_w
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_row = x_base + ih * x_sh + iw * x_sw
             b_col = w_base + r * w_sr + s * w_ss
-            for c0 in range(0, C_G, BLOCK_K):
-                c = c0 + tl.arange(0, BLOCK_K)
-                c_ok = c < C_G
-                a = tl.load(a_row[:, None] + c[None, :] * x_sc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_col[None, :] + (c * w_sc)[:, None], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _dot(a, b, acc, DOT_PRECISION)
+            a = tl.load(a_row[:, None] + c[None, :] * x_sc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + (c * w_sc)[:, None], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_PRECISION)
 
     acc += tl.load(b_ptr + group * K_G + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
     if RELU:
@@ -158,11 +167,11 @@ def conv_dgrad_kernel(
     w_sk, w_sc, w_sr, w_ss,
     dx_sn, dx_sc, dx_sh, dx_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S, RELU: tl.constexpr, ACC: tl.constexpr,
+    R, S, RELU: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(2)
-    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (n, ih, iw)
+    m = tl.program_id(0).to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (n, ih, iw)
     cc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # the group's input channels
     m_ok = m < M
     c_ok = cc < C_G
@@ -172,9 +181,13 @@ def conv_dgrad_kernel(
     w_base = w_ptr + group * K_G * w_sk + cc * w_sc
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for rs in range(R * S):
+    k_blocks = tl.cdiv(K_G, BLOCK_K)
+    for t in range(R * S * k_blocks):  # (tap, output-channel block) flattened, as in the forward
+        rs = t // k_blocks
         r = rs // S
-        s = rs % S
+        s = rs - r * S
+        k = (t - rs * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = k < K_G
         oh_num = ih + pad_h - r * dil_h
         ow_num = iw + pad_w - s * dil_w
         # An input pixel gets this tap only where the output coordinate is a whole, in-range number.
@@ -185,15 +198,12 @@ def conv_dgrad_kernel(
         g_row = n * g_sn + group * K_G * g_sc + oh * g_sh + ow * g_sw
         y_row = n * y_sn + group * K_G * y_sc + oh * y_sh + ow * y_sw
         b_col = w_base + r * w_sr + s * w_ss
-        for k0 in range(0, K_G, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K_G
-            a_ok = pix_ok[:, None] & k_ok[None, :]
-            g_off = g_row[:, None] + (k * g_sc)[None, :]
-            y_off = y_row[:, None] + (k * y_sc)[None, :]
-            a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
-            b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = _dot(a, b, acc, DOT_PRECISION)
+        a_ok = pix_ok[:, None] & k_ok[None, :]
+        g_off = g_row[:, None] + (k * g_sc)[None, :]
+        y_off = y_row[:, None] + (k * y_sc)[None, :]
+        a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
+        b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_PRECISION)
 
     dx_off = (n * dx_sn + ih * dx_sh + iw * dx_sw)[:, None] + ((group * C_G + cc) * dx_sc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
@@ -207,26 +217,38 @@ def conv_wgrad_kernel(
     y_sn, y_sc, y_sh, y_sw,
     x_sn, x_sc, x_sh, x_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R, S, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    FLAT_J: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Grid (output-channel blocks, (c, r, s) blocks, SPLIT * G). Writes this split's partial sums to the ACC
-    workspaces dw: SPLIT x G x K_G x (C_G * R * S) and db: SPLIT x G x K_G."""
+    """Grid (output-channel blocks, j blocks, SPLIT * G). Writes this split's partial sums to the ACC workspaces
+    dw: SPLIT x G x K_G x J and db: SPLIT x G x K_G. With FLAT_J, j = (c, r, s) (the weight's own layout, no
+    padding for few channels); otherwise j = (r, s, c) and each program's columns are one tap's block of
+    channels (grid axis 1: R * S * channel blocks), contiguous in memory when x is channels_last."""
     pid_j = tl.program_id(1)
     group = tl.program_id(2) % G
     split = tl.program_id(2) // G
     k = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = k < K_G
     J = C_G * R * S
-    j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
-    j_ok = j < J
-    c = j // (R * S)
-    r = (j // S) % R
-    s = j % S
+    if FLAT_J:
+        j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = j < J
+        c = j // (R * S)
+        r = (j // S) % R
+        s = j % S
+    else:
+        c_blocks = tl.cdiv(C_G, BLOCK_N)
+        rs = pid_j // c_blocks
+        c = (pid_j - rs * c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = c < C_G
+        j = rs * C_G + c
+        r = tl.zeros([BLOCK_N], tl.int32) + rs // S
+        s = tl.zeros([BLOCK_N], tl.int32) + rs % S
     x_chan = (group * C_G + c) * x_sc
     g_chan = (group * K_G + k) * g_sc
     y_chan = (group * K_G + k) * y_sc
-    p_start = split.to(tl.int64) * PIX_PER_SPLIT
+    p_start = split.to(INDEX) * PIX_PER_SPLIT
     p_stop = tl.minimum(p_start + PIX_PER_SPLIT, M)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -287,21 +309,25 @@ def launch_configs():
             for relu in (False, True):
                 base = {"RELU": relu, "ACC": acc, "DOT_PRECISION": precision}
                 tag = f"{ty}_{precision}_relu{int(relu)}"
+                # The 64-bit index plan (tensors past 2**31 elements) with the widest tiles only: the same code
+                # with wider integers, checked where register pressure is highest.
+                widest = max(all_blocks(elem))
                 for bm, bn, bk, warps in all_blocks(elem):
                     blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
-                    for flat, depth in ((False, bk), (True, FLAT_BLOCK_K)):
-                        consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth}
-                        yield (
-                            f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}",
-                            conv_fwd_kernel,
-                            fwd_sig,
-                            consts,
-                            warps,
-                        )
-                    consts = {**base, **blocks, "BLOCK_K": bk}
-                    yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}", conv_dgrad_kernel, dgrad_sig, consts, warps
+                    for index in (tl.int32, tl.int64) if (bm, bn, bk, warps) == widest else (tl.int32,):
+                        bits = 32 if index == tl.int32 else 64
+                        for flat, depth in ((False, bk), (True, FLAT_BLOCK_K)):
+                            consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth, "INDEX": index}
+                            name = f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}_i{bits}"
+                            yield name, conv_fwd_kernel, fwd_sig, consts, warps
+                        consts = {**base, **blocks, "BLOCK_K": bk, "INDEX": index}
+                        yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}_i{bits}", conv_dgrad_kernel, dgrad_sig, consts, warps
                 bm, bn, bk, warps = wgrad_blocks(elem)
                 for has_bias in (False, True):
-                    consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                    name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}"
-                    yield name, conv_wgrad_kernel, wgrad_sig, consts, warps
+                    for flat in (False, True):
+                        for index in (tl.int32, tl.int64):
+                            consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                      "FLAT_J": flat, "INDEX": index}  # fmt: skip
+                            bits = 32 if index == tl.int32 else 64
+                            name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}_flat{int(flat)}_i{bits}"
+                            yield name, conv_wgrad_kernel, wgrad_sig, consts, warps

@@ -136,6 +136,31 @@ def test_memory_formats_and_views(device, backend, layout, case):
     _check(device, backend, torch.float32, (x, weight, bias), geometry)
 
 
+TRITON_PARAMS = [p for p in BACKENDS if p.values[1] == "triton"]
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_PARAMS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
+def test_triton_64_bit_index_plan(monkeypatch, device, backend, case):
+    """The Triton kernels' 64-bit pixel/offset arithmetic, which only tensors past 2**31 elements take by
+    themselves, forced with FCNKERN_TRITON_WIDE_INDEX=1: flat and per-tap reductions, stride 2, groups."""
+    monkeypatch.setenv("FCNKERN_TRITON_WIDE_INDEX", "1")
+    tensors, geometry = _inputs(case, torch.float32, device, "wide")
+    _check(device, backend, torch.float32, tensors, geometry)
+
+
+def test_triton_index_plan_widens_past_32_bit_offsets():
+    """32-bit arithmetic exactly where every offset fits: a view whose largest offset passes 2**31 (meta tensors,
+    so nothing is allocated) takes the 64-bit plan, as does the environment override."""
+    tl = pytest.importorskip("triton.language")
+    small = torch.empty(8, 512, 64, 64, device="meta")
+    huge = torch.empty_strided((2, 64, 128, 128), (2**31, 1, 8192, 64), device="meta")
+    assert conv_relu._index_type(small) == tl.int32
+    assert conv_relu._index_type(small, huge) == tl.int64
+    with mock.patch.dict(os.environ, {"FCNKERN_TRITON_WIDE_INDEX": "1"}):
+        assert conv_relu._index_type(small) == tl.int64
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("case", CASES[9:], ids=_case_id)
