@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fcnkern import _autograd, _ext
 from fcnkern import backend as _backend
-from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _wgrad_splits
+from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _index_type, _wgrad_splits
 from fcnkern.second_order import register_reference_double_backward
 
 __all__ = ["bilinear_kernel", "bilinear_upsample_crop", "bilinear_weight", "upsample_crop"]
@@ -288,7 +288,7 @@ def _triton_upsample(
         return out
     cin_g = cin // groups
     use_dot = cout_g >= k.DOT_MIN_CHANNELS
-    common = dict(ACC=_acc(x.dtype), num_warps=4)
+    common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, weight, out), num_warps=4)
     if use_dot:
         bm, bn, bk, _ = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), True)
         m_blocks = _cdiv(n * _cdiv(oh, sh) * _cdiv(ow, sw), bm)  # the largest phase's pixels
@@ -323,7 +323,7 @@ def _triton_upsample_dgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop
         n, cin_g, h, w, cout_g, grad.shape[2], grad.shape[3],
         *grad.stride(), *weight.stride(), *dx.stride(),
         *stride, *crop, kh, kw, m_blocks,
-        USE_DOT=use_dot, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        USE_DOT=use_dot, ACC=_acc(x.dtype), INDEX=_index_type(grad, weight, dx), DOT_PRECISION=_dot_precision(x),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
     return dx
@@ -346,7 +346,7 @@ def _triton_upsample_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop
         n, cin_g, h, w, cout_g, grad.shape[2], grad.shape[3],
         *grad.stride(), *x.stride(),
         *stride, *crop, kh, kw, m_blocks, groups, per_split,
-        USE_DOT=use_dot, ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x),
+        USE_DOT=use_dot, ACC=_acc(x.dtype), INDEX=_index_type(grad, x), DOT_PRECISION=_dot_precision(x),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
     return parts.sum(0).reshape(weight.shape).to(weight.dtype)
@@ -374,9 +374,10 @@ def _triton_bilinear(x: Tensor, factor: int, top: int, left: int, out_h: int, ou
     n, c, h, w = x.shape
     out = _ext.maybe_poison(_out_like(x, (n, c, out_h, out_w)))
     if out.numel() > 0:
-        k.bilinear_fwd_kernel[(_cdiv(out.numel(), k.BILINEAR_BLOCK),)](
-            x, out, out.numel(), c, h, w, out_h, out_w, *x.stride(), *out.stride(), factor, top, left,
-            ACC=_acc(x.dtype), BLOCK=k.BILINEAR_BLOCK,
+        rows, block = k.bilinear_block(out_w)
+        k.bilinear_fwd_kernel[(_cdiv(n * c * out_h, rows) * _cdiv(out_w, block),)](
+            x, out, n, c, h, w, out_h, out_w, *x.stride(), *out.stride(), factor, top, left,
+            ACC=_acc(x.dtype), ROWS=rows, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -392,9 +393,10 @@ def _triton_bilinear_bwd(grad: Tensor, factor: int, top: int, left: int, in_h: i
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     by_col = _ext.maybe_poison(torch.empty((n, c, out_h, in_w), dtype=acc_dtype, device=grad.device))
     for src, dst, start, length, axis in ((grad, by_col, left, out_w, 3), (by_col, dx, top, out_h, 2)):
-        k.bilinear_bwd_axis_kernel[(_cdiv(dst.numel(), k.BILINEAR_BLOCK),)](
-            src, dst, dst.numel(), c, dst.shape[2], dst.shape[3], *src.stride(), *dst.stride(),
-            factor, start, length, AXIS=axis, ACC=_acc(grad.dtype), BLOCK=k.BILINEAR_BLOCK,
+        rows, block = k.bilinear_block(dst.shape[3])
+        k.bilinear_bwd_axis_kernel[(_cdiv(n * c * dst.shape[2], rows) * _cdiv(dst.shape[3], block),)](
+            src, dst, n, c, dst.shape[2], dst.shape[3], *src.stride(), *dst.stride(),
+            factor, start, length, AXIS=axis, ACC=_acc(grad.dtype), ROWS=rows, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return dx
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from fcnkern.kernels.conv_relu import _dot
 
 __all__ = [
+    "bilinear_block",
     "bilinear_bwd_axis_kernel",
     "bilinear_fwd_kernel",
     "launch_configs",
@@ -41,7 +42,6 @@ __all__ = [
 
 # Fewer output channels per group than this multiply on CUDA cores instead of tensor cores.
 DOT_MIN_CHANNELS = 8
-BILINEAR_BLOCK = 256
 
 
 def learned_blocks(rows: int, cols: int, elem_bytes: int, use_dot: bool) -> tuple[int, int, int, int]:
@@ -93,7 +93,7 @@ def upsample_fwd_kernel(
     w_si, w_so, w_sh, w_sw,
     o_sn, o_sc, o_sh, o_sw,
     SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # The tensor-core forward, one GEMM per (group, phase). Axis 0 walks (group, phase, pixel block) so that many
@@ -106,7 +106,7 @@ def upsample_fwd_kernel(
     px = phase % SW
     fy, ny, qy, ty = _phase(py, SH, TOP, OH, KH)
     fx, nx, qx, tx = _phase(px, SW, LEFT, OW, KW)
-    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N * ny * nx
     nx_safe = tl.maximum(nx, 1)
     ny_safe = tl.maximum(ny, 1)
@@ -148,7 +148,7 @@ def upsample_fwd_direct_kernel(
     w_si, w_so, w_sh, w_sw,
     o_sn, o_sc, o_sh, o_sw,
     SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # The CUDA-core forward (few channels per group): each program takes any kept pixels, whatever their phase, and
@@ -156,7 +156,7 @@ def upsample_fwd_direct_kernel(
     pid = tl.program_id(0)
     m_block = pid % M_BLOCKS
     group = pid // M_BLOCKS
-    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N * OH * OW
     ox = m % OW
     oy = (m // OW) % OH
@@ -204,13 +204,13 @@ def upsample_dgrad_kernel(
     w_si, w_so, w_sh, w_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
     SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
-    USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     m_block = pid % M_BLOCKS
     group = pid // M_BLOCKS
-    m = m_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < N * H * W
     j = m % W
     i = (m // W) % H
@@ -245,7 +245,7 @@ def upsample_wgrad_kernel(
     g_sn, g_sc, g_sh, g_sw,
     x_sn, x_sc, x_sh, x_sw,
     SH, SW, TOP, LEFT, KH, KW, M_BLOCKS, GROUPS, PIX_PER_SPLIT,
-    USE_DOT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # dw_ptr: SPLIT x Cin x (Cout_g kh kw) fp32 workspace, one slice per split of the pixel reduction.
@@ -265,7 +265,7 @@ def upsample_wgrad_kernel(
     g_chan = (group * COUT_G + co) * g_sc
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    p_start = split.to(tl.int64) * PIX_PER_SPLIT
+    p_start = split.to(INDEX) * PIX_PER_SPLIT
     p_end = tl.minimum(p_start + PIX_PER_SPLIT, N * H * W)
     for p0 in range(p_start, p_end, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
@@ -287,7 +287,7 @@ def upsample_wgrad_kernel(
 @triton.jit
 def _bilinear_tap(full, factor, ACC: tl.constexpr):
     """The two input indices reaching full-output coordinate `full` and their weights k(t) = 1 - |t - (f - 1/2)| / f
-    (an index outside the input is the caller's to mask)."""
+    (an index outside the input is the caller's to mask). Scalar or vector, int32."""
     i1 = full // factor
     i0 = i1 - 1
     center = factor - 0.5
@@ -297,67 +297,98 @@ def _bilinear_tap(full, factor, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(D0, D1, D2, D3, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's ROWS consecutive rows (a0, a1, a2) of a D0 x D1 x D2 x D3 tensor walked row by row, and BLOCK of
+    their columns a3: (a0, a1) as int64 row vectors, a2 an int32 row vector, a3 an int32 column vector, and the
+    ROWS x BLOCK mask. A few divisions per row instead of four 64-bit divisions per element, and the column axis
+    stays visibly contiguous (the CE kernels' lesson)."""
+    blocks_per_row = tl.cdiv(D3, BLOCK)
+    pid = tl.program_id(0)
+    row = (pid // blocks_per_row) * ROWS + tl.arange(0, ROWS)
+    a3 = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+    a2 = row % D2
+    a1 = (row // D2) % D1
+    a0 = row // (D2 * D1)
+    ok = (row < D0 * D1 * D2)[:, None] & (a3 < D3)[None, :]
+    return a0.to(tl.int64), a1.to(tl.int64), a2, a3, ok
+
+
+@triton.jit
 def bilinear_fwd_kernel(
-    x_ptr, out_ptr, TOTAL, C, H, W, OH, OW,
+    x_ptr, out_ptr, N, C, H, W, OH, OW,
     x_sn, x_sc, x_sh, x_sw,
     o_sn, o_sc, o_sh, o_sw,
     FACTOR, TOP, LEFT,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < TOTAL
-    ox = idx % OW
-    oy = (idx // OW) % OH
-    c = (idx // (OW * OH)) % C
-    n = idx // (OW * OH * C)
+    # A program writes a ROWS x BLOCK tile of output rows (n, c, oy): the two input rows and their weights are per
+    # row, the two input columns and theirs per column; each output costs four loads and six multiply-adds.
+    n, c, oy, ox, ok = _row_tile(N, C, OH, OW, ROWS, BLOCK)
     r0, r1, wr0, wr1 = _bilinear_tap(TOP + oy, FACTOR, ACC)
     c0, c1, wc0, wc1 = _bilinear_tap(LEFT + ox, FACTOR, ACC)
-    r0_ok = ok & (r0 >= 0)
-    r1_ok = ok & (r1 < H)
-    c0_ok = c0 >= 0
-    c1_ok = c1 < W
-    base = x_ptr + n * x_sn + c * x_sc
-    v00 = tl.load(base + r0 * x_sh + c0 * x_sw, mask=r0_ok & c0_ok, other=0.0).to(ACC)
-    v01 = tl.load(base + r0 * x_sh + c1 * x_sw, mask=r0_ok & c1_ok, other=0.0).to(ACC)
-    v10 = tl.load(base + r1 * x_sh + c0 * x_sw, mask=r1_ok & c0_ok, other=0.0).to(ACC)
-    v11 = tl.load(base + r1 * x_sh + c1 * x_sw, mask=r1_ok & c1_ok, other=0.0).to(ACC)
-    value = wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11)
-    tl.store(out_ptr + n * o_sn + c * o_sc + oy * o_sh + ox * o_sw, value.to(out_ptr.dtype.element_ty), mask=ok)
+    plane = n * x_sn + c * x_sc
+    row0 = (plane + r0.to(tl.int64) * x_sh)[:, None]
+    row1 = (plane + r1.to(tl.int64) * x_sh)[:, None]
+    col0 = (c0.to(tl.int64) * x_sw)[None, :]
+    col1 = (c1.to(tl.int64) * x_sw)[None, :]
+    c0_ok = ok & (c0 >= 0)[None, :]
+    c1_ok = ok & (c1 < W)[None, :]
+    r0_ok = (r0 >= 0)[:, None]
+    r1_ok = (r1 < H)[:, None]
+    v00 = tl.load(x_ptr + row0 + col0, mask=c0_ok & r0_ok, other=0.0).to(ACC)
+    v01 = tl.load(x_ptr + row0 + col1, mask=c1_ok & r0_ok, other=0.0).to(ACC)
+    v10 = tl.load(x_ptr + row1 + col0, mask=c0_ok & r1_ok, other=0.0).to(ACC)
+    v11 = tl.load(x_ptr + row1 + col1, mask=c1_ok & r1_ok, other=0.0).to(ACC)
+    wc0 = wc0[None, :]
+    wc1 = wc1[None, :]
+    value = wr0[:, None] * (wc0 * v00 + wc1 * v01) + wr1[:, None] * (wc0 * v10 + wc1 * v11)
+    o_row = (n * o_sn + c * o_sc + oy.to(tl.int64) * o_sh)[:, None]
+    tl.store(out_ptr + o_row + (ox.to(tl.int64) * o_sw)[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def bilinear_bwd_axis_kernel(
-    src_ptr, dst_ptr, TOTAL, C, D2, D3,
+    src_ptr, dst_ptr, N, C, D2, D3,
     s_sn, s_sc, s_s2, s_s3,
     d_sn, d_sc, d_s2, d_s3,
     FACTOR, START, LENGTH,
-    AXIS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    AXIS: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One transpose pass along AXIS (2: height, 3: width): dst[..., i, ...] = sum over the 2f full-output coordinates
     # Y = i f + t that input index i reaches of k(t) * src[..., Y - START, ...], where the kept window is
     # START .. START + LENGTH - 1. dst is N x C x D2 x D3; src has the same shape except LENGTH along AXIS.
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < TOTAL
-    a3 = idx % D3
-    a2 = (idx // D3) % D2
-    c = (idx // (D3 * D2)) % C
-    n = idx // (D3 * D2 * C)
-    if AXIS == 2:
-        i = a2
-        base = src_ptr + n * s_sn + c * s_sc + a3 * s_s3
-        step = s_s2
-    else:
-        i = a3
-        base = src_ptr + n * s_sn + c * s_sc + a2 * s_s2
-        step = s_s3
+    # A program writes a ROWS x BLOCK tile of dst rows (n, c, a2); in the height pass each tap is a row offset and
+    # its loads are rows of src.
+    n, c, a2, a3, ok = _row_tile(N, C, D2, D3, ROWS, BLOCK)
+    plane = (n * s_sn + c * s_sc)[:, None]
     center = FACTOR - 0.5
-    acc = tl.zeros([BLOCK], ACC)
+    acc = tl.zeros([ROWS, BLOCK], ACC)
     for t in range(0, 2 * FACTOR):
-        pos = i * FACTOR + t - START
-        weight = 1.0 - tl.abs(tl.full([1], t, tl.int32).to(ACC) - center) / FACTOR
-        v = tl.load(base + pos * step, mask=ok & (pos >= 0) & (pos < LENGTH), other=0.0)
+        weight = 1.0 - tl.abs(tl.full([1, 1], t, tl.int32).to(ACC) - center) / FACTOR
+        if AXIS == 2:
+            pos = a2 * FACTOR + t - START
+            offset = plane + (pos.to(tl.int64) * s_s2)[:, None] + (a3.to(tl.int64) * s_s3)[None, :]
+            inside = ((pos >= 0) & (pos < LENGTH))[:, None]
+        else:
+            pos = a3 * FACTOR + t - START
+            offset = plane + (a2.to(tl.int64) * s_s2)[:, None] + (pos.to(tl.int64) * s_s3)[None, :]
+            inside = ((pos >= 0) & (pos < LENGTH))[None, :]
+        v = tl.load(src_ptr + offset, mask=ok & inside, other=0.0)
         acc += weight * v.to(ACC)
-    tl.store(dst_ptr + n * d_sn + c * d_sc + a2 * d_s2 + a3 * d_s3, acc.to(dst_ptr.dtype.element_ty), mask=ok)
+    d_row = (n * d_sn + c * d_sc + a2.to(tl.int64) * d_s2)[:, None]
+    tl.store(dst_ptr + d_row + (a3.to(tl.int64) * d_s3)[None, :], acc.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+# Elements per program of the bilinear passes: 4 per thread at 4 warps.
+BILINEAR_TILE = 512
+
+
+def bilinear_block(width: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a bilinear pass whose rows are `width` long: BLOCK columns of ROWS rows, BLOCK the power of
+    two in (16, 64, 128, 256) nearest above the width (256 for wider rows), so that narrow rows do not leave most
+    of a tile idle and a program holds BILINEAR_TILE elements."""
+    block = next((b for b in (16, 64, 128) if width <= b), 256)
+    return BILINEAR_TILE // block, block
 
 
 def _geometry_sig(*names: str) -> dict[str, str]:
@@ -390,12 +421,17 @@ def launch_configs():
         wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
                      **_geometry_sig(*geo, "GROUPS", "PIX_PER_SPLIT")}  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
-            for (bm, bn, bk, warps), use_dot in all_learned_blocks(elem):
+            # The 64-bit index plan (tensors past 2**31 elements) with the first block shape of each variant.
+            learned = all_learned_blocks(elem)
+            wide = [next(b for b in learned if b[1] == dot) for dot in (False, True)]
+            learned = [(b, tl.int32) for b in learned] + [(b, tl.int64) for b in wide]
+            for ((bm, bn, bk, warps), use_dot), index in learned:
                 if not use_dot and precision == "tf32":
                     continue  # CUDA-core variants ignore DOT_PRECISION
-                consts = {"USE_DOT": use_dot, "ACC": acc, "DOT_PRECISION": precision,
+                consts = {"USE_DOT": use_dot, "ACC": acc, "INDEX": index, "DOT_PRECISION": precision,
                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
-                tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}"
+                bits = 32 if index == tl.int32 else 64
+                tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}_i{bits}"
                 fwd = upsample_fwd_kernel if use_dot else upsample_fwd_direct_kernel
                 fwd_consts = {k: v for k, v in consts.items() if k not in ("USE_DOT",) + (() if use_dot else
                               ("DOT_PRECISION",))}  # fmt: skip
@@ -404,13 +440,15 @@ def launch_configs():
                            {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
                 yield f"upsample_dgrad_{tag}", upsample_dgrad_kernel, dgrad_sig, consts, warps
                 yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
-        bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("TOTAL", "C", "H", "W", "OH", "OW"),
+        bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("N", "C", "H", "W", "OH", "OW"),
                    **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
-        yield f"bilinear_fwd_{ty}", bilinear_fwd_kernel, bil_sig, {"ACC": acc, "BLOCK": BILINEAR_BLOCK}, 4
-        # Width pass: the gradient (ty) into the fp32 (fp64) intermediate; height pass: the intermediate into dx (ty).
-        for axis, src, dst in ((3, ptr, acc_ty), (2, acc_ty, ptr)):
-            sig = {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("TOTAL", "C", "D2", "D3"),
-                   **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
-                   **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
-            yield (f"bilinear_bwd_axis{axis}_{ty}", bilinear_bwd_axis_kernel, sig,
-                   {"AXIS": axis, "ACC": acc, "BLOCK": BILINEAR_BLOCK}, 4)  # fmt: skip
+        for rows, block in sorted({bilinear_block(width) for width in (1, 50, 100, 500)}):
+            tile = {"ACC": acc, "ROWS": rows, "BLOCK": block}
+            yield f"bilinear_fwd_{ty}_{rows}x{block}", bilinear_fwd_kernel, bil_sig, tile, 4
+            # Width pass: the gradient (ty) into the fp32 (fp64) intermediate; height pass: the intermediate into dx.
+            for axis, src, dst in ((3, ptr, acc_ty), (2, acc_ty, ptr)):
+                sig = {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("N", "C", "D2", "D3"),
+                       **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
+                       **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
+                yield (f"bilinear_bwd_axis{axis}_{ty}_{rows}x{block}", bilinear_bwd_axis_kernel, sig,
+                       {**tile, "AXIS": axis}, 4)  # fmt: skip

@@ -111,6 +111,15 @@ def test_upsample_crop_layouts(device, backend, dtype, layout, case):
     _check_learned(device, backend, dtype, case, layout)
 
 
+@pytest.mark.parametrize(("device", "backend"), [p for p in _backend_params() if p.values[1] == "triton"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=lambda c: f"c{c[0]}f{c[1]}k{c[2]}g{c[3]}")
+def test_triton_64_bit_index_plan(monkeypatch, device, backend, case):
+    """The learned path's 64-bit pixel arithmetic, which only tensors past 2**31 elements take by themselves, forced
+    with FCNKERN_TRITON_WIDE_INDEX=1: tensor-core and CUDA-core variants, an odd kernel with groups."""
+    monkeypatch.setenv("FCNKERN_TRITON_WIDE_INDEX", "1")
+    _check_learned(device, backend, torch.float32, case, "nchw")
+
+
 @pytest.mark.parametrize(("device", "backend"), _backend_params())
 def test_diagonal_learned_weight_equals_bilinear_path(device, backend):
     """A learnable layer whose weight is still FCN's diagonal bilinear one gives the fixed bilinear result."""
