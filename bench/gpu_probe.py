@@ -13,6 +13,14 @@ One JSON line per case:
 - call_path: forward + backward of each op through the eager autograd.Function (the default) against the
   torch.library registration (fcnkern/_autograd.py), fused head and cross-entropy at batch 1; the host time saved
   per call was 30-45 us on the 2-core CPU machine.
+- triton_conv: the Triton conv + ReLU after session 11's rewrite (channels_last operands, one (tap, channel block)
+  loop, 32-bit indices, 64 x 128 tiles) against cuDNN, FCN-8s's conv3_2 (1 x 256 x 175 x 175, bf16) and conv1_2
+  (1 x 64 x 698 x 698): forward and forward + backward, NCHW and channels_last input, and the 64-bit plan
+  (FCNKERN_TRITON_WIDE_INDEX=1). Before: 1.27 ms forward for conv3_2 (ncu, 255 registers, 1 KB spills, scalar
+  gathers); predicted 0.2-0.35 ms (sm_90 PTX now has cp.async 16-byte loads, 3 stages, no spills).
+- triton_bilinear: the Triton bilinear forward and backward, tiled by output row since session 11 (no 64-bit
+  division per element), against the CUDA kernel and F.interpolate, FCN-32s's final layer at batch 8. Before:
+  1.156 ms forward (CUDA 0.248); predicted ~0.25 ms.
 """
 
 import json
@@ -128,8 +136,71 @@ def step_profile_probe() -> None:
         print(json.dumps(row), flush=True)
 
 
+def _conv_relu(x, w, b, backend):
+    if backend == "cudnn":
+        return F.relu(F.conv2d(x, w, b, padding=1))
+    return fcnkern.conv2d_relu(x, w, b, padding=1, backend=backend)
+
+
+def _conv_row(name: str, x, w, b, dy, layout: str) -> dict:
+    row = {"probe": "triton_conv", "layer": name, "shape": list(x.shape), "layout": layout}
+    with torch.no_grad():
+        err = _conv_relu(x, w, b, "triton").float() - _conv_relu(x, w, b, "cudnn").float()
+        row["max_abs_err_vs_cudnn"] = float(err.abs().max())
+        for backend in ("triton", "cudnn"):
+            row[f"{backend}_fwd_ms"] = bench(lambda: _conv_relu(x, w, b, backend))  # noqa: B023 (called here)
+        os.environ["FCNKERN_TRITON_WIDE_INDEX"] = "1"
+        try:
+            row["triton_fwd_int64_ms"] = bench(lambda: _conv_relu(x, w, b, "triton"))
+        finally:
+            del os.environ["FCNKERN_TRITON_WIDE_INDEX"]
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    for backend in ("triton", "cudnn"):
+        step = lambda: torch.autograd.grad(_conv_relu(xr, wr, b, backend), (xr, wr), dy)  # noqa: B023, E731
+        row[f"{backend}_fwd_bwd_ms"] = bench(step)
+    c, side = x.shape[1], x.shape[2]
+    row["tflops_triton_fwd"] = 2 * c * c * 9 * side * side / row["triton_fwd_ms"] / 1e9
+    return row
+
+
+def triton_conv_probe(g: torch.Generator) -> None:
+    for name, c, side in (("conv3_2", 256, 175), ("conv1_2", 64, 698)):
+        x = torch.randn(1, c, side, side, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(c, c, 3, 3, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.zeros(c, device="cuda").bfloat16()
+        dy = torch.randn(1, c, side, side, device="cuda", generator=g).bfloat16()
+        for layout in ("nchw", "channels_last"):
+            xl = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+            print(json.dumps(_conv_row(name, xl, w, b, dy, layout)), flush=True)
+
+
+def triton_bilinear_probe(g: torch.Generator) -> None:
+    scores = torch.randn(8, 21, 16, 16, device="cuda", generator=g)
+    grad = torch.randn(8, 21, 500, 500, device="cuda", generator=g)
+    row = {"probe": "triton_bilinear", "shape": [8, 21, 500, 500]}
+    with torch.no_grad():
+        for backend in ("triton", "cuda"):
+            fwd = lambda b=backend: fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend=b)  # noqa: E731
+            row[f"{backend}_fwd_ms"] = bench(fwd)
+        row["same_result"] = bool(
+            torch.allclose(
+                fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="triton"),
+                fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="cuda"),
+                atol=1e-5,
+            )
+        )
+        row["interpolate_ms"] = bench(lambda: F.interpolate(scores, size=(500, 500), mode="bilinear"))
+    for backend in ("triton", "cuda"):
+        s = scores.detach().requires_grad_()
+        out = fcnkern.bilinear_upsample_crop(s, 32, (19, 19), (500, 500), backend=backend)
+        row[f"{backend}_bwd_ms"] = bench(lambda out=out, s=s: torch.autograd.grad(out, s, grad, retain_graph=True))
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
+    triton_conv_probe(g)
+    triton_bilinear_probe(g)
     bilinear_index_probe(g)
     call_path_probe(g)
     step_profile_probe()
