@@ -7,8 +7,10 @@ through the same kernels (FCN's score layers).
 
 Kernels (see kernels/conv_relu.py and cpp/conv_relu_cpu.cpp):
 
-- ``triton``: implicit GEMMs, bias and ReLU in the forward's epilogue; the backward's dgrad and wgrad kernels load
-  the output gradient through the ReLU mask of the saved output, so the masked gradient is never materialised.
+- ``triton``: implicit GEMMs over channels_last activations and a K x R x S x C weight (tensors in another layout
+  are copied into these on entry, and the results back into x's format), bias and ReLU in the forward's epilogue;
+  the backward's dgrad and wgrad kernels load the output gradient through the ReLU mask of the saved output, so
+  the masked gradient is never materialised.
 - ``cuda`` (cpp/conv_relu_cuda.cu): one gather-GEMM core for the forward, dgrad and wgrad implicit GEMMs (operands
   gathered through strides into shared-memory tiles, WMMA tensor cores for fp16/bf16, CUDA cores in fp32/fp64), the
   ReLU mask applied while loading the gradient, wgrad's pixel reduction split into a workspace summed afterwards.

@@ -1,6 +1,6 @@
 """Triton kernels of the fused Conv2d + ReLU: forward, input gradient (dgrad) and weight + bias gradient (wgrad),
-all implicit GEMMs that gather their operands from the NCHW-indexed tensors through strides (so NCHW,
-channels_last and non-contiguous views need no copy).
+all implicit GEMMs that gather their operands through the tensors' (n, c, h, w) strides. Any strides compute the
+right result; the launcher makes the channel stride 1 (below), which is what makes them fast.
 
 The launcher hands every kernel channels_last activations and a weight stored K x R x S x C (channel stride 1;
 copies only where a tensor is not so already), so that a tile row of channels is one contiguous 16-byte-aligned
