@@ -153,6 +153,10 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _empty_channels_last(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
 def _weight_channels_last(weight: Tensor) -> Tensor:
     """weight (K x C x R x S) viewed over storage laid out K x R x S x C, channel stride 1, for the same reason."""
     return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -197,9 +201,9 @@ def _triton_fwd(
     if n * cout * oh * ow == 0:
         return _out_like(x, (n, cout, oh, ow))
     x, weight = _channels_last(x), _weight_channels_last(weight)
-    y = _ext.maybe_poison(_channels_last(torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)))
+    y = _ext.maybe_poison(_empty_channels_last((n, cout, oh, ow), x))
     flat = c_g < k.FLAT_K_BELOW
-    bm, bn, bk, warps = k.pick_blocks(m, k_g, x.element_size())
+    bm, bn, bk, warps = k.pick_blocks(k_g, x.element_size())
     if flat and x.element_size() < 8:
         bk = k.FLAT_BLOCK_K
     if bias is None:  # one kernel variant: a zero bias costs one Cout-vector load per program
@@ -220,7 +224,7 @@ def _triton_dgrad(
     grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, relu: bool,
 ) -> Tensor:  # fmt: skip
-    """Gradient with respect to x of the conv (+ ReLU, masked by the saved output y)."""
+    """Gradient with respect to x of the conv (+ ReLU, masked by the saved output y); grad and y channels_last."""
     from fcnkern.kernels import conv_relu as k
 
     n, _, h, w = x.shape
@@ -229,9 +233,9 @@ def _triton_dgrad(
     m, k_g = n * h * w, cout // groups
     if x.numel() == 0:
         return _out_like(x, tuple(x.shape))
-    grad, y, weight = _channels_last(grad), _channels_last(y), _weight_channels_last(weight)
-    dx = _ext.maybe_poison(_channels_last(torch.empty(x.shape, dtype=x.dtype, device=x.device)))
-    bm, bn, bk, warps = k.pick_blocks(m, c_g, x.element_size())
+    weight = _weight_channels_last(weight)
+    dx = _ext.maybe_poison(_empty_channels_last(tuple(x.shape), x))
+    bm, bn, bk, warps = k.pick_blocks(c_g, x.element_size())
     grid = (_cdiv(m, bm), _cdiv(c_g, bn), groups)
     k.conv_dgrad_kernel[grid](
         grad, y, weight, dx,
@@ -258,7 +262,7 @@ def _triton_wgrad(
     grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, has_bias: bool, stride: list[int], padding: list[int],
     dilation: list[int], groups: int, relu: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Gradients with respect to weight and bias (an empty tensor when there is no bias)."""
+    """Gradients with respect to weight and bias (an empty tensor when there is no bias); grad and y channels_last."""
     from fcnkern.kernels import conv_relu as k
 
     n, _, h, w = x.shape
@@ -277,7 +281,7 @@ def _triton_wgrad(
         dw_parts.zero_()
         db_parts.zero_()
     else:
-        grad, y, x = _channels_last(grad), _channels_last(y), _channels_last(x)
+        x = _channels_last(x)
         grid = (_cdiv(k_g, bm), j_blocks, splits * groups)
         k.conv_wgrad_kernel[grid](
             grad, y, x, dw_parts, db_parts if has_bias else dw_parts,
@@ -302,6 +306,7 @@ def _triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract)."""
     need_x, need_w, need_b = output_mask
+    grad, y = _channels_last(grad), _channels_last(y)  # once, for both gradient kernels
     dx = _triton_dgrad(grad, y, x, weight, stride, padding, dilation, groups, relu) if need_x else x.new_empty(0)
     dw, db = x.new_empty(0), x.new_empty(0)  # distinct: a custom op's outputs may not alias one another
     if need_w or need_b:

@@ -40,8 +40,8 @@ __all__ = ["conv_dgrad_kernel", "conv_fwd_kernel", "conv_wgrad_kernel", "launch_
 FLAT_K_BELOW = 16
 
 
-def pick_blocks(m: int, n: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward and dgrad GEMMs, M pixels x N channels.
+def pick_blocks(n: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward and dgrad GEMMs, pixels x N channels.
 
     Few shapes on purpose, so that every one can be compile-checked: 64 x 128 tiles (64 deep in 16-bit types,
     32 in fp32) on wide layers, 32 or 64 wide on the narrow ones (21-class score layers). Masks cover the ragged
@@ -57,7 +57,7 @@ def pick_blocks(m: int, n: int, elem_bytes: int) -> tuple[int, int, int, int]:
 
 def all_blocks(elem_bytes: int) -> list[tuple[int, int, int, int]]:
     """Every result pick_blocks can give for this element size."""
-    return sorted({pick_blocks(m, n, elem_bytes) for m in (1, 4096) for n in (1, 33, 65)})
+    return sorted({pick_blocks(n, elem_bytes) for n in (1, 33, 65)})
 
 
 def wgrad_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
