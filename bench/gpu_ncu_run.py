@@ -1,10 +1,12 @@
 """Kernels for Nsight Compute (``ncu --profile-from-start off``), each warmed up first and then run once inside
-cudaProfilerStart/Stop, so that only that launch is profiled:
+cudaProfilerStart/Stop, so that only that launch is profiled (gpu_suite.sh keeps fcnkern's own kernels by name):
 
-- the Triton cross-entropy forward at 1 x 21 x 500 x 500 and 1 x 21 x 512 x 512 (14-40x apart on the H100, cause
-  unknown from the compiled code: DRAM throughput, sectors per request and stall reasons tell);
-- FCN-8s's conv3_2 (256 -> 256, 3 x 3, 175 x 175, bf16) forward and backward on the Triton backend (9x slower than
-  cuDNN forward, 30x forward + backward): tensor-pipe use, issue slots and stall reasons of each kernel.
+- FCN-8s's conv3_2 (256 -> 256, 3 x 3, 175 x 175, bf16, channels_last) forward and backward on the Triton backend:
+  run 4 (H200) found its wgrad at 979 us, shared-memory bound; session 12 took the bias reduction out of its loop;
+- the FCN-32s learned upsampling forward (21 -> 21, k 64, stride 32, 8 x 21 x 16 x 16 -> 500 x 500) on the Triton
+  backend: 2.19 ms against conv_transpose2d's 1.06 in run 4, cause not yet measured;
+- the FCN-32s fixed bilinear forward on the CUDA backend (0.21 ms against F.interpolate's 0.14-0.16) and backward
+  on the Triton backend (1.72 ms in run 4; session 12 made its width pass read runs of columns).
 """
 
 import torch
@@ -23,15 +25,21 @@ def profiled(fn) -> None:
 
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for side in (500, 512):
-            x = torch.randn(1, 21, side, side, device="cuda", generator=g)
-            t = torch.randint(0, 21, (1, side, side), device="cuda", generator=g)
-            profiled(lambda x=x, t=t: fcnkern.pixelwise_cross_entropy(x, t, backend="triton"))
-    x = torch.randn(1, 256, 175, 175, device="cuda", generator=g).bfloat16().requires_grad_()
+    x = torch.randn(1, 256, 175, 175, device="cuda", generator=g).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     w = (torch.randn(256, 256, 3, 3, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
     b = torch.zeros(256, device="cuda").bfloat16().requires_grad_()
     profiled(lambda: fcnkern.conv2d_relu(x, w, b, padding=1, backend="triton").float().sum().backward())
+
+    scores = torch.randn(8, 21, 16, 16, device="cuda", generator=g)
+    weight = (fcnkern.bilinear_weight(21, 64) + 0.01 * torch.randn(21, 21, 64, 64)).cuda()
+    with torch.no_grad():
+        profiled(lambda: fcnkern.upsample_crop(scores, weight, 32, (19, 19), (500, 500), backend="triton"))
+        profiled(lambda: fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="cuda"))
+    leaf = scores.clone().requires_grad_()
+    up = fcnkern.bilinear_upsample_crop(leaf, 32, (19, 19), (500, 500), backend="triton")
+    upstream = torch.randn_like(up)
+    profiled(lambda: torch.autograd.grad(up, leaf, upstream, retain_graph=True))
 
 
 if __name__ == "__main__":

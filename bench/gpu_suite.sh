@@ -76,10 +76,10 @@ done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
 step probe 90 python3 bench/gpu_probe.py
-# Nsight Compute on the two unexplained slow kernels (bench/gpu_ncu_run.py), if the machine has ncu and lets it read
-# the counters: one launch each.
+# Nsight Compute on the slow kernels named in bench/gpu_ncu_run.py, if the machine has ncu and lets it read the
+# counters: one launch each, fcnkern's kernels only (not the layout copies and reductions around them).
 NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-step ncu 50 "${NCU:-ncu}" --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+step ncu 50 "${NCU:-ncu}" --profile-from-start off -k "regex:conv_|upsample_|bilinear" --section SpeedOfLight --section MemoryWorkloadAnalysis \
   --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/gpu_ncu_run.py
 step bench 120 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
   --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and not interleaved}" --benchmark-json="$LOGS/bench.json"

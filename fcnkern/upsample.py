@@ -392,12 +392,17 @@ def _triton_bilinear_bwd(grad: Tensor, factor: int, top: int, left: int, in_h: i
         return dx
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     by_col = _ext.maybe_poison(torch.empty((n, c, out_h, in_w), dtype=acc_dtype, device=grad.device))
-    for src, dst, start, length, axis in ((grad, by_col, left, out_w, 3), (by_col, dx, top, out_h, 2)):
-        rows, block = k.bilinear_block(dst.shape[3])
-        k.bilinear_bwd_axis_kernel[(_cdiv(n * c * dst.shape[2], rows) * _cdiv(dst.shape[3], block),)](
-            src, dst, n, c, dst.shape[2], dst.shape[3], *src.stride(), *dst.stride(),
-            factor, start, length, AXIS=axis, ACC=_acc(grad.dtype), ROWS=rows, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+    acc = _acc(grad.dtype)
+    rows, block, taps = k.bilinear_width_tile(in_w, factor)
+    k.bilinear_bwd_width_kernel[(_cdiv(n * c * out_h, rows) * _cdiv(in_w, block),)](
+        grad, by_col, n, c, out_h, in_w, *grad.stride(), *by_col.stride(), factor, left, out_w,
+        ACC=acc, ROWS=rows, BLOCK=block, TAPS=taps, num_warps=4,
+    )  # fmt: skip
+    rows, block = k.bilinear_block(in_w)
+    k.bilinear_bwd_height_kernel[(_cdiv(n * c * in_h, rows) * _cdiv(in_w, block),)](
+        by_col, dx, n, c, in_h, in_w, *by_col.stride(), *dx.stride(), factor, top, out_h,
+        ACC=acc, ROWS=rows, BLOCK=block, num_warps=4,
+    )  # fmt: skip
     return dx
 
 

@@ -30,8 +30,10 @@ from fcnkern.kernels.conv_relu import _dot
 
 __all__ = [
     "bilinear_block",
-    "bilinear_bwd_axis_kernel",
+    "bilinear_bwd_height_kernel",
+    "bilinear_bwd_width_kernel",
     "bilinear_fwd_kernel",
+    "bilinear_width_tile",
     "launch_configs",
     "learned_blocks",
     "upsample_dgrad_kernel",
@@ -347,40 +349,62 @@ def bilinear_fwd_kernel(
 
 
 @triton.jit
-def bilinear_bwd_axis_kernel(
+def bilinear_bwd_width_kernel(
     src_ptr, dst_ptr, N, C, D2, D3,
     s_sn, s_sc, s_s2, s_s3,
     d_sn, d_sc, d_s2, d_s3,
     FACTOR, START, LENGTH,
-    AXIS: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAPS: tl.constexpr,
 ):  # fmt: skip
-    # One transpose pass along AXIS (2: height, 3: width): dst[..., i, ...] = sum over the 2f full-output coordinates
-    # Y = i f + t that input index i reaches of k(t) * src[..., Y - START, ...], where the kept window is
-    # START .. START + LENGTH - 1. dst is N x C x D2 x D3; src has the same shape except LENGTH along AXIS.
-    # A program writes a ROWS x BLOCK tile of dst rows (n, c, a2); in the height pass each tap is a row offset and
-    # its loads are rows of src.
+    # The width pass: dst[..., i] = sum over t < 2f of k(t) * src[..., i f + t - START], the kept window being columns
+    # START .. START + LENGTH - 1; dst is N x C x D2 x D3, src the same with LENGTH columns. One output's taps are 2f
+    # consecutive src columns, so the tile is ROWS x BLOCK outputs x TAPS taps with the taps innermost: each warp
+    # load is a run of consecutive columns. (Taps as an outer loop made lanes f columns apart: 32 sectors per
+    # load at f = 32, 1.72 ms for the FCN-32s final at N = 8 on an H200, 7x the CUDA kernel.)
+    n, c, a2, a3, ok = _row_tile(N, C, D2, D3, ROWS, BLOCK)
+    row = (n * s_sn + c * s_sc + a2.to(tl.int64) * s_s2)[:, None, None]
+    center = FACTOR - 0.5
+    acc = tl.zeros([ROWS, BLOCK], ACC)
+    for t0 in range(0, 2 * FACTOR, TAPS):
+        t = t0 + tl.arange(0, TAPS)
+        weight = 1.0 - tl.abs(t.to(ACC) - center) / FACTOR
+        pos = (a3 * FACTOR)[:, None] + t[None, :] - START
+        inside = (t < 2 * FACTOR)[None, :] & (pos >= 0) & (pos < LENGTH)
+        v = tl.load(src_ptr + row + (pos.to(tl.int64) * s_s3)[None, :, :], mask=ok[:, :, None] & inside[None, :, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.sum(v.to(ACC) * weight[None, None, :], axis=2)
+    d_row = (n * d_sn + c * d_sc + a2.to(tl.int64) * d_s2)[:, None]
+    tl.store(dst_ptr + d_row + (a3.to(tl.int64) * d_s3)[None, :], acc.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bilinear_bwd_height_kernel(
+    src_ptr, dst_ptr, N, C, D2, D3,
+    s_sn, s_sc, s_s2, s_s3,
+    d_sn, d_sc, d_s2, d_s3,
+    FACTOR, START, LENGTH,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # The height pass: dst[..., i, :] = sum over t < 2f of k(t) * src[..., i f + t - START, :] (kept rows START ..
+    # START + LENGTH - 1). A program writes a ROWS x BLOCK tile of dst rows (n, c, a2); each tap is a row offset, so
+    # its loads are runs of a src row.
     n, c, a2, a3, ok = _row_tile(N, C, D2, D3, ROWS, BLOCK)
     plane = (n * s_sn + c * s_sc)[:, None]
     center = FACTOR - 0.5
     acc = tl.zeros([ROWS, BLOCK], ACC)
     for t in range(0, 2 * FACTOR):
         weight = 1.0 - tl.abs(tl.full([1, 1], t, tl.int32).to(ACC) - center) / FACTOR
-        if AXIS == 2:
-            pos = a2 * FACTOR + t - START
-            offset = plane + (pos.to(tl.int64) * s_s2)[:, None] + (a3.to(tl.int64) * s_s3)[None, :]
-            inside = ((pos >= 0) & (pos < LENGTH))[:, None]
-        else:
-            pos = a3 * FACTOR + t - START
-            offset = plane + (a2.to(tl.int64) * s_s2)[:, None] + (pos.to(tl.int64) * s_s3)[None, :]
-            inside = ((pos >= 0) & (pos < LENGTH))[None, :]
-        v = tl.load(src_ptr + offset, mask=ok & inside, other=0.0)
+        pos = a2 * FACTOR + t - START
+        offset = plane + (pos.to(tl.int64) * s_s2)[:, None] + (a3.to(tl.int64) * s_s3)[None, :]
+        v = tl.load(src_ptr + offset, mask=ok & ((pos >= 0) & (pos < LENGTH))[:, None], other=0.0)
         acc += weight * v.to(ACC)
     d_row = (n * d_sn + c * d_sc + a2.to(tl.int64) * d_s2)[:, None]
     tl.store(dst_ptr + d_row + (a3.to(tl.int64) * d_s3)[None, :], acc.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-# Elements per program of the bilinear passes: 4 per thread at 4 warps.
+# Elements per program of the bilinear passes: 4 per thread at 4 warps. The width pass's tiles also span the taps.
 BILINEAR_TILE = 512
+BILINEAR_WIDTH_TILE = 2048
 
 
 def bilinear_block(width: int) -> tuple[int, int]:
@@ -389,6 +413,15 @@ def bilinear_block(width: int) -> tuple[int, int]:
     of a tile idle and a program holds BILINEAR_TILE elements."""
     block = next((b for b in (16, 64, 128) if width <= b), 256)
     return BILINEAR_TILE // block, block
+
+
+def bilinear_width_tile(width: int, factor: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, TAPS) of the backward's width pass into rows `width` long at `factor`: TAPS taps per step (16
+    when the 2f taps fit in 16, else 64, looping past 64), BLOCK outputs per row (16 for narrow rows, else as many
+    as fit), ROWS rows, BILINEAR_WIDTH_TILE elements per program."""
+    taps = 16 if 2 * factor <= 16 else 64
+    block = 16 if width <= 16 else BILINEAR_WIDTH_TILE // taps
+    return max(1, BILINEAR_WIDTH_TILE // (block * taps)), block, taps
 
 
 def _geometry_sig(*names: str) -> dict[str, str]:
@@ -440,15 +473,21 @@ def launch_configs():
                            {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
                 yield f"upsample_dgrad_{tag}", upsample_dgrad_kernel, dgrad_sig, consts, warps
                 yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
+
+        def pass_sig(src: str, dst: str) -> dict[str, str]:
+            return {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("N", "C", "D2", "D3"),
+                    **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
+                    **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
+
         bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("N", "C", "H", "W", "OH", "OW"),
                    **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
         for rows, block in sorted({bilinear_block(width) for width in (1, 50, 100, 500)}):
             tile = {"ACC": acc, "ROWS": rows, "BLOCK": block}
             yield f"bilinear_fwd_{ty}_{rows}x{block}", bilinear_fwd_kernel, bil_sig, tile, 4
-            # Width pass: the gradient (ty) into the fp32 (fp64) intermediate; height pass: the intermediate into dx.
-            for axis, src, dst in ((3, ptr, acc_ty), (2, acc_ty, ptr)):
-                sig = {"src_ptr": src, "dst_ptr": dst, **_geometry_sig("N", "C", "D2", "D3"),
-                       **{f"{p}_s{a}": "i32" for p in ("s", "d") for a in ("n", "c", "2", "3")},
-                       **_geometry_sig("FACTOR", "START", "LENGTH")}  # fmt: skip
-                yield (f"bilinear_bwd_axis{axis}_{ty}_{rows}x{block}", bilinear_bwd_axis_kernel, sig,
-                       {**tile, "AXIS": axis}, 4)  # fmt: skip
+            # Height pass: the fp32 (fp64) intermediate into dx.
+            yield f"bilinear_bwd_height_{ty}_{rows}x{block}", bilinear_bwd_height_kernel, pass_sig(acc_ty, ptr), tile, 4
+        # Width pass: the gradient (ty) into the intermediate.
+        for rows, block, taps in sorted({bilinear_width_tile(w, f) for w in (1, 50) for f in (2, 32)}):
+            tile = {"ACC": acc, "ROWS": rows, "BLOCK": block, "TAPS": taps}
+            yield (f"bilinear_bwd_width_{ty}_{rows}x{block}x{taps}", bilinear_bwd_width_kernel, pass_sig(ptr, acc_ty),
+                   tile, 4)  # fmt: skip
