@@ -18,6 +18,9 @@ One JSON line per case:
   (1 x 64 x 698 x 698): forward and forward + backward, NCHW and channels_last input, and the 64-bit plan
   (FCNKERN_TRITON_WIDE_INDEX=1). Before: 1.27 ms forward for conv3_2 (ncu, 255 registers, 1 KB spills, scalar
   gathers); predicted 0.2-0.35 ms (sm_90 PTX now has cp.async 16-byte loads, 3 stages, no spills).
+- head_profile: the fused head at batch 1 (1 x 21 x 17 x 17 scores -> 500 x 500, cuda and triton backends) under
+  torch.profiler: host time, kernel launches and the costliest host ops per call (issue 8: a constant ~0.4-0.5 ms
+  per forward + backward on the GPUs against ~0.11 ms of host time on the CPU machine).
 - triton_bilinear: the Triton bilinear forward and backward, tiled by output row since session 11 (no 64-bit
   division per element), against the CUDA kernel and F.interpolate, FCN-32s's final layer at batch 8. Before:
   1.156 ms forward (CUDA 0.248); predicted ~0.25 ms.
@@ -96,9 +99,44 @@ def call_path_probe(g: torch.Generator) -> None:
             print(json.dumps(row), flush=True)
 
 
-def step_profile_probe() -> None:
+def _profiled_events(fn, calls: int):
+    """torch.profiler events (CPU and CUDA) of `calls` calls of fn after 5 warm-up calls, and a per-event device-time
+    getter (its name differs across torch versions)."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    return prof.key_averages(), device_us
+
+
+def head_profile_probe(g: torch.Generator) -> None:
+    """Where a batch-1 head call's ~0.4-0.5 ms goes on a GPU (issue 8; ~0.11 ms of host time on the CPU machine):
+    host time per call, kernel launches per call and the host ops with the most self time."""
+    t = torch.randint(0, 21, (1, 500, 500), device="cuda", generator=g)
+    scores = torch.randn(1, 21, 17, 17, device="cuda", generator=g, requires_grad=True)
+    for backend in ("cuda", "triton"):
+        fn = lambda b=backend: fcnkern.upsample_cross_entropy(scores, t, 32, (19, 19), backend=b).backward()  # noqa: E731
+        events, device_us = _profiled_events(fn, 20)
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key or "cuLaunch" in e.key)
+        row = {
+            "probe": "head_profile",
+            "backend": backend,
+            "host_ms_per_call": sum(e.self_cpu_time_total for e in events) / 20 / 1e3,
+            "device_ms_per_call": sum(device_us(e) for e in events) / 20 / 1e3,
+            "launches_per_call": launches / 20,
+            "top_host_ops": [[e.key[:60], round(e.self_cpu_time_total / 20 / 1e3, 4), e.count // 20] for e in top],
+        }
+        print(json.dumps(row), flush=True)
+
+
+def step_profile_probe() -> None:
     from fcnkern import models
 
     g = torch.Generator().manual_seed(0)
@@ -116,15 +154,7 @@ def step_profile_probe() -> None:
             model(x, target, reduction="sum").backward()
             opt.step()
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+        events, device_us = _profiled_events(step, 5)
         top = sorted(events, key=device_us, reverse=True)[:10]
         row = {
             "probe": "step_profile",
@@ -203,6 +233,7 @@ def main() -> None:
     triton_bilinear_probe(g)
     bilinear_index_probe(g)
     call_path_probe(g)
+    head_profile_probe(g)
     step_profile_probe()
     ce_probe(g)
 
