@@ -56,29 +56,38 @@ def test_cross_entropy(benchmark, shape, mode, dtype, device, impl):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("design", ["gradient-in-forward (cpu, shipped)", "recompute-in-backward (gpu design)"])
-def test_design_cpu_kernels(benchmark, shape, design):
-    """The design choice, measured on the CPU kernels for one training step at upstream gradient 1: one kernel that
-    writes loss and gradient (what the cpu backend ships), against a forward kernel plus a backward kernel that
-    recomputes softmax from the saved statistics (what the cuda and triton backends ship)."""
-    if not fcnkern.backend_info("cpu").available:
-        pytest.skip(f"cpu backend unavailable: {fcnkern.backend_info('cpu').reason}")
-    logits, target = _inputs(shape, "cpu")
+@pytest.mark.parametrize("design", ["gradient-in-forward", "recompute-in-backward"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_design_kernels(benchmark, shape, design, device):
+    """The design choice, measured on the C++/CUDA kernels for one training step at upstream gradient 1: one
+    forward kernel that writes loss and gradient, plus (CUDA) the in-place scaling, which reads the upstream value
+    on the device and does nothing for 1 (what both ship for eager training since session 12), against a forward
+    kernel plus a backward kernel that recomputes softmax from the saved statistics (the CUDA path before)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not fcnkern.backend_info(device).available:
+        pytest.skip(f"{device} backend unavailable: {fcnkern.backend_info(device).reason}")
+    logits, target = _inputs(shape, device)
     ops = torch.ops.fcnkern
     n, _, h, w = shape
-    upstream = torch.tensor(1.0).expand(n, h, w)
+    one = torch.ones((), device=device)
+    upstream = one.expand(n, h, w)
 
-    if design.startswith("gradient-in-forward"):
+    if design == "gradient-in-forward":
 
         def step():
-            return ops.pixelwise_ce_fwd_grad(logits, target, None, 255)
+            _, grad = ops.pixelwise_ce_fwd_grad(logits, target, None, 255)
+            if device == "cuda":
+                ops.pixelwise_ce_scale_grad_(grad, one.reshape(1))
+            return grad
     else:
 
         def step():
             _, stats = ops.pixelwise_ce_fwd(logits, target, None, 255)
             return ops.pixelwise_ce_bwd(upstream, logits, target, None, stats, 255)
 
-    step()
-    benchmark.group = f"design cpu {'x'.join(map(str, shape))}"
-    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(step, "cpu") or 0) / 2**20
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    run = synchronized(step, device)
+    run()
+    benchmark.group = f"design {device} {'x'.join(map(str, shape))}"
+    benchmark.extra_info["peak_extra_MB"] = (peak_extra_bytes(run, device) or 0) / 2**20
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)

@@ -22,14 +22,20 @@ namespace fcnkern {
 std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight,
                                                         int64_t ignore_index);
-// CPU only: (loss, grad) with grad the gradient for an upstream gradient of 1, computed in the same pass. On the
-// CPU the forward is compute-bound, so this beats recomputing softmax in the backward (see fcnkern/cross_entropy.py).
+// (loss, grad) with grad the gradient for an upstream gradient of 1, computed in the same pass: the logits are read
+// once. On the CPU the forward is compute-bound, so this beats recomputing softmax in the backward; on CUDA it
+// halves the logits' DRAM reads, the backward scaling in place on the device (see fcnkern/cross_entropy.py).
 std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_grad_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                              const std::optional<at::Tensor>& weight,
                                                              int64_t ignore_index);
 at::Tensor pixelwise_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                 int64_t ignore_index);
+
+// grad *= scale[0] in place (grad dense, scale one value of the accumulation dtype on grad's device), zeros kept
+// exactly zero, and nothing done when scale[0] == 1: decided where scale lives, so never a host sync on CUDA.
+void pixelwise_ce_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale);
+void check_ce_scale_args(const at::Tensor& grad, const at::Tensor& scale);
 
 // Common argument checks of both devices; raise c10::Error (a Python RuntimeError/ValueError) on misuse.
 void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight);

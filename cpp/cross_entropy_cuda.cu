@@ -2,7 +2,9 @@
 //
 // One thread per pixel walks the C classes with stride H*W: neighbouring threads hold neighbouring pixels, so
 // every class step is one coalesced warp load. The forward keeps an online max and rescaled sum in registers
-// (one pass, one exp per logit); classes go four at a time so that four loads are in flight per thread.
+// (one pass, one exp per logit); classes go four at a time so that four loads are in flight per thread. In training
+// the forward also writes the gradient for an upstream gradient of 1 (kWithGrad), which the backward scales in place
+// only when the upstream value, read on the device, is not 1 (ce_scale_kernel; fcnkern/cross_entropy.py).
 //
 // Labels outside [0, C) that are not ignore_index cannot raise here without a host sync: the kernel never
 // indexes with them, writes NaN as that pixel's loss (so the reduced loss is NaN, not silently wrong) and the
@@ -40,11 +42,26 @@ struct Shape {
   int64_t N, C, H, W;
 };
 
+// gx[c] = g * (softmax(x)[c] - [c == label]) over one pixel's classes, from the softmax statistics m (max) and
+// ls (log sum exp(x - m)); g is the upstream gradient times the label's class weight (0 ignored, NaN bad label).
 template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_grad(const scalar_t* xp, int64_t x_sc, scalar_t* gp, int64_t g_sc, acc_t g,
+                                           acc_t m, acc_t ls, int64_t label, int64_t C) {
+#pragma unroll 4
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t prob = exp_acc((static_cast<acc_t>(xp[c * x_sc]) - m) - ls);
+    gp[c * g_sc] = static_cast<scalar_t>(g * (c == label ? prob - acc_t(1) : prob));
+  }
+}
+
+// kWithGrad: instead of the statistics, the logits' gradient for an upstream gradient of 1, from a second sweep
+// over the pixel's classes, which the thread has just read (L1/L2 hits, not DRAM).
+template <typename scalar_t, typename acc_t, bool kWithGrad>
 __global__ void __launch_bounds__(kThreads)
     ce_fwd_kernel(const scalar_t* __restrict__ x, PixelStrides xs, int64_t x_sc, const int64_t* __restrict__ t,
                   PixelStrides ts, const acc_t* __restrict__ weight, int64_t ignore_index, Shape shape,
-                  acc_t* __restrict__ loss, acc_t* __restrict__ stats) {
+                  acc_t* __restrict__ loss, acc_t* __restrict__ stats, scalar_t* __restrict__ gx, PixelStrides gs,
+                  int64_t g_sc) {
   const int64_t num_pixels = shape.N * shape.H * shape.W;
   const int64_t C = shape.C;
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < num_pixels;
@@ -76,15 +93,19 @@ __global__ void __launch_bounds__(kThreads)
       xt = label == c ? v : xt;
     }
     const acc_t ls = ::log(s);
-    acc_t out = 0;
+    acc_t out = 0, g = 0;
     if (label != ignore_index) {
       const bool in_range = label >= 0 && label < C;
-      out = in_range ? (weight ? weight[label] : acc_t(1)) * ((m - xt) + ls)
-                     : std::numeric_limits<acc_t>::quiet_NaN();
+      g = in_range ? (weight ? weight[label] : acc_t(1)) : std::numeric_limits<acc_t>::quiet_NaN();
+      out = g * ((m - xt) + ls);
     }
     loss[p] = out;
-    stats[p] = m;
-    stats[num_pixels + p] = ls;
+    if constexpr (kWithGrad) {
+      store_grad(xp, x_sc, gx + gs.at(ni, hi, wi), g_sc, g, m, ls, label, C);
+    } else {
+      stats[p] = m;
+      stats[num_pixels + p] = ls;
+    }
   }
 }
 
@@ -107,12 +128,20 @@ __global__ void __launch_bounds__(kThreads)
       g = (label >= 0 && label < C) ? grad_loss[gls.at(ni, hi, wi)] * (weight ? weight[label] : acc_t(1))
                                     : std::numeric_limits<acc_t>::quiet_NaN();
     }
-    const acc_t m = stats[p], ls = stats[num_pixels + p];
-#pragma unroll 4
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t prob = exp_acc((static_cast<acc_t>(xp[c * x_sc]) - m) - ls);
-      gp[c * g_sc] = static_cast<scalar_t>(g * (c == label ? prob - acc_t(1) : prob));
-    }
+    store_grad(xp, x_sc, gp, g_sc, g, stats[p], stats[num_pixels + p], label, C);
+  }
+}
+
+// The scale rule of pixelwise_ce_scale_grad_: nothing when scale is 1, zeros kept zero. Every thread reads the one
+// scale value; with 1 (the usual loss.backward()) the kernel touches no gradient element.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) ce_scale_kernel(scalar_t* __restrict__ gx, const acc_t* __restrict__ scale,
+                                                            int64_t numel) {
+  const acc_t s = *scale;
+  if (s == acc_t(1)) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t v = static_cast<acc_t>(gx[i]);
+    if (v != acc_t(0)) gx[i] = static_cast<scalar_t>(v * s);
   }
 }
 
@@ -137,13 +166,51 @@ std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cuda(const at::Tensor& logit
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ce_fwd_kernel<scalar_t, acc_t><<<grid_for(num_pixels), kThreads, 0, stream>>>(
+    ce_fwd_kernel<scalar_t, acc_t, false><<<grid_for(num_pixels), kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
         pixel_strides(target), weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, ignore_index, shape,
-        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), nullptr, PixelStrides{0, 0, 0}, 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index) {
+  check_ce_args(logits, target, weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Shape shape{logits.size(0), logits.size(1), logits.size(2), logits.size(3)};
+  at::Tensor loss = at::empty({shape.N, shape.H, shape.W}, logits.options().dtype(acc_type_of(logits)));
+  at::Tensor grad = at::empty_like(logits);
+  maybe_poison(loss);
+  maybe_poison(grad);
+  const int64_t num_pixels = loss.numel();
+  if (num_pixels == 0) return {loss, grad};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_grad_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ce_fwd_kernel<scalar_t, acc_t, true><<<grid_for(num_pixels), kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
+        pixel_strides(target), weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, ignore_index, shape,
+        loss.data_ptr<acc_t>(), nullptr, grad.data_ptr<scalar_t>(), pixel_strides(grad), grad.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, grad};
+}
+
+void pixelwise_ce_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+  check_ce_scale_args(grad, scale);
+  const int64_t numel = grad.numel();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pixelwise_ce_scale_grad_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ce_scale_kernel<scalar_t, acc_t><<<grid_for(numel), kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(),
+                                                                              scale.data_ptr<acc_t>(), numel);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor pixelwise_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -175,4 +242,6 @@ at::Tensor pixelwise_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
   m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cuda);
   m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cuda);
+  m.impl("pixelwise_ce_fwd_grad", &fcnkern::pixelwise_ce_fwd_grad_cuda);
+  m.impl("pixelwise_ce_scale_grad_", &fcnkern::pixelwise_ce_scale_grad_cuda);
 }

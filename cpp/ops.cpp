@@ -52,6 +52,20 @@ void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std
   }
 }
 
+void check_ce_scale_args(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.is_non_overlapping_and_dense(), "grad must be dense (no gaps, no overlaps)");
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.scalar_type() == acc_type_of(grad) && scale.device() == grad.device(),
+                    "scale must be one ", acc_type_of(grad), " value on ", grad.device());
+}
+
+// Reading the CPU scale is free; the rule is the CUDA kernel's (zeros stay zero, 1 leaves grad untouched).
+void pixelwise_ce_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  check_ce_scale_args(grad, scale);
+  const double s = scale.item<double>();
+  if (s == 1.0 || grad.numel() == 0) return;
+  grad.copy_(at::where(grad != 0, grad.to(scale.scalar_type()) * s, at::zeros_like(grad)));
+}
+
 void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& stats) {
   const auto n = logits.size(0), h = logits.size(2), w = logits.size(3);
   const auto acc = acc_type_of(logits);
@@ -74,6 +88,7 @@ TORCH_LIBRARY(fcnkern, m) {
   m.def(
       "pixelwise_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "int ignore_index) -> Tensor");
+  m.def("pixelwise_ce_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // Fixed bilinear upsampling by `factor`, cropped to rows top:top+out_h and columns left:left+out_w.
   m.def("bilinear_upsample_crop(Tensor x, int factor, int top, int left, int out_h, int out_w) -> Tensor");
   // Conv2d (+ ReLU when relu): y = relu(conv2d(x, weight, bias, stride, padding, dilation, groups)).
@@ -109,6 +124,7 @@ TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {
   m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cpu);
   m.impl("pixelwise_ce_fwd_grad", &fcnkern::pixelwise_ce_fwd_grad_cpu);
   m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cpu);
+  m.impl("pixelwise_ce_scale_grad_", &fcnkern::pixelwise_ce_scale_grad_cpu);
 }
 
 // The module says how it was built and manages the CPU block cache; operators are reached through torch.ops.fcnkern.

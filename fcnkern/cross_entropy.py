@@ -6,12 +6,17 @@ reduction="sum")`` in meaning, without materialising an N x C x H x W log-probab
 Design, chosen per device by measurement (bench/test_bench_cross_entropy.py, numbers in the README):
 
 - CUDA (``cuda``, ``triton``): the forward reads the logits once (online max and sum over classes, fp32
-  accumulation) and writes small per-pixel maps: the weighted loss and the softmax statistics ``max`` and
-  ``log sum exp(x - max)`` (kept apart so that ``x - max`` is exact, as in PyTorch's log_softmax; one fp32
-  log-sum-exp would lose 5e-4 of the exponent at logits of 1e4). The backward *recomputes* the softmax as
-  ``exp((x - max) - logsum)``: one read of the logits and one write of the gradient. A GPU is bandwidth-bound
-  here, and computing the gradient in the forward instead costs four logits-sized passes instead of three, since
-  the backward must still scale it by ``grad_output``, whose value cannot be read without a host sync.
+  accumulation) and writes the weighted per-pixel loss. Without a gradient (inference, or under torch.compile) it
+  also writes the softmax statistics ``max`` and ``log sum exp(x - max)`` (kept apart so that ``x - max`` is exact,
+  as in PyTorch's log_softmax; one fp32 log-sum-exp would lose 5e-4 of the exponent at logits of 1e4), and the
+  backward *recomputes* the softmax from them: logits read twice, gradient written once. In eager training
+  (``_GradInForward``) the forward instead writes the gradient for an upstream gradient of 1 in the same sweep
+  (the second pass over a pixel's classes hits L1/L2), and the backward of a summed or averaged loss scales it in
+  place by the one upstream value, read by the kernel on the device: for the usual ``loss.backward()`` (1) that
+  kernel touches nothing, so the op moves the floor's bytes, logits read once and gradient written once, with no
+  host sync. (Until session 12 the CUDA path always recomputed, since scaling a precomputed gradient seemed to
+  need either a host sync or a fourth logits-sized pass.) A per-pixel upstream (``reduction="none"``) costs one
+  out-of-place scaling pass; a second backward through the same graph recomputes.
 - CPU (``cpu``): when a gradient is needed, one kernel computes the loss and the gradient for an upstream
   gradient of 1 while each tile is still in L1. The CPU forward is compute-bound (the exp sweep, not memory,
   sets its speed), so a second sweep in the backward costs more than it saves (measured 1.45x slower at
@@ -29,7 +34,8 @@ cost of one sync. All pixels ignored: ``sum`` gives 0 and ``mean`` gives NaN, as
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -125,9 +131,10 @@ def _row_grid(n: int, rows: int, row_len: int, block: int) -> tuple[int]:
     return (n * rows * _cdiv(row_len, block),)
 
 
-@torch.library.custom_op("fcnkern::triton_pixelwise_ce_fwd", mutates_args=())
-def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Returns (loss N x H x W, stats 2 x N x H x W), as the C++ op ``fcnkern::pixelwise_ce_fwd`` does."""
+def _triton_fwd_launch(
+    logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, with_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """(loss N x H x W, stats 2 x N x H x W), or with_grad (loss, gradient for an upstream gradient of 1)."""
     from fcnkern.kernels import cross_entropy as k
 
     n, c, h, w = logits.shape
@@ -135,21 +142,68 @@ def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_in
     if logits.device.type == "cpu":  # interpreter: checking costs no sync here
         validate_labels(target, c, ignore_index)
     loss = _ext.maybe_poison(torch.empty((n, h, w), dtype=acc, device=logits.device))
-    stats = _ext.maybe_poison(torch.empty((2, n, h, w), dtype=acc, device=logits.device))
+    if with_grad:
+        second = _ext.maybe_poison(torch.empty_like(logits))
+    else:
+        second = _ext.maybe_poison(torch.empty((2, n, h, w), dtype=acc, device=logits.device))
     num_pixels = n * h * w
-    if num_pixels == 0:
-        return loss, stats
-    rows, row_len = _pixel_rows(h, w, logits, target)
+    if num_pixels == 0 or second.numel() == 0:
+        return loss, second
+    rows, row_len = _pixel_rows(h, w, logits, target, *((second,) if with_grad else ()))
+    grad = second if with_grad else logits  # the forward alone writes no gradient: any pointer will do
     k.ce_fwd_kernel[_row_grid(n, rows, row_len, k.CE_BLOCK_P)](
-        logits, target, weight if weight is not None else loss, loss, stats,
+        logits, target, weight if weight is not None else loss, loss, second, grad,
         num_pixels, c, rows, row_len,
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),
+        grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         ignore_index,
-        HAS_WEIGHT=weight is not None, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P, BLOCK_C=k.ce_block_c(c),
-        num_warps=k.CE_NUM_WARPS,
+        HAS_WEIGHT=weight is not None, WITH_GRAD=with_grad, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P,
+        BLOCK_C=k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
     )  # fmt: skip
-    return loss, stats
+    return loss, second
+
+
+@torch.library.custom_op("fcnkern::triton_pixelwise_ce_fwd", mutates_args=())
+def _triton_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Returns (loss N x H x W, stats 2 x N x H x W), as the C++ op ``fcnkern::pixelwise_ce_fwd`` does."""
+    return _triton_fwd_launch(logits, target, weight, ignore_index, False)
+
+
+@torch.library.custom_op("fcnkern::triton_pixelwise_ce_fwd_grad", mutates_args=())
+def _triton_fwd_grad(
+    logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Returns (loss N x H x W, the logits' gradient for an upstream gradient of 1), as the C++ op
+    ``fcnkern::pixelwise_ce_fwd_grad`` does."""
+    return _triton_fwd_launch(logits, target, weight, ignore_index, True)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether t's elements fill its storage span exactly, in some order of its dimensions (no gaps, no overlaps)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@torch.library.custom_op("fcnkern::triton_pixelwise_ce_scale_grad_", mutates_args=("grad",))
+def _triton_scale_grad(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale[0] in place, zeros kept exactly zero, and no pass over grad at all when scale[0] is 1 (decided
+    on the device: no sync). grad must be dense; scale one value in the accumulation dtype, on grad's device."""
+    from fcnkern.kernels import cross_entropy as k
+
+    if not _is_dense(grad):
+        raise ValueError("grad must be dense (no gaps, no overlaps)")
+    acc = _acc_dtype(grad.dtype)
+    if scale.numel() != 1 or scale.dtype != acc or scale.device != grad.device:
+        raise ValueError(f"scale must be one {acc} value on {grad.device}")
+    if grad.numel() > 0:
+        k.ce_scale_kernel[(_cdiv(grad.numel(), k.CE_SCALE_BLOCK),)](
+            grad, scale, grad.numel(), BLOCK=k.CE_SCALE_BLOCK, num_warps=k.CE_NUM_WARPS
+        )
 
 
 @torch.library.custom_op("fcnkern::triton_pixelwise_ce_bwd", mutates_args=())
@@ -287,17 +341,84 @@ def _scale_precomputed_grad(grad: Tensor, grad_loss: Tensor, target: Tensor, ign
     return (grad * upstream.unsqueeze(1)).to(grad.dtype)
 
 
+class _DeviceOps(NamedTuple):
+    """One GPU backend's cross-entropy ops (the triton ones also run on CPU tensors under the interpreter)."""
+
+    fwd: Callable[..., tuple[Tensor, Tensor]]
+    bwd: Callable[..., Tensor]
+    fwd_grad: Callable[..., tuple[Tensor, Tensor]]
+    scale_grad_: Callable[[Tensor, Tensor], None]
+
+
+def _device_ops(be: str) -> _DeviceOps:
+    prefix = "triton_" if be == "triton" else ""
+    names = ("pixelwise_ce_fwd", "pixelwise_ce_bwd", "pixelwise_ce_fwd_grad", "pixelwise_ce_scale_grad_")
+    return _DeviceOps(*(getattr(torch.ops.fcnkern, prefix + name).default for name in names))
+
+
+def _one_upstream_value(grad_loss: Tensor) -> Tensor | None:
+    """The single value that a summed or averaged loss broadcasts as its per-pixel upstream gradient (all strides
+    0), as a one-element tensor on its device; None for a per-pixel upstream gradient."""
+    if grad_loss.numel() == 0 or any(step != 0 for step in grad_loss.stride()):
+        return None
+    return grad_loss.as_strided((1,), (1,))
+
+
+class _GradInForward(torch.autograd.Function):
+    """Eager training path of the cuda and triton backends: the forward writes the loss and the logits' gradient
+    for an upstream gradient of 1 in one sweep (the logits read once from DRAM); the backward of a summed or
+    averaged loss scales that gradient in place by the upstream value, on the device, which is no work at all
+    for the usual 1 (see ce_scale_kernel). Fewest bytes: read the logits once, write the gradient once, where
+    recomputing in the backward reads them twice. The gradient is held on ctx, not saved for backward, since it is
+    modified in place and handed on; a second backward through the graph (retain_graph=True) recomputes. Under
+    torch.compile the registered ops (recompute) are used instead."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, ops: _DeviceOps):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, grad = ops.fwd_grad(logits, target, weight, ignore_index)
+        ctx.save_for_backward(logits, target, weight)
+        ctx.grad, ctx.ops, ctx.ignore_index = grad, ops, ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, target, weight = ctx.saved_tensors
+        ii = ctx.ignore_index
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
+            return _differentiable_grad(logits, target, weight, ii, grad_loss), None, None, None, None
+        grad, scale = ctx.grad, _one_upstream_value(grad_loss)
+        with torch._C._AutoDispatchBelowAutograd():
+            if grad is None:  # handed on by an earlier backward through this graph: recompute it, for upstream 1
+                _, stats = ctx.ops.fwd(logits, target, weight, ii)
+                grad = ctx.ops.bwd(grad_loss.new_ones(()).expand(grad_loss.shape), logits, target, weight, stats, ii)
+                ctx.grad = grad
+            if scale is not None:  # the same scaling whichever backward this is: reentrant, bit for bit
+                ctx.grad = None
+                ctx.ops.scale_grad_(grad, scale)
+                return grad, None, None, None, None
+        return _scale_precomputed_grad(grad, grad_loss, target, ii), None, None, None, None
+
+
 def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::pixelwise_ce_fwd")(_fake_fwd)
     torch.library.register_fake("fcnkern::pixelwise_ce_fwd_grad")(_fake_fwd_grad)
     torch.library.register_fake("fcnkern::pixelwise_ce_bwd")(_fake_bwd)
+    torch.library.register_fake("fcnkern::pixelwise_ce_scale_grad_")(_fake_scale_grad)
     _register("fcnkern::pixelwise_ce_fwd", torch.ops.fcnkern.pixelwise_ce_bwd)
     _autograd.register_autograd("fcnkern::pixelwise_ce_fwd_grad", _backward_fwd_grad, _setup_fwd_grad)
 
 
+def _fake_scale_grad(grad: Tensor, scale: Tensor) -> None:
+    return None
+
+
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
+_triton_fwd_grad.register_fake(_fake_fwd_grad)
+_triton_scale_grad.register_fake(_fake_scale_grad)
 _register("fcnkern::triton_pixelwise_ce_fwd", _triton_bwd)
+_autograd.register_autograd("fcnkern::triton_pixelwise_ce_fwd_grad", _backward_fwd_grad, _setup_fwd_grad)
 _ext.on_load(_register_cpp_ops)
 
 
@@ -308,9 +429,12 @@ _ext.on_load(_register_cpp_ops)
 
 def _kernel_forward(be: str, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """Per-pixel loss from backend ``be``'s kernels, differentiable with respect to logits."""
+    training = logits.requires_grad and torch.is_grad_enabled()
+    if be in ("triton", "cuda") and training and not torch.compiler.is_compiling():
+        return _GradInForward.apply(logits, target, weight, ignore_index, _device_ops(be))
     if be == "triton":
         return _autograd.call("fcnkern::triton_pixelwise_ce_fwd", logits, target, weight, ignore_index)[0]
-    if be == "cpu" and logits.requires_grad and torch.is_grad_enabled():
+    if be == "cpu" and training:
         return _autograd.call("fcnkern::pixelwise_ce_fwd_grad", logits, target, weight, ignore_index)[0]
     return _autograd.call("fcnkern::pixelwise_ce_fwd", logits, target, weight, ignore_index)[0]
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["CE_BLOCK_P", "ce_block_c", "ce_bwd_kernel", "ce_fwd_kernel"]
+__all__ = ["CE_BLOCK_P", "CE_SCALE_BLOCK", "ce_block_c", "ce_bwd_kernel", "ce_fwd_kernel", "ce_scale_kernel"]
 
 # 256 pixels x up to 32 classes is 64 fp32 values per thread at 4 warps: enough loads in flight to cover DRAM
 # latency, few enough registers for full occupancy.
 CE_BLOCK_P = 256
 CE_NUM_WARPS = 4
+# Elements per program of the in-place gradient scaling: 8 per thread at 4 warps.
+CE_SCALE_BLOCK = 1024
 
 
 def ce_block_c(num_classes: int) -> int:
@@ -50,13 +52,17 @@ def _row_pixels(pid, H, W, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def ce_fwd_kernel(
-    x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr,
+    x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, gx_ptr,
     num_pixels, C, H, W,
     x_sn, x_sc, x_sh, x_sw,
     t_sn, t_sh, t_sw,
+    gx_sn, gx_sc, gx_sh, gx_sw,
     ignore_index,
-    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    # WITH_GRAD: also the logits' gradient for an upstream gradient of 1 (a second sweep over this program's classes,
+    # which it has just read: from L1/L2, not DRAM), and no stats.
     n, h, w, pmask, p = _row_pixels(tl.program_id(0), H, W, BLOCK_P)
     x_pix = n * x_sn + h * x_sh + w * x_sw
     label = tl.load(t_ptr + n * t_sn + h * t_sh + w * t_sw, mask=pmask, other=ignore_index)
@@ -90,8 +96,28 @@ def ce_fwd_kernel(
         wt = tl.full([BLOCK_P], 1.0, ACC)
     loss = tl.where(valid, tl.where(in_range, wt * ((m - xt) + ls), float("nan")), 0.0)
     tl.store(loss_ptr + p, loss, mask=pmask)
-    tl.store(stats_ptr + p, m, mask=pmask)
-    tl.store(stats_ptr + num_pixels + p, ls, mask=pmask)
+    if WITH_GRAD:
+        g = tl.where(valid, tl.where(in_range, wt, float("nan")), 0.0)
+        _store_grad(x_ptr, x_pix, x_sc, gx_ptr, n * gx_sn + h * gx_sh + w * gx_sw, gx_sc, g, m, ls, label, pmask,
+                    C, ACC, BLOCK_C)  # fmt: skip
+    else:
+        tl.store(stats_ptr + p, m, mask=pmask)
+        tl.store(stats_ptr + num_pixels + p, ls, mask=pmask)
+
+
+@triton.jit
+def _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmask, C, ACC: tl.constexpr,
+                BLOCK_C: tl.constexpr):  # fmt: skip
+    """gx = g * (softmax(x) - onehot(label)) over all classes of a BLOCK_P-pixel tile, from the softmax statistics
+    m (max) and ls (log sum exp(x - m)); g is the per-pixel upstream gradient times the label's class weight."""
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & pmask[None, :]
+        c64 = c.to(tl.int64)[:, None]
+        v = tl.load(x_ptr + c64 * x_sc + x_pix[None, :], mask=mask, other=0.0).to(ACC)
+        prob = tl.exp((v - m[None, :]) - ls[None, :])
+        grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
+        tl.store(gx_ptr + c64 * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,15 +143,22 @@ def ce_bwd_kernel(
     if HAS_WEIGHT:
         g = g * tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
     g = tl.where(valid & ~in_range, float("nan"), g)
+    _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmask, C, ACC, BLOCK_C)
 
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & pmask[None, :]
-        c64 = c.to(tl.int64)[:, None]
-        v = tl.load(x_ptr + c64 * x_sc + x_pix[None, :], mask=mask, other=0.0).to(ACC)
-        prob = tl.exp((v - m[None, :]) - ls[None, :])
-        grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
-        tl.store(gx_ptr + c64 * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def ce_scale_kernel(gx_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """gx *= scale[0] in place, over the numel elements of a dense gradient, leaving zeros (ignored pixels) exactly
+    zero; nothing at all, not even a read of gx, when scale[0] == 1. The backward of a summed or averaged loss
+    whose forward already wrote the gradient for an upstream gradient of 1: `loss.backward()` then costs no pass
+    over the logits-sized gradient, and no host sync to find out."""
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        v = tl.load(gx_ptr + offs, mask=mask, other=0.0)
+        scaled = tl.where(v != 0, v.to(scale.dtype) * scale, 0.0)
+        tl.store(gx_ptr + offs, scaled.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_configs():
@@ -137,14 +170,17 @@ def launch_configs():
     ints = "i32"
     for logits_ty, acc_ty, acc in (("fp32", "fp32", tl.float32), ("fp16", "fp32", tl.float32),
                                    ("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):  # fmt: skip
+        scale_sig = {"gx_ptr": f"*{logits_ty}", "scale_ptr": f"*{acc_ty}", "numel": ints}
+        yield f"ce_scale_{logits_ty}", ce_scale_kernel, scale_sig, {"BLOCK": CE_SCALE_BLOCK}, CE_NUM_WARPS
         for has_weight in (False, True):
             for block_c in (1, 2, 4, 8, 16, 32):
                 consts = {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_P": CE_BLOCK_P, "BLOCK_C": block_c}
                 fwd_sig = {
                     "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
-                    "stats_ptr": f"*{acc_ty}", "num_pixels": ints, "C": ints, "H": ints, "W": ints,
-                    "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
-                    "t_sn": ints, "t_sh": ints, "t_sw": ints, "ignore_index": ints,
+                    "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}", "num_pixels": ints, "C": ints, "H": ints,
+                    "W": ints, "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+                    "t_sn": ints, "t_sh": ints, "t_sw": ints,
+                    "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
                 }  # fmt: skip
                 bwd_sig = {
                     "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
@@ -156,5 +192,7 @@ def launch_configs():
                     "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
                 }  # fmt: skip
                 tag = f"{logits_ty}_w{int(has_weight)}_c{block_c}"
-                yield f"ce_fwd_{tag}", ce_fwd_kernel, fwd_sig, consts, CE_NUM_WARPS
+                for with_grad in (False, True):
+                    fwd_consts = {**consts, "WITH_GRAD": with_grad}
+                    yield f"ce_fwd_{tag}_g{int(with_grad)}", ce_fwd_kernel, fwd_sig, fwd_consts, CE_NUM_WARPS
                 yield f"ce_bwd_{tag}", ce_bwd_kernel, bwd_sig, consts, CE_NUM_WARPS

@@ -61,14 +61,24 @@ def test_eager_function_equals_registration(case, backend, monkeypatch):
 
     monkeypatch.setattr(_autograd, "call", spy)
     eager_out, eager_grads = _run(fn, backend, inputs, generator("paths-up", case))
-    assert seen, "the op did not go through fcnkern._autograd.call"
+    # The triton cross-entropy trains through its own Function (the gradient written in the forward, scaled on
+    # the device: fcnkern.cross_entropy._GradInForward), whose gradient rounds in another order than the
+    # registered recompute path's; everything else goes through fcnkern._autograd.call, bit for bit.
+    grad_in_forward = case.startswith("ce_") and backend == "triton"
+    assert grad_in_forward or seen, "the op did not go through fcnkern._autograd.call"
     assert all(name in _autograd._eager for name in seen)
 
     monkeypatch.setattr(_autograd, "call", lambda name, *args: _autograd._op(name)(*args))
+    if grad_in_forward:  # the registered ops' path, as torch.compile traces it
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     reg_out, reg_grads = _run(fn, backend, inputs, generator("paths-up", case))
     assert torch.equal(eager_out, reg_out)
     for e, r in zip(eager_grads, reg_grads, strict=True):
-        assert e is not None and torch.equal(e, r)
+        assert e is not None
+        if grad_in_forward:
+            torch.testing.assert_close(e, r, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(e, r)
 
 
 def test_eager_call_uses_the_function():

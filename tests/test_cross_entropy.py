@@ -182,6 +182,59 @@ def test_gradient_scaling_and_second_backward(device, backend, upstream):
     assert rel_err(x.grad, 2 * first) <= FP32_TOL
 
 
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_backwards_with_different_upstream_values(device, backend, reduction):
+    """The cuda and triton backends hand the forward's gradient on, scaled in place, in the first backward of a
+    summed or averaged loss: a later backward through the same graph, with another upstream value, must still be
+    right (it recomputes)."""
+    logits, target, weight, _, _ = make_inputs((2, 7, 5, 6), torch.float32, device, "rescale", reduction)
+    x = logits.clone().requires_grad_()
+    loss = pixelwise_cross_entropy(x, target, weight, reduction=reduction, backend=backend)
+    xr = logits.double().requires_grad_()
+    ref = F.cross_entropy(xr, target, weight.double(), ignore_index=IGNORE, reduction=reduction)
+    for up in (1.0, 0.25, 3.0):
+        (grad,) = torch.autograd.grad(loss, x, torch.tensor(up, device=device), retain_graph=True)
+        (want,) = torch.autograd.grad(ref, xr, torch.tensor(up, device=device, dtype=torch.float64), retain_graph=True)
+        assert rel_err(grad, want) <= FP32_TOL, up
+
+
+def _scale_grad_ops():
+    ops = [pytest.param(torch.ops.fcnkern.triton_pixelwise_ce_scale_grad_.default, id="triton")]
+    if fcnkern.backend_info("cpu").available:
+        ops.append(pytest.param("cpp", id="cpp"))
+    return ops
+
+
+@pytest.mark.parametrize("op", _scale_grad_ops())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_grad_in_place(op, dtype):
+    """grad *= scale in place, zeros (ignored pixels) kept exactly zero even for an infinite scale, NaN (a bad
+    label) kept NaN, and grad left bit for bit as it was for a scale of 1."""
+    if op == "cpp":
+        op = torch.ops.fcnkern.pixelwise_ce_scale_grad_.default
+    if "triton" in str(op) and not fcnkern.backend_info("triton").available:
+        pytest.skip("backend 'triton' unavailable")
+    g = generator("scale-op", dtype)
+    base = torch.randn(2, 3, 5, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    base[0, :, 1, 2] = 0
+    base[1, 2, 3, 4] = float("nan")
+    for value in (1.0, 0.375, float("inf")):
+        grad = base.clone()
+        op(grad, torch.tensor([value]))
+        want = torch.where(base != 0, (base.float() * value).to(dtype), torch.zeros_like(base))
+        # bf16: one rounding step apart at most (the CPU interpreter's fp32 -> bf16 conversion truncates)
+        rtol = 2**-7 if dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(grad, want if value != 1.0 else base, rtol=rtol, atol=0, equal_nan=True)
+        if value == 1.0:
+            assert torch.equal(grad.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               base.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
+    with pytest.raises(ValueError, match="scale must be one"):
+        op(base.clone(), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="dense"):
+        op(base.clone()[:, :, ::2], torch.tensor([2.0]))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
 def test_custom_ignore_index_and_negative_ignore(backend):
     require_backend(backend)

@@ -51,8 +51,12 @@ def test_opcheck(backend, dtype, weighted):
     loss, stats = fwd(logits.detach(), target, w, IGNORE)
     grad_loss = torch.randn_like(loss).expand(loss.shape)
     torch.library.opcheck(bwd, (grad_loss, logits.detach(), target, w, stats, IGNORE))
-    if backend == "cpu":
-        torch.library.opcheck(torch.ops.fcnkern.pixelwise_ce_fwd_grad.default, (logits, target, w, IGNORE))
+    prefix = "triton_" if backend == "triton" else ""
+    fwd_grad = getattr(torch.ops.fcnkern, f"{prefix}pixelwise_ce_fwd_grad").default
+    torch.library.opcheck(fwd_grad, (logits, target, w, IGNORE))
+    _, grad = fwd_grad(logits.detach(), target, w, IGNORE)
+    scale = torch.tensor([0.5], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(getattr(torch.ops.fcnkern, f"{prefix}pixelwise_ce_scale_grad_").default, (grad, scale))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
