@@ -149,54 +149,50 @@ int64_t grid_for(int64_t num_pixels) { return grid_blocks(num_pixels, kThreads, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                         const std::optional<at::Tensor>& weight,
-                                                         int64_t ignore_index) {
+namespace {
+
+// The forward of both ops: (loss, stats), or with_grad (loss, gradient for an upstream gradient of 1).
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                bool with_grad) {
   check_ce_args(logits, target, weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Shape shape{logits.size(0), logits.size(1), logits.size(2), logits.size(3)};
-  const auto acc = acc_type_of(logits);
-  auto opts = logits.options().dtype(acc);
+  auto opts = logits.options().dtype(acc_type_of(logits));
   at::Tensor loss = at::empty({shape.N, shape.H, shape.W}, opts);
-  at::Tensor stats = at::empty({2, shape.N, shape.H, shape.W}, opts);
+  at::Tensor second = with_grad ? at::empty_like(logits) : at::empty({2, shape.N, shape.H, shape.W}, opts);
   maybe_poison(loss);
-  maybe_poison(stats);
+  maybe_poison(second);
   const int64_t num_pixels = loss.numel();
-  if (num_pixels == 0) return {loss, stats};
+  if (num_pixels == 0) return {loss, second};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ce_fwd_kernel<scalar_t, acc_t, false><<<grid_for(num_pixels), kThreads, 0, stream>>>(
+    // The two variants share one signature: the statistics or the gradient pointer is null.
+    const auto kernel = with_grad ? ce_fwd_kernel<scalar_t, acc_t, true> : ce_fwd_kernel<scalar_t, acc_t, false>;
+    kernel<<<grid_for(num_pixels), kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
         pixel_strides(target), weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, ignore_index, shape,
-        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), nullptr, PixelStrides{0, 0, 0}, 0);
+        loss.data_ptr<acc_t>(), with_grad ? nullptr : second.data_ptr<acc_t>(),
+        with_grad ? second.data_ptr<scalar_t>() : nullptr, with_grad ? pixel_strides(second) : PixelStrides{0, 0, 0},
+        with_grad ? second.stride(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, stats};
+  return {loss, second};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index) {
+  return forward_cuda(logits, target, weight, ignore_index, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> pixelwise_ce_fwd_grad_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                               const std::optional<at::Tensor>& weight,
                                                               int64_t ignore_index) {
-  check_ce_args(logits, target, weight);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const Shape shape{logits.size(0), logits.size(1), logits.size(2), logits.size(3)};
-  at::Tensor loss = at::empty({shape.N, shape.H, shape.W}, logits.options().dtype(acc_type_of(logits)));
-  at::Tensor grad = at::empty_like(logits);
-  maybe_poison(loss);
-  maybe_poison(grad);
-  const int64_t num_pixels = loss.numel();
-  if (num_pixels == 0) return {loss, grad};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_grad_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ce_fwd_kernel<scalar_t, acc_t, true><<<grid_for(num_pixels), kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
-        pixel_strides(target), weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, ignore_index, shape,
-        loss.data_ptr<acc_t>(), nullptr, grad.data_ptr<scalar_t>(), pixel_strides(grad), grad.stride(1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, grad};
+  return forward_cuda(logits, target, weight, ignore_index, true);
 }
 
 void pixelwise_ce_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
