@@ -137,7 +137,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
       const int64_t p0 = b * block, count = std::min(block, pixels - p0);
       im2col(xp, xs, g, n, group, p0, count, cols.data());
       auto out_m = matrix(out.data(), g.k_g, count, acc);
-      at::mm_out(out_m, w_acc[group], matrix(cols.data(), g.j, count, acc));
+      mm_into(out_m, w_acc[group], matrix(cols.data(), g.j, count, acc), true);
       // Epilogue while the block is in cache: bias, ReLU, conversion, strided store (any memory format).
       for (int64_t kk = 0; kk < g.k_g; ++kk) {
         const int64_t k = group * g.k_g + kk;
@@ -323,7 +323,9 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const int64_t wp = grid.wp, wide = grid.wide, margin = grid.max_offset, taps = g.r * g.s;
   const int64_t length = wide + 2 * margin;
   const bool need_x = dx.defined();
-  const at::Tensor w_taps = need_x ? grid.taps<acc_t>(weight) : at::Tensor();
+  // Transposed once: C x K per tap, the dx GEMMs' left operand.
+  const at::Tensor w_taps_t =
+      need_x ? gemm_left(grid.taps<acc_t>(weight).transpose(2, 3), g.n * g.oh * g.ow) : at::Tensor();
   const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
   const int64_t xs[4] = {need_x ? dx.stride(0) : 0, need_x ? dx.stride(1) : 0, need_x ? dx.stride(2) : 0,
@@ -405,7 +407,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
         const int64_t p0 = g.pad_h * wp + x_cut.begin(b - w_blocks), count = x_cut.size(b - w_blocks);
         auto out_m = matrix(out.data(), g.c_g, count, acc);
         for (int64_t rs = 0; rs < taps; ++rs) {
-          mm_into(out_m, w_taps[group][rs].t(), dy_g.narrow(1, margin + p0 - grid.offset(rs), count), rs == 0);
+          mm_into(out_m, w_taps_t[group][rs], dy_g.narrow(1, margin + p0 - grid.offset(rs), count), rs == 0);
         }
         store_dx(n, out.data(), count, g.c_g, group * g.c_g, p0, count);
       }
@@ -437,6 +439,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+  // groups x J x K_g, the dx GEMMs' left operand
+  const at::Tensor w_t = need_x ? gemm_left(w_acc.transpose(1, 2), g.n * g.oh * g.ow) : at::Tensor();
 
   // Images write disjoint parts of dx, so one phase covers the bands of one parity in every image.
   {
@@ -478,7 +482,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           }
           if (need_x) {
             auto dcols = matrix(cols.data(), g.j, count, acc);
-            at::mm_out(dcols, w_acc[group].t(), dy_m);  // BLAS reads the transpose in place
+            mm_into(dcols, w_t[group], dy_m, true);
             col2im_add(cols.data(), g, group, p0, count, dx_img);
           }
         }

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cpu_tasks.h"
 #include "cross_entropy.h"
 #include "large_block_cache.h"
 
@@ -132,6 +133,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", [] { return fcnkern::large_block_cache().clear(); },
         "Free the CPU kernels' cached large output blocks; returns the bytes released.");
   m.def("cached_bytes", [] { return fcnkern::large_block_cache().cached_bytes(); });
+  m.def("cpu_gemm_library", [] { return std::string(fcnkern::gemm_library_name()); },
+        "Which library the CPU kernels' fp32 GEMMs use: 'onednn' or 'mkl' (FCNKERN_CPU_GEMM; see cpu_tasks.h).");
 #ifdef FCNKERN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -117,7 +117,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
         const Phase rows = make_phase(py, g.sh, g.top, g.oh, g.kh), cols = make_phase(px, g.sw, g.left, g.ow, g.kw);
         if (rows.taps == 0 || cols.taps == 0) continue;
         const at::Tensor sub = wg.slice(2, py, g.kh, g.sh).slice(3, px, g.kw, g.sw);  // Cin_g x Cout_g x th x tw
-        w_phase[group][py * g.sw + px] = sub.permute({0, 2, 3, 1}).reshape({-1, g.cout_g}).contiguous();
+        const at::Tensor rows_first = sub.permute({0, 2, 3, 1}).reshape({-1, g.cout_g}).contiguous();
+        w_phase[group][py * g.sw + px] = gemm_left(rows_first.t(), g.n * g.oh * g.ow);
       }
     }
   }
@@ -151,7 +152,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
         gather(xp + n * xs[0] + group * g.cin_g * xs[1], xs[1], xs[2], xs[3], g.cin_g, g.h, g.w, taps, m_count,
                cols.count, gathered.data());
         auto out_m = matrix(result.data(), g.cout_g, pixels, acc);
-        at::mm_out(out_m, w_phase[group][phase].t(), matrix(gathered.data(), j, pixels, acc));
+        mm_into(out_m, w_phase[group][phase], matrix(gathered.data(), j, pixels, acc), true);
       } else {
         std::fill(result.begin(), result.end(), acc_t(0));
       }
@@ -205,13 +206,13 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::
         const Taps plain{1, 1, i0, 1, 0, 0, 1, 0};
         gather(xp + n * xs[0] + group * g.cin_g * xs[1], xs[1], xs[2], xs[3], g.cin_g, g.h, g.w, plain, rows, g.w,
                xcols.data());
-        dw_parts[part].narrow(0, group * g.cin_g, g.cin_g).addmm_(matrix(xcols.data(), g.cin_g, pixels, acc),
-                                                                   dcols_m.t());
+        mm_into(dw_parts[part].narrow(0, group * g.cin_g, g.cin_g), matrix(xcols.data(), g.cin_g, pixels, acc),
+                dcols_m.t(), false);
       }
       if (need_x) {
         dx_block.resize(g.cin_g * pixels);
         auto dx_m = matrix(dx_block.data(), g.cin_g, pixels, acc);
-        at::mm_out(dx_m, w_g, dcols_m);
+        mm_into(dx_m, w_g, dcols_m, true);
         const at::Tensor dst = dx.select(0, n).narrow(0, group * g.cin_g, g.cin_g).narrow(1, i0, rows);
         dst.copy_(dx_m.view({g.cin_g, rows, g.w}));  // converts to x's dtype, through dx's strides
       }

@@ -14,7 +14,7 @@ Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one i
 """
 
 from fcnkern import _ext, geometry, models, nn
-from fcnkern._ext import empty_cache
+from fcnkern._ext import cpu_gemm_library, empty_cache
 from fcnkern.backend import (
     BACKENDS,
     BackendInfo,
@@ -44,6 +44,7 @@ __all__ = [
     "bilinear_weight",
     "conv2d_relu",
     "convolutionalize",
+    "cpu_gemm_library",
     "empty_cache",
     "geometry",
     "models",

@@ -125,6 +125,16 @@ def empty_cache() -> int:
     return int(_status.module.empty_cache())
 
 
+def cpu_gemm_library() -> str:
+    """The library the CPU backend's fp32 GEMMs go to: "onednn" (ATen's oneDNN matmul, the default where this torch
+    has it) or "mkl" (at::mm). ``FCNKERN_CPU_GEMM=mkl|onednn`` chooses; read once per process. Loads the extension;
+    raises if it cannot load."""
+    status = load()
+    if status.module is None:
+        raise RuntimeError(f"the fcnkern C++ extension is unavailable: {status.error}")
+    return str(status.module.cpu_gemm_library())
+
+
 def load_prebuilt_quietly() -> None:
     """At import time: load the ahead-of-time build if there is one (fast), but never start a compilation."""
     global _status
