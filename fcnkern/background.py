@@ -1,0 +1,210 @@
+"""Skipping the constant background of FCN's padded feature maps.
+
+conv1_1 pads the image by 100 zeros, so most of its output sees nothing but padding and holds one value per
+channel, relu(bias): at 256 x 256, 68% of conv1_1's 454 x 454 pixels. The next layers inherit the pattern: a pixel
+whose whole window lies in constant input is constant again, so each early feature map is one per-channel value
+everywhere except a box around the image and a thin frame along the map's border (where the layer's own zero
+padding enters). Through conv4_x a third to two thirds of every conv's pixels are such background.
+
+:class:`Background` describes that set for one feature map (exactly, as pure geometry of the layers; no value is
+inspected). :func:`conv2d_relu` computes a conv layer only on the pixels that vary: the box, the border frame and one
+reference pixel for the constant, each a small conv through the layer's own fcnkern op, then fills the rest with
+the reference pixel's value. Backward, the same pieces run their own convs' backward: the weight gradient of the
+background is the reference pixel's times the summed upstream gradient of the background, and the input gradient
+flows through the reference window, which is again background of the layer below. The network computed this way is
+the same function of the weights and the image as the dense one, so values and gradients match it to rounding.
+
+:func:`pool2d` carries the description through a max-pool (computed densely: it is cheap). Shapes are N x C x H x W,
+any dtype and memory format the layer's op takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fcnkern.conv_relu import conv2d_relu as _conv2d_relu
+
+__all__ = ["MIN_CONSTANT_FRACTION", "Background", "Rect", "conv2d_relu", "image_background", "pool2d"]
+
+Rect = tuple[int, int, int, int]  # top, bottom, left, right: rows [top, bottom) x columns [left, right)
+
+# Below this share of constant output pixels a layer is computed densely and tracking stops: the pieces' extra
+# small GEMMs and copies would cost about what they save.
+MIN_CONSTANT_FRACTION = 0.15
+_FAR = 1 << 40  # a frame edge beyond any map: the zero padding outside the map is background (value 0)
+
+
+@dataclass(frozen=True)
+class Background:
+    """Where an H x W feature map holds one value per (sample, channel): every pixel inside ``frame`` and outside
+    ``box``. A frame reaching past the map means the zero padding around it is background too, so the background
+    value is 0 (only the image's own padding, see :func:`image_background`)."""
+
+    height: int
+    width: int
+    frame: Rect
+    box: Rect
+
+    def constant_rects(self) -> list[Rect]:
+        """Disjoint rectangles (inside the map) covering exactly the background pixels."""
+        f0, f1, g0, g1 = _clip(self.frame, self.height, self.width)
+        b0, b1, c0, c1 = _intersect(self.box, (f0, f1, g0, g1))
+        if b0 >= b1 or c0 >= c1:
+            return _nonempty([(f0, f1, g0, g1)])
+        return _nonempty([(f0, b0, g0, g1), (b1, f1, g0, g1), (b0, b1, g0, c0), (b0, b1, c1, g1)])
+
+    def varying_rects(self) -> list[Rect]:
+        """Disjoint rectangles covering every pixel that is not background: the border frame and the box."""
+        h, w = self.height, self.width
+        f0, f1, g0, g1 = _clip(self.frame, h, w)
+        border = [(0, f0, 0, w), (f1, h, 0, w), (f0, f1, 0, g0), (f0, f1, g1, w)]
+        return _nonempty([*border, _intersect(self.box, (f0, f1, g0, g1))])
+
+    def constant_fraction(self) -> float:
+        return sum((r[1] - r[0]) * (r[3] - r[2]) for r in self.constant_rects()) / max(1, self.height * self.width)
+
+
+def _clip(rect: Rect, h: int, w: int) -> Rect:
+    return _intersect(rect, (0, h, 0, w))
+
+
+def _intersect(a: Rect, b: Rect) -> Rect:
+    return max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
+
+
+def _nonempty(rects: list[Rect]) -> list[Rect]:
+    return [r for r in rects if r[0] < r[1] and r[2] < r[3]]
+
+
+def image_background(height: int, width: int) -> Background:
+    """An image about to be zero-padded: no pixel of it is background, all of the padding is."""
+    return Background(height, width, (-_FAR, _FAR, -_FAR, _FAR), (0, height, 0, width))
+
+
+def _window_span(lo: int, hi: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """The output range [lo', hi') whose windows (kernel, stride, padding) lie inside the input range [lo, hi)."""
+    return -((-lo - padding) // stride), (hi + padding - kernel) // stride + 1
+
+
+def _touch_span(lo: int, hi: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """The output range whose windows meet the input range [lo, hi)."""
+    return (lo + padding - kernel) // stride + 1, -((-hi - padding) // stride)
+
+
+def _propagate(
+    bg: Background, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], out_h: int, out_w: int
+) -> Background:
+    """The background of a conv or max-pool output: a pixel whose whole window is background is background."""
+    f0, f1 = _window_span(bg.frame[0], bg.frame[1], kernel[0], stride[0], padding[0])
+    g0, g1 = _window_span(bg.frame[2], bg.frame[3], kernel[1], stride[1], padding[1])
+    b0, b1 = _touch_span(bg.box[0], bg.box[1], kernel[0], stride[0], padding[0])
+    c0, c1 = _touch_span(bg.box[2], bg.box[3], kernel[1], stride[1], padding[1])
+    return Background(out_h, out_w, _clip((f0, f1, g0, g1), out_h, out_w), (b0, b1, c0, c1))
+
+
+def pool2d(bg: Background, kernel: int, stride: int, out_h: int, out_w: int) -> Background:
+    """The background after an unpadded max-pool (floor or ceil mode: a window cut by the map's end reads only
+    pixels inside it, so the frame rule holds). The pool itself runs densely."""
+    return _propagate(bg, (kernel, kernel), (stride, stride), (0, 0), out_h, out_w)
+
+
+class _Windows(torch.autograd.Function):
+    """Views of x's windows (each rows x columns inside the map); backward adds their gradients into one dx."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, windows: list[Rect]) -> tuple[Tensor, ...]:
+        ctx.windows, ctx.shape = windows, x.shape
+        ctx.format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        return tuple(x[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in windows)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        dx = None
+        for (r0, r1, c0, c1), g in zip(ctx.windows, grads, strict=True):
+            if g is None:
+                continue
+            if dx is None:
+                dx = g.new_zeros(ctx.shape).contiguous(memory_format=ctx.format)
+            dx[:, :, r0:r1, c0:c1] += g
+        return dx, None
+
+
+class _Assemble(torch.autograd.Function):
+    """The H x W output from the reference pixel's N x C x 1 x 1 value (filling the background) and the computed
+    pieces (written over their rectangles). Backward: each piece gets its rectangle of the gradient, the reference
+    value the gradient summed over the background."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, bg: Background, rects: list[Rect], *pieces: Tensor) -> Tensor:
+        like = pieces[0] if pieces else value
+        fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+        out = torch.empty(
+            (value.shape[0], value.shape[1], bg.height, bg.width), dtype=value.dtype, device=value.device,
+            memory_format=fmt,
+        )  # fmt: skip
+        for r0, r1, c0, c1 in bg.constant_rects():
+            out[:, :, r0:r1, c0:c1] = value
+        for (r0, r1, c0, c1), piece in zip(rects, pieces, strict=True):
+            out[:, :, r0:r1, c0:c1] = piece
+        ctx.bg, ctx.rects = bg, rects
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = torch.zeros(grad.shape[0], grad.shape[1], 1, 1, dtype=torch.float32, device=grad.device)
+        for r0, r1, c0, c1 in ctx.bg.constant_rects():
+            total += grad[:, :, r0:r1, c0:c1].sum((2, 3), keepdim=True, dtype=torch.float32)
+        pieces = tuple(grad[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in ctx.rects)
+        return (total.to(grad.dtype), None, None, *pieces)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def eligible(layer: torch.nn.Module) -> bool:
+    """Whether a Conv2dReLU-like layer can skip background: stride 1, dilation 1, zero padding (any groups)."""
+    return (
+        tuple(layer.stride) == (1, 1)
+        and tuple(layer.dilation) == (1, 1)
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
+def conv2d_relu(x: Tensor, bg: Background, layer: torch.nn.Module) -> tuple[Tensor, Background | None]:
+    """``layer(x)`` for an fcnkern Conv2dReLU layer (see :func:`eligible`) and x's background ``bg``, computing only
+    the output pixels that are not background. Returns the output and its background, or None where too little of
+    it is background to be worth tracking (the layer then ran densely)."""
+    if (x.shape[2], x.shape[3]) != (bg.height, bg.width):
+        raise ValueError(f"background is for {bg.height} x {bg.width} maps, x is {tuple(x.shape)}")
+    (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+    out_h, out_w = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
+    if out_h <= 0 or out_w <= 0:
+        return layer(x), None
+    out_bg = _propagate(bg, (kh, kw), (1, 1), (ph, pw), out_h, out_w)
+    constant = out_bg.constant_rects()
+    if out_bg.constant_fraction() < MIN_CONSTANT_FRACTION:
+        return layer(x), None
+    ref = constant[0][0], constant[0][0] + 1, constant[0][2], constant[0][2] + 1
+    rects = out_bg.varying_rects()
+    # Each output rectangle reads rows [r0 - ph, r1 - ph + kh - 1) of x; the part outside x is zero padding.
+    spans = [(r0 - ph, r1 - ph + kh - 1, c0 - pw, c1 - pw + kw - 1) for r0, r1, c0, c1 in [ref, *rects]]
+    inside = [_clip(s, x.shape[2], x.shape[3]) for s in spans]
+    keep = [i for i, r in enumerate(inside) if r[0] < r[1] and r[2] < r[3]]
+    views = dict(zip(keep, _Windows.apply(x, [inside[i] for i in keep]), strict=True))
+    pieces = []
+    for i, (span, clipped) in enumerate(zip(spans, inside, strict=True)):
+        if i in views:
+            pad = (clipped[2] - span[2], span[3] - clipped[3], clipped[0] - span[0], span[1] - clipped[1])
+            window = F.pad(views[i], pad) if any(pad) else views[i]
+        else:  # wholly in the padding: the reference window of conv1_1
+            window = x.new_zeros(x.shape[0], x.shape[1], span[1] - span[0], span[3] - span[2])
+        pieces.append(
+            _conv2d_relu(window, layer.weight, layer.bias, 1, 0, 1, layer.groups, layer.relu, backend=layer.backend)
+        )
+    return _Assemble.apply(pieces[0], out_bg, rects, *pieces[1:]), out_bg
