@@ -65,16 +65,23 @@ def test_fcn8s(benchmark, device, impl, mode):
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
 )
 def test_fcn8s_train_step_interleaved(benchmark, device):
-    """The training-step ratio against the eager twin, the two steps alternating round by round (see
-    fcnkern.benchmarking.run_interleaved; extra_info's fcnkern_speedup_median is twin time / fcnkern time)."""
+    """The training-step ratio against the eager twin, the steps alternating round by round (see
+    fcnkern.benchmarking.run_interleaved; extra_info's fcnkern_speedup_median is twin time / fcnkern time), with
+    fcnkern's network also run with the other background setting (fcnkern-dense on CPU, fcnkern-skip on CUDA)."""
     shape, dtype = CASES[device]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)
     target = torch.randint(0, 21, (shape[0], *shape[2:]), generator=g).to(device)
     torch.manual_seed(0)
     ours = models.fcn8s(21).to(device, dtype).train()
+    # The same network with the other background setting (default: skipped on CPU, not on CUDA), to show what each
+    # part gives: the kernels alone, and the skipped background.
+    other_skip = not ours.skips_background(x)
+    other = models.fcn8s(21, skip_background=other_skip).to(device, dtype).train()
     twin = models.fcn8s(21, twin=True).to(device, dtype).train()
+    other.load_state_dict(ours.state_dict())
     twin.load_state_dict(ours.state_dict())
-    steps = {name: _training_step(m, m, x, target, device) for name, m in (("fcnkern", ours), ("pytorch-eager", twin))}
+    named = (("fcnkern", ours), (f"fcnkern-{'skip' if other_skip else 'dense'}", other), ("pytorch-eager", twin))
+    steps = {name: _training_step(m, m, x, target, device) for name, m in named}
     benchmark.group = f"FCN-8s {device} {'x'.join(map(str, shape))} train-step interleaved"
     run_interleaved(benchmark, steps, baseline="pytorch-eager")
