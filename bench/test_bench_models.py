@@ -60,14 +60,17 @@ def test_fcn8s(benchmark, device, impl, mode):
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("per_turn", [1, 3], ids=["alternating", "warm-turns"])
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
 )
-def test_fcn8s_train_step_interleaved(benchmark, device):
+def test_fcn8s_train_step_interleaved(benchmark, device, per_turn):
     """The training-step ratio against the eager twin, the steps alternating round by round (see
     fcnkern.benchmarking.run_interleaved; extra_info's fcnkern_speedup_median is twin time / fcnkern time), with
-    fcnkern's network also run with the other background setting (fcnkern-dense on CPU, fcnkern-skip on CUDA)."""
+    fcnkern's network also run with the other background setting (fcnkern-dense on CPU, fcnkern-skip on CUDA).
+    warm-turns: each step runs three times per turn and the last is timed, as in a loop that trains one model (see
+    run_interleaved's per_turn)."""
     shape, dtype = CASES[device]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)
@@ -84,4 +87,4 @@ def test_fcn8s_train_step_interleaved(benchmark, device):
     named = (("fcnkern", ours), (f"fcnkern-{'skip' if other_skip else 'dense'}", other), ("pytorch-eager", twin))
     steps = {name: _training_step(m, m, x, target, device) for name, m in named}
     benchmark.group = f"FCN-8s {device} {'x'.join(map(str, shape))} train-step interleaved"
-    run_interleaved(benchmark, steps, baseline="pytorch-eager")
+    run_interleaved(benchmark, steps, baseline="pytorch-eager", per_turn=per_turn)
