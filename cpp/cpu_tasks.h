@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -60,9 +59,9 @@ inline at::Tensor matrix(void* data, int64_t rows, int64_t cols, at::ScalarType 
 // Which GEMM library the CPU kernels' fp32 GEMMs go to. Both are linked by ATen: MKL through at::mm, oneDNN through
 // its matmul primitive (the op mkldnn::_linear_pointwise, reached through the dispatcher since oneDNN's own symbols
 // are not exported). Measured on a 2-core AMD EPYC (Zen 5, AVX-512): MKL 100 GFLOP/s per core on the conv GEMMs
-// (it takes its AVX2 path on AMD), oneDNN 150-236, the rate of ATen's own oneDNN convolution. On Intel machines the
-// two were within a few percent of each other. FCNKERN_CPU_GEMM=mkl or =onednn chooses; by default oneDNN where
-// this torch has the op, else MKL.
+// (it takes its AVX2 path on AMD), oneDNN 150-236, the rate of ATen's own oneDNN convolution. On the Intel Xeon of
+// earlier sessions MKL ran within ~10 % of oneDNN's convolution; oneDNN's matmul was not measured there.
+// FCNKERN_CPU_GEMM=mkl or =onednn chooses; by default oneDNN where this torch has the op, else MKL.
 enum class GemmLibrary { kMkl, kOneDnn };
 
 inline const c10::OperatorHandle* onednn_linear_op() {
