@@ -3,11 +3,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
 #include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <optional>
 #include <string>
 #include <utility>
@@ -107,8 +109,36 @@ inline at::Tensor onednn_mm(const at::Tensor& a, const at::Tensor& b) {
   return std::move(stack[0]).toTensor();
 }
 
-// Where oneDNN pays (measured per layer, fp32, the 2-core Zen 5): it returns a fresh product that is then copied or
-// added into `out`. That is cheap where the inner dimension is long (a pass over the output per 2 x inner flops) or
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta * result + alpha * mat1 @ mat2 through
+// oneDNN, written in place (its sum post-op does the accumulation). ATen exports it but ships no header, so it is
+// looked up at run time: a torch without it, with another signature (older ones took a non-const result) or a CPU
+// it refuses fp32 on (it wants AVX-512 BW/VL/DQ) gets nullptr, and onednn_mm's fresh product serves instead. In
+// place saves the product's copy or add into the block: 129 + 74 ms of a 1.44 s FCN-8s CPU training step.
+using MatmulInto = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+inline MatmulInto onednn_matmul_into() {
+  static const MatmulInto fn = []() -> MatmulInto {
+    const char* env = std::getenv("FCNKERN_ONEDNN_IN_PLACE");  // "0": the fresh-product path (tests reach it so)
+    if (env != nullptr && std::string(env) == "0") return nullptr;
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    void* sym = lib != nullptr ? dlsym(lib, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff") : nullptr;
+    if (sym == nullptr) return nullptr;
+    const auto candidate = reinterpret_cast<MatmulInto>(sym);
+    try {  // one small product, accumulated, to prove it runs here and means what the comment says
+      const at::Tensor a = at::arange(6, at::kFloat).view({2, 3}), b = at::arange(12, at::kFloat).view({3, 4});
+      at::Tensor out = at::ones({2, 4}, at::kFloat);
+      candidate(a, b, out, 1.f, 1.f);
+      if (!at::equal(out, at::mm(a, b) + 1)) return nullptr;
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+    return candidate;
+  }();
+  return fn;
+}
+
+// Where oneDNN pays (measured per layer, fp32, the 2-core Zen 5). Without the in-place matmul, its op returns a
+// fresh product that is then copied or added into `out`. That is cheap where the inner dimension is long (a pass over the output per 2 x inner flops) or
 // the product fits in L2 (kOneDnnCachedOutput floats); the left operand must be row-major or be copied into rows
 // at most once per kOneDnnMinInner output columns. What stays on MKL: fc6's and fc7's weight gradient (81 pixels at
 // 256 x 256, a 411 MB product) and dx (a 411 MB transposed weight over 81 columns), 1.8-2.1x slower through oneDNN,
@@ -116,23 +146,38 @@ inline at::Tensor onednn_mm(const at::Tensor& a, const at::Tensor& b) {
 constexpr int64_t kOneDnnMinInner = 128;
 constexpr int64_t kOneDnnCachedOutput = int64_t{1} << 18;
 
+// Row-major, or the transpose of a row-major matrix: the two layouts oneDNN's matmul reads without a copy.
+inline bool dense_either_way(const at::Tensor& m) {
+  return dense_rows(m) || (m.stride(0) == 1 && m.stride(1) == m.size(0));
+}
+
 inline bool use_onednn(const at::Tensor& out, const at::Tensor& a) {
   if (gemm_library() != GemmLibrary::kOneDnn || out.scalar_type() != at::kFloat) return false;
+  // In place, every GEMM pays (FCN layers at 256 x 256, backward ms, the rules below -> all: conv1_2 182 -> 141,
+  // fc6 323 -> 273, fc7 52 -> 46, the rest within noise); only a strided left operand over few columns, which
+  // would be copied per call, stays on MKL.
+  if (onednn_matmul_into() != nullptr) return dense_either_way(a) || out.size(1) >= kOneDnnMinInner;
   const bool cheap_output = a.size(1) >= kOneDnnMinInner || out.numel() <= kOneDnnCachedOutput;
   return cheap_output && (dense_rows(a) || out.size(1) >= kOneDnnMinInner);
 }
 
 // A weight that is the left operand of many GEMMs over `columns` output columns in all, in the layout the chosen
-// library reads fastest: MKL reads a transposed view in place; for oneDNN it is made row-major once, where the
-// GEMMs are wide enough to repay that copy (not fc6's 411 MB weight over 81 pixels).
+// library reads fastest: MKL, and oneDNN's in-place matmul, read a transposed view as it is; for the fresh-product
+// path it is made row-major once, where the GEMMs are wide enough to repay that copy (not fc6's 411 MB weight over
+// 81 pixels).
 inline at::Tensor gemm_left(const at::Tensor& a, int64_t columns) {
   const bool onednn = gemm_library() == GemmLibrary::kOneDnn && a.scalar_type() == at::kFloat;
-  return onednn && a.size(-1) >= kOneDnnMinInner && columns >= 256 ? a.contiguous() : a;
+  if (!onednn || onednn_matmul_into() != nullptr) return a;
+  return a.size(-1) >= kOneDnnMinInner && columns >= 256 ? a.contiguous() : a;
 }
 
 // out = a @ b when `overwrite`, else out += a @ b: the first of a run of GEMMs accumulating into one block.
 inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool overwrite) {
   if (use_onednn(out, a)) {
+    if (const MatmulInto into = onednn_matmul_into(); into != nullptr) {
+      into(dense_either_way(a) ? a : a.contiguous(), b, out, overwrite ? 0.f : 1.f, 1.f);
+      return;
+    }
     const at::Tensor product = onednn_mm(a, b);
     if (overwrite) {
       out.copy_(product);

@@ -1,4 +1,4 @@
-"""The CPU backend's GEMM library (oneDNN or MKL, FCNKERN_CPU_GEMM): each gives PyTorch's results on the conv and
+"""The CPU backend's GEMM library (oneDNN or MKL, FCNKERN_CPU_GEMM): each path gives PyTorch's results on the conv and
 learned-upsampling kernels, on shapes where oneDNN really is used (inner dimensions of 128 and more, the shifted
 3x3 path from 256 channels); a bad setting is a clear error. Each library runs in its own process, since the choice
 is read once per process."""
@@ -52,14 +52,20 @@ _PARITY = textwrap.dedent(
 )
 
 
-def _run(code: str, library: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FCNKERN_CPU_GEMM": library}
+def _run(code: str, library: str, in_place: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "FCNKERN_CPU_GEMM": library, "FCNKERN_ONEDNN_IN_PLACE": in_place}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("library", ["onednn", "mkl"])
-def test_each_library_matches_pytorch(library):
-    result = _run(_PARITY, library)
+@pytest.mark.parametrize(
+    ("library", "in_place"),
+    [("onednn", ""), ("onednn", "0"), ("mkl", "")],
+    ids=["onednn-in-place", "onednn-fresh-product", "mkl"],
+)
+def test_each_library_matches_pytorch(library, in_place):
+    """oneDNN in place (at::native::mkldnn_matmul where this torch exports it) and through the op's fresh product
+    (FCNKERN_ONEDNN_IN_PLACE=0, the path for a torch without it), and MKL."""
+    result = _run(_PARITY, library, in_place)
     if library == "onednn" and "has no oneDNN matmul" in result.stderr:
         pytest.skip("this torch has no oneDNN matmul (mkldnn::_linear_pointwise): MKL is the only library")
     assert result.returncode == 0, result.stderr[-3000:]
