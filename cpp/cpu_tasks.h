@@ -138,11 +138,12 @@ inline MatmulInto onednn_matmul_into() {
 }
 
 // Where oneDNN pays (measured per layer, fp32, the 2-core Zen 5). Without the in-place matmul, its op returns a
-// fresh product that is then copied or added into `out`. That is cheap where the inner dimension is long (a pass over the output per 2 x inner flops) or
-// the product fits in L2 (kOneDnnCachedOutput floats); the left operand must be row-major or be copied into rows
-// at most once per kOneDnnMinInner output columns. What stays on MKL: fc6's and fc7's weight gradient (81 pixels at
-// 256 x 256, a 411 MB product) and dx (a 411 MB transposed weight over 81 columns), 1.8-2.1x slower through oneDNN,
-// and conv1_2's dx GEMMs (inner dimension 64, product 576 x 2k): 250 vs 215 ms backward.
+// fresh product that is then copied or added into `out`. That is cheap where the inner dimension is long (a pass
+// over the output per 2 x inner flops) or the product fits in L2 (kOneDnnCachedOutput floats); the left operand
+// must be row-major or be copied into rows at most once per kOneDnnMinInner output columns. What stays on MKL on
+// that path: fc6's and fc7's weight gradient (81 pixels at 256 x 256, a 411 MB product) and dx (a 411 MB transposed
+// weight over 81 columns), 1.8-2.1x slower through oneDNN, and conv1_2's dx GEMMs (inner dimension 64, product
+// 576 x 2k): 250 vs 215 ms backward.
 constexpr int64_t kOneDnnMinInner = 128;
 constexpr int64_t kOneDnnCachedOutput = int64_t{1} << 18;
 
@@ -153,9 +154,9 @@ inline bool dense_either_way(const at::Tensor& m) {
 
 inline bool use_onednn(const at::Tensor& out, const at::Tensor& a) {
   if (gemm_library() != GemmLibrary::kOneDnn || out.scalar_type() != at::kFloat) return false;
-  // In place, every GEMM pays (FCN layers at 256 x 256, backward ms, the rules below -> all: conv1_2 182 -> 141,
-  // fc6 323 -> 273, fc7 52 -> 46, the rest within noise); only a strided left operand over few columns, which
-  // would be copied per call, stays on MKL.
+  // In place, every GEMM pays (FCN layers at 256 x 256, backward ms, the rules below -> all, transposed left
+  // operands read as they lie: conv1_2 182 -> 140, fc6 323 -> 209, fc7 52 -> 36, the rest within noise); only a
+  // strided left operand over few columns, which would be copied per call, stays on MKL.
   if (onednn_matmul_into() != nullptr) return dense_either_way(a) || out.size(1) >= kOneDnnMinInner;
   const bool cheap_output = a.size(1) >= kOneDnnMinInner || out.numel() <= kOneDnnCachedOutput;
   return cheap_output && (dense_rows(a) || out.size(1) >= kOneDnnMinInner);

@@ -26,9 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fcnkern.conv_relu import _out_like, conv_output_size
 from fcnkern.conv_relu import conv2d_relu as _conv2d_relu
 
-__all__ = ["MIN_CONSTANT_FRACTION", "Background", "Rect", "conv2d_relu", "image_background", "pool2d"]
+__all__ = [
+    "MIN_CONSTANT_FRACTION",
+    "Background",
+    "Rect",
+    "conv2d_relu",
+    "conv_background",
+    "eligible",
+    "image_background",
+    "pool2d",
+]
 
 Rect = tuple[int, int, int, int]  # top, bottom, left, right: rows [top, bottom) x columns [left, right)
 
@@ -65,7 +75,11 @@ class Background:
         return _nonempty([*border, _intersect(self.box, (f0, f1, g0, g1))])
 
     def constant_fraction(self) -> float:
-        return sum((r[1] - r[0]) * (r[3] - r[2]) for r in self.constant_rects()) / max(1, self.height * self.width)
+        return _area(self.constant_rects()) / max(1, self.height * self.width)
+
+
+def _area(rects: list[Rect]) -> int:
+    return sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
 
 
 def _clip(rect: Rect, h: int, w: int) -> Rect:
@@ -112,13 +126,18 @@ def pool2d(bg: Background, kernel: int, stride: int, out_h: int, out_w: int) -> 
     return _propagate(bg, (kernel, kernel), (stride, stride), (0, 0), out_h, out_w)
 
 
+def conv_background(bg: Background, layer: torch.nn.Module, out_h: int, out_w: int) -> Background:
+    """The background of an eligible conv layer's (see :func:`eligible`) out_h x out_w output."""
+    return _propagate(bg, tuple(layer.kernel_size), (1, 1), tuple(layer.padding), out_h, out_w)
+
+
 class _Windows(torch.autograd.Function):
     """Views of x's windows (each rows x columns inside the map); backward adds their gradients into one dx."""
 
     @staticmethod
     def forward(ctx, x: Tensor, windows: list[Rect]) -> tuple[Tensor, ...]:
         ctx.windows, ctx.shape = windows, x.shape
-        ctx.format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        ctx.format = torch._prims_common.suggest_memory_format(x)
         return tuple(x[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in windows)
 
     @staticmethod
@@ -140,12 +159,7 @@ class _Assemble(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value: Tensor, bg: Background, rects: list[Rect], *pieces: Tensor) -> Tensor:
-        like = pieces[0] if pieces else value
-        fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
-        out = torch.empty(
-            (value.shape[0], value.shape[1], bg.height, bg.width), dtype=value.dtype, device=value.device,
-            memory_format=fmt,
-        )  # fmt: skip
+        out = _out_like(pieces[0] if pieces else value, (value.shape[0], value.shape[1], bg.height, bg.width))
         for r0, r1, c0, c1 in bg.constant_rects():
             out[:, :, r0:r1, c0:c1] = value
         for (r0, r1, c0, c1), piece in zip(rects, pieces, strict=True):
@@ -160,10 +174,6 @@ class _Assemble(torch.autograd.Function):
             total += grad[:, :, r0:r1, c0:c1].sum((2, 3), keepdim=True, dtype=torch.float32)
         pieces = tuple(grad[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in ctx.rects)
         return (total.to(grad.dtype), None, None, *pieces)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def eligible(layer: torch.nn.Module) -> bool:
@@ -183,12 +193,12 @@ def conv2d_relu(x: Tensor, bg: Background, layer: torch.nn.Module) -> tuple[Tens
     if (x.shape[2], x.shape[3]) != (bg.height, bg.width):
         raise ValueError(f"background is for {bg.height} x {bg.width} maps, x is {tuple(x.shape)}")
     (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
-    out_h, out_w = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
+    out_h, out_w = conv_output_size(x.shape[2], kh, 1, ph, 1), conv_output_size(x.shape[3], kw, 1, pw, 1)
     if out_h <= 0 or out_w <= 0:
         return layer(x), None
-    out_bg = _propagate(bg, (kh, kw), (1, 1), (ph, pw), out_h, out_w)
+    out_bg = conv_background(bg, layer, out_h, out_w)
     constant = out_bg.constant_rects()
-    if out_bg.constant_fraction() < MIN_CONSTANT_FRACTION:
+    if _area(constant) < MIN_CONSTANT_FRACTION * out_h * out_w:
         return layer(x), None
     ref = constant[0][0], constant[0][0] + 1, constant[0][2], constant[0][2] + 1
     rects = out_bg.varying_rects()

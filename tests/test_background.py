@@ -40,8 +40,7 @@ def test_marked_pixels_are_constant_in_the_dense_network(size):
         for name, layer in dense.features.items():
             h = layer(h)
             if isinstance(layer, Conv2dReLU):
-                (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
-                bg = background._propagate(bg, (kh, kw), (1, 1), (ph, pw), *h.shape[2:])
+                bg = background.conv_background(bg, layer, *h.shape[2:])
             else:
                 bg = background.pool2d(bg, layer.kernel_size, layer.stride, *h.shape[2:])
             rects = bg.constant_rects()
