@@ -90,7 +90,8 @@ def _upsample(g: torch.Generator) -> int:
     failures = 0
     # (n, c, h, w, factor, kernel, groups, crop, out_size)
     cases = [(1, 21, 3, 2, 32, 64, 21, (19, 19), (37, 5)), (2, 21, 5, 7, 2, 4, 1, (0, 0), (12, 16)),
-             (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5))]  # fmt: skip
+             (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5)),
+             (2, 21, 2, 3, 32, 64, 1, (19, 7), (37, 61)), (1, 9, 3, 4, 3, 5, 1, (1, 2), (8, 11))]  # fmt: skip
     for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for n, c, h, w, f, k, groups, crop, size in cases:

@@ -11,8 +11,9 @@
 #      `fcnkern bench` (cli.log).
 # The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
 # and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
-# STEPS="build tests" (say) runs a subset, BENCH_K picks benchmarks (pytest -k); on a machine still warm from an
-# earlier call the build is kept.
+# STEPS="build tests" (say) runs a subset, BENCH_K picks benchmarks and TESTS_K tests (pytest -k), SANITIZE_JOBS the
+# sanitizer processes (NAME-backend:parts, as in the loop below); on a machine still warm from an earlier call the
+# build is kept.
 set -uo pipefail
 OUT=${OUT:-/tmp/fcnkern-gpu}
 DEADLINE=${DEADLINE:-570}
@@ -62,11 +63,11 @@ step info 30 python3 -m fcnkern info
 # cases are named by backend (triton, cuda), not device; test_tf32 runs on the GPU only. FCNKERN_FAILURE_LOG: each
 # failure's traceback as it happens, since the limit can stop pytest before its summary.
 FCNKERN_FAILURE_LOG="$LOGS/failures.log" step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 12 \
-  --timeout=150 -k "(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32" &
+  --timeout=150 -k "${TESTS_K:-(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32}" &
 # The Triton runs compile every kernel under the sanitizer, which took them past 200 s before the head in run 3: two
 # processes per tool, the never-sanitized head first.
 for tool in memcheck racecheck; do
-  for job in cuda-all:cross_entropy,conv_relu,upsample,head triton-head:head,cross_entropy triton-conv:conv_relu,upsample
+  for job in ${SANITIZE_JOBS:-cuda-all:cross_entropy,conv_relu,upsample,head triton-head:head,cross_entropy triton-conv:conv_relu,upsample}
   do
     name=${job%%:*}
     FCNKERN_SANITIZE_PARTS=${job#*:} step "$tool-$name" 200 "${SANITIZER:-compute-sanitizer}" \

@@ -287,25 +287,42 @@ def _triton_upsample(
     if out.numel() == 0:
         return out
     cin_g = cin // groups
-    use_dot = cout_g >= k.DOT_MIN_CHANNELS
-    common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, weight, out), num_warps=4)
-    if use_dot:
-        bm, bn, bk, _ = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), True)
-        m_blocks = _cdiv(n * _cdiv(oh, sh) * _cdiv(ow, sw), bm)  # the largest phase's pixels
-        kernel, grid_m = k.upsample_fwd_kernel, m_blocks * sh * sw * groups
-        common["DOT_PRECISION"] = _dot_precision(x)
-    else:
-        bm, bn, bk, _ = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), False)
-        m_blocks = _cdiv(n * oh * ow, bm)
-        kernel, grid_m = k.upsample_fwd_direct_kernel, m_blocks * groups
-    kernel[(grid_m, _cdiv(cout_g, bn))](
+    if cout_g >= k.DOT_MIN_CHANNELS:
+        taps = (_cdiv(kh, sh), _cdiv(kw, sw))
+        cells = (_cdiv(top + oh, sh) - top // sh, _cdiv(left + ow, sw) - left // sw)  # cell rows, columns
+        a = _cell_weight(weight, groups, (sh, sw), taps)
+        common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, a, out))
+        bm, bn, bk, warps = k.cell_blocks(x.element_size())
+        k.upsample_fwd_cells_kernel[(_cdiv(n * cells[0] * cells[1], bn), _cdiv(a.shape[1], bm), groups)](
+            a, x, a if bias is None else bias, out,
+            n, cin_g, h, w, cout_g, oh, ow, *x.stride(), *out.stride(), sh, sw, top, left, *taps, *cells,
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, **common,
+        )  # fmt: skip
+        return out
+    common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, weight, out))
+    bm, bn, bk, warps = k.learned_blocks(n * oh * ow, cout_g, x.element_size(), False)
+    m_blocks = _cdiv(n * oh * ow, bm)
+    k.upsample_fwd_direct_kernel[(m_blocks * groups, _cdiv(cout_g, bn))](
         x, weight, weight if bias is None else bias, out,
         n, cin_g, h, w, cout_g, oh, ow,
         *x.stride(), *weight.stride(), *out.stride(),
         sh, sw, top, left, kh, kw, m_blocks,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common,
     )  # fmt: skip
     return out
+
+
+def _cell_weight(weight: Tensor, groups: int, stride: tuple[int, int], taps: tuple[int, int]) -> Tensor:
+    """The cell GEMM's A operand (kernels/upsample.py): groups x (Cout_g * sh * sw) x (Cin_g * th * tw), contiguous,
+    A[g, (co, py, px), (ci, t, u)] = weight[g Cin_g + ci, co, py + t sh, px + u sw], zero past the kernel. A zero
+    tap times an infinite input gives NaN where conv_transpose2d skips the tap; only kernels that are not a multiple
+    of the stride have such taps (FCN's are 2s)."""
+    cin, cout_g, kh, kw = weight.shape
+    (sh, sw), (th, tw) = stride, taps
+    padded = F.pad(weight, (0, tw * sw - kw, 0, th * sh - kh)) if (kh, kw) != (th * sh, tw * sw) else weight
+    a = padded.reshape(groups, cin // groups, cout_g, th, sh, tw, sw).permute(0, 2, 4, 6, 1, 3, 5)
+    return a.reshape(groups, cout_g * sh * sw, cin // groups * th * tw)
 
 
 def _triton_upsample_dgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int) -> Tensor:

@@ -3,9 +3,13 @@ computes kept output pixels only, from the input taps that reach them; no atomic
 
 Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw), kept window at (top, left):
 
-- forward, by phase: the kept outputs whose full-output row Y = py (mod sh) and column X = px (mod sw) all read
-  the sub-kernel w[:, :, py::sh, px::sw], so each (group, phase) is one implicit GEMM: out[m, co] = sum over
-  k = (ci, th, tw) of x[n, ci, qy + my - th, qx + mx - tw] * w[ci, co, py + th sh, px + tw sw];
+- forward, by output cell: the kept outputs whose full-output coordinates (Y, X) share (Y // sh, X // sw) =
+  (qy, qx) form a cell of sh x sw pixels, and all of them read the same th x tw input taps x[n, :, qy - t, qx - u]
+  (t < TH = ceil(kh / sh), u < TW). So the forward is one dense GEMM per group: out[(co, py, px), (n, qy, qx)] =
+  sum over k = (ci, t, u) of A[(co, py, px), k] x[n, ci, qy - t, qx - u], where A[(co, py, px), (ci, t, u)] =
+  w[ci, co, py + t sh, px + u sw] (zero past the kernel) is the weight rearranged once per call by the launcher.
+  Its epilogue writes each element to its kept pixel and drops the rest (the partial cells at the window's edges);
+  neighbouring rows are neighbouring output columns, so the stores run along rows of the output;
 - dgrad: dx[n, ci, i, j] = sum over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx]
   (a strided convolution of the kept gradient; taps outside the window read 0);
 - wgrad: dW[ci, (co, ky, kx)] = sum over input pixels of x[n, ci, i, j] dy[...]: a GEMM over pixels split SPLIT ways
@@ -13,9 +17,8 @@ Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw)
 
 Layers with at least 8 channels per group multiply with ``tl.dot`` (tensor cores in fp16/bf16, TF32 only where
 ``DOT_PRECISION`` says so); layers with fewer (a per-channel layer, groups = channels) multiply-accumulate on CUDA
-cores (``USE_DOT=False``), since a 16-wide tensor-core tile would be almost all padding. Their forward skips the
-phase split (upsample_fwd_direct_kernel: each pixel gathers its own taps), so that a stride-32 layer runs
-pixels / BLOCK_M programs per group rather than 1024 phases' worth.
+cores (``USE_DOT=False``), since a 16-wide tensor-core tile would be almost all padding. Their forward
+(upsample_fwd_direct_kernel) has each pixel gather its own taps and weights instead of the cell GEMM.
 
 Fixed bilinear path (``bilinear_upsample_crop``, kernel 2f, stride f, each channel by itself): every output pixel has
 2 x 2 taps (forward), and the backward is separable: a pass along the width then one along the height, each
@@ -34,11 +37,12 @@ __all__ = [
     "bilinear_bwd_width_kernel",
     "bilinear_fwd_kernel",
     "bilinear_width_tile",
+    "cell_blocks",
     "launch_configs",
     "learned_blocks",
     "upsample_dgrad_kernel",
+    "upsample_fwd_cells_kernel",
     "upsample_fwd_direct_kernel",
-    "upsample_fwd_kernel",
     "upsample_wgrad_kernel",
 ]
 
@@ -76,70 +80,62 @@ def _mac(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
 
 
-@triton.jit
-def _phase(residue, stride, start, length, kernel):
-    """For the kept outputs along one axis whose full coordinate is = residue (mod stride): the window index of the
-    first, how many there are, the input index its tap 0 reads, and the sub-kernel's number of taps."""
-    first = (residue - start % stride + stride) % stride
-    count = tl.where(first < length, (length - 1 - first) // stride + 1, 0)
-    q0 = (start + first - residue) // stride
-    taps = tl.where(residue < kernel, (kernel - residue + stride - 1) // stride, 0)
-    return first, count, q0, taps
+def cell_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the cell GEMM (rows (co, py, px) x cells, (ci, th, tw) deep)."""
+    return (32, 32, 16, 4) if elem_bytes >= 8 else (64, 64, 32, 4)
 
 
 @triton.jit
-def upsample_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+def upsample_fwd_cells_kernel(
+    a_ptr, x_ptr, b_ptr, out_ptr,
     N, CIN_G, H, W, COUT_G, OH, OW,
     x_sn, x_sc, x_sh, x_sw,
-    w_si, w_so, w_sh, w_sw,
     o_sn, o_sc, o_sh, o_sw,
-    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
+    SH, SW, TOP, LEFT, TH, TW, QH, QW,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # The tensor-core forward, one GEMM per (group, phase). Axis 0 walks (group, phase, pixel block) so that many
-    # phases (stride 32: 1024) fit the grid's limits.
-    pid = tl.program_id(0)
-    m_block = pid % M_BLOCKS
-    phase = (pid // M_BLOCKS) % (SH * SW)
-    group = pid // (M_BLOCKS * SH * SW)
-    py = phase // SW
-    px = phase % SW
-    fy, ny, qy, ty = _phase(py, SH, TOP, OH, KH)
-    fx, nx, qx, tx = _phase(px, SW, LEFT, OW, KW)
-    m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < N * ny * nx
-    nx_safe = tl.maximum(nx, 1)
-    ny_safe = tl.maximum(ny, 1)
-    mx = m % nx_safe
-    my = (m // nx_safe) % ny_safe
-    n = m // (nx_safe * ny_safe)
-    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < COUT_G
-    x_base = x_ptr + n * x_sn + group * CIN_G * x_sc
-    w_base = w_ptr + group * CIN_G * w_si + co * w_so
+    # The tensor-core forward as one dense GEMM per group over output cells (see the module docstring): A is the
+    # rearranged weight, [COUT_G * SH * SW, CIN_G * TH * TW] row-major (a_ptr, one such matrix per group), B the
+    # TH x TW input taps of each cell, gathered; each output element is scattered to its kept pixel or dropped.
+    # Rows run (co, py, px) with px fastest, so neighbouring rows are neighbouring output columns.
+    group = tl.program_id(2)
+    rows = COUT_G * SH * SW
+    depth = CIN_G * TH * TW
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < rows
+    px = m % SW
+    py = (m // SW) % SH
+    co = m // (SW * SH)
+    c = tl.program_id(0).to(INDEX) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: cells may pass 2**16 blocks
+    c_ok = c < N * QH * QW
+    cx = LEFT // SW + c % QW  # the cell's column in the full output, in strides
+    cy = TOP // SH + (c // QW) % QH
+    n = c // (QW * QH)
+    a_rows = a_ptr + group.to(INDEX) * rows * depth + m.to(INDEX) * depth
+    x_cells = x_ptr + n * x_sn + group * CIN_G * x_sc
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    taps = ty * tx
-    for k0 in range(0, CIN_G * taps, BLOCK_K):
+    for k0 in range(0, depth, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < CIN_G * taps
-        ci = k // tl.maximum(taps, 1)
-        th = (k // tl.maximum(tx, 1)) % tl.maximum(ty, 1)
-        tw = k % tl.maximum(tx, 1)
-        ih = (qy + my)[:, None] - th[None, :]
-        iw = (qx + mx)[:, None] - tw[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=a_ok, other=0.0)
-        w_off = ci * w_si + (py + th * SH) * w_sh + (px + tw * SW) * w_sw
-        b = tl.load(w_base[None, :] + w_off[:, None], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+        k_ok = k < depth
+        a = tl.load(a_rows[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        tw = k % TW
+        th = (k // TW) % TH
+        ci = k // (TW * TH)
+        ih = cy[None, :] - th[:, None]
+        iw = cx[None, :] - tw[:, None]
+        b_ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_cells[None, :] + (ci * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=b_ok, other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
     c_out = group * COUT_G + co
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c_out, mask=co_ok, other=0.0).to(ACC)[None, :]
-    o_off = (n * o_sn + (fy + my * SH) * o_sh + (fx + mx * SW) * o_sw)[:, None] + (c_out * o_sc)[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+        acc += tl.load(b_ptr + c_out, mask=m_ok, other=0.0).to(ACC)[:, None]
+    oy = py[:, None] + (cy * SH - TOP)[None, :]
+    ox = px[:, None] + (cx * SW - LEFT)[None, :]
+    ok = m_ok[:, None] & c_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+    o_off = (c_out * o_sc)[:, None] + (n * o_sn)[None, :] + oy * o_sh + ox * o_sw
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -437,6 +433,7 @@ def launch_configs():
 
     dims = ("N", "CIN_G", "H", "W", "COUT_G", "OH", "OW")
     geo = ("SH", "SW", "TOP", "LEFT", "KH", "KW", "M_BLOCKS")
+    cells_geo = ("SH", "SW", "TOP", "LEFT", "TH", "TW", "QH", "QW")
 
     def strides(*prefixes: str) -> dict[str, str]:
         return {f"{p}_s{a}": "i32" for p in prefixes for a in ("n", "c", "h", "w")}
@@ -449,11 +446,20 @@ def launch_configs():
         acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
         fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
                    **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo)}  # fmt: skip
+        cells_sig = {"a_ptr": ptr, "x_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
+                     **strides("x", "o"), **_geometry_sig(*cells_geo)}  # fmt: skip
         dgrad_sig = {"g_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **_geometry_sig(*dims), **strides("g"),
                      **w_strides(), **strides("dx"), **_geometry_sig(*geo)}  # fmt: skip
         wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
                      **_geometry_sig(*geo, "GROUPS", "PIX_PER_SPLIT")}  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
+            bm, bn, bk, warps = cell_blocks(elem)
+            for index in (tl.int32, tl.int64):
+                for has_bias in (False, True):
+                    consts = {"HAS_BIAS": has_bias, "ACC": acc, "INDEX": index, "DOT_PRECISION": precision,
+                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                    tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{32 if index == tl.int32 else 64}_bias{int(has_bias)}"
+                    yield f"upsample_fwd_cells_{tag}", upsample_fwd_cells_kernel, cells_sig, consts, warps
             # The 64-bit index plan (tensors past 2**31 elements) with the first block shape of each variant.
             learned = all_learned_blocks(elem)
             wide = [next(b for b in learned if b[1] == dot) for dot in (False, True)]
@@ -465,12 +471,11 @@ def launch_configs():
                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                 bits = 32 if index == tl.int32 else 64
                 tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}_i{bits}"
-                fwd = upsample_fwd_kernel if use_dot else upsample_fwd_direct_kernel
-                fwd_consts = {k: v for k, v in consts.items() if k not in ("USE_DOT",) + (() if use_dot else
-                              ("DOT_PRECISION",))}  # fmt: skip
-                for has_bias in (False, True):
-                    yield (f"upsample_fwd_{tag}_bias{int(has_bias)}", fwd, fwd_sig,
-                           {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
+                if not use_dot:  # the tensor-core forward is the cell GEMM above
+                    fwd_consts = {k: v for k, v in consts.items() if k not in ("USE_DOT", "DOT_PRECISION")}
+                    for has_bias in (False, True):
+                        yield (f"upsample_fwd_{tag}_bias{int(has_bias)}", upsample_fwd_direct_kernel, fwd_sig,
+                               {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
                 yield f"upsample_dgrad_{tag}", upsample_dgrad_kernel, dgrad_sig, consts, warps
                 yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
 

@@ -45,6 +45,8 @@ CASES = [
     (5, 16, 32, 5, 2, 3, (9, 0), (23, 47)),
     (6, 3, 5, 2, 4, 4, (1, 2), (11, 12)),  # odd kernel, groups 2
     (150, 2, 4, 150, 3, 2, (1, 1), (5, 3)),  # ADE20K-sized class count, per-class
+    (21, 32, 64, 1, 2, 2, (19, 7), (37, 29)),  # FCN-32s learned with full mixing: the cell GEMM at stride 32
+    (16, 3, 7, 2, 4, 5, (2, 1), (13, 11)),  # cell GEMM, groups 2, kernel not a multiple of the stride
 ]
 
 
