@@ -91,12 +91,14 @@ def _upsample(g: torch.Generator) -> int:
     # (n, c, h, w, factor, kernel, groups, crop, out_size)
     cases = [(1, 21, 3, 2, 32, 64, 21, (19, 19), (37, 5)), (2, 21, 5, 7, 2, 4, 1, (0, 0), (12, 16)),
              (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5)),
-             (2, 21, 2, 3, 32, 64, 1, (19, 7), (37, 61)), (1, 9, 3, 4, 3, 5, 1, (1, 2), (8, 11))]  # fmt: skip
+             (1, 21, 2, 2, 32, 64, 1, (19, 7), (37, 29)), (1, 9, 3, 4, 3, 5, 1, (1, 2), (8, 11))]  # fmt: skip
     for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for n, c, h, w, f, k, groups, crop, size in cases:
                 x = torch.randn(n, c, h, w, device="cuda", generator=g).to(dtype).requires_grad_()
-                weight = torch.randn(c, c // groups, k, k, device="cuda", generator=g).to(dtype).requires_grad_()
+                # Scaled by 1 / k: with unit weights the fp16 dx of the stride-32 full-mixing case passes 65504 (run 8:
+                # |dx| up to 1.7e5 in fp32), which the finiteness check flagged for both backends.
+                weight = (torch.randn(c, c // groups, k, k, device="cuda", generator=g) / k).to(dtype).requires_grad_()
                 bias = torch.randn(c, device="cuda", generator=g).to(dtype).requires_grad_()
                 out = fcnkern.upsample_crop(x, weight, f, crop, size, bias, groups, backend=backend)
                 grads = torch.autograd.grad(out.float().square().sum(), (x, weight, bias))
