@@ -1,10 +1,10 @@
 // CPU kernels of learned transposed-convolution upsampling with the crop folded in (fcnkern.upsample_crop).
 //
-// Forward, gather formulation by phase: the kept outputs whose full-output row Y is = py (mod sh) and column
-// X = px (mod sw) all read the same sub-kernel w[:, :, py::sh, px::sw] (flipped), so for each phase the output is
-// one GEMM: out[co, pixel] = sum over (ci, th, tw) of w[ci, co, py + th sh, px + tw sw] * x[ci, q - th, p - tw],
-// with q = (Y - py) / sh and p = (X - px) / sw. Only kept pixels are gathered and computed; each output element is
-// written by exactly one task, so there are no atomics and no races.
+// Forward, by output cell: the kept outputs whose full-output coordinates share (Y / sh, X / sw) = (qy, qx) form a
+// cell of sh x sw pixels that all read the same th x tw input taps x[:, qy - t, qx - u]. So each task (an image, a
+// group, a block of cell rows and of output channels) is one GEMM, product[cell, (co, py, px)] = sum over
+// (ci, t, u) of x[ci, qy - t, qx - u] * w[ci, co, py + t sh, px + u sw], and its kept pixels are copied out row by
+// row (runs of sw columns). Each output element is written by exactly one task: no atomics, no races.
 //
 // Backward: dcols[(co, ky, kx), (i, j)] = dy[co, i sh + ky - top, j sw + kx - left] (0 outside the kept window) is
 // the gradient seen by every (input pixel, tap) pair. It is gathered once per block of input pixels and feeds both
@@ -84,42 +84,52 @@ void gather(const scalar_t* src, int64_t s_c, int64_t s_h, int64_t s_w, int64_t 
   }
 }
 
-// One phase of the output along an axis: kept outputs first (index in the window), step (the stride), how many,
-// q of the first (the input index its tap 0 reads) and the number of taps of the sub-kernel.
-struct Phase {
-  int64_t first, count, q0, taps;
-};
-
-Phase make_phase(int64_t residue, int64_t stride, int64_t start, int64_t len, int64_t kernel) {
-  Phase p{};
-  p.first = ((residue - start) % stride + stride) % stride;
-  p.count = p.first < len ? (len - 1 - p.first) / stride + 1 : 0;
-  p.q0 = (start + p.first - residue) / stride;
-  p.taps = residue < kernel ? (kernel - residue + stride - 1) / stride : 0;
-  return p;
-}
-
-// Budget of a task's gathered block, in bytes: most of a 2 MiB L2, as in the conv kernels.
+// Budget of a task's gathered block or product, in bytes: most of a 2 MiB L2, as in the conv kernels.
 constexpr int64_t kBlockBytes = 1536 << 10;
 
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& out, const UpGeometry& g) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t th = (g.kh + g.sh - 1) / g.sh, tw = (g.kw + g.sw - 1) / g.sw, depth = g.cin_g * th * tw;
   const int64_t phases = g.sh * g.sw;
-  // Phase weights: w_phase[group][phase] is (Cin_g * th * tw) x Cout_g, the rows in the gather's (c, a, b) order.
+  // Cells: the full output's sh x sw squares (Y / sh, X / sw) that the kept window touches.
+  const int64_t qy0 = g.top / g.sh, qx0 = g.left / g.sw;
+  const int64_t cell_rows = (g.top + g.oh - 1) / g.sh - qy0 + 1, cell_cols = (g.left + g.ow - 1) / g.sw - qx0 + 1;
+  // Output channels per task so that its product (cells x channels' phases) stays within budget, then cell rows.
+  const int64_t row_bytes = cell_cols * phases * int64_t(sizeof(acc_t));
+  const int64_t ch_per_block = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.cout_g);
+  const int64_t ch_blocks = (g.cout_g + ch_per_block - 1) / ch_per_block;
+  const int64_t rows_per_block = std::clamp<int64_t>(
+      kBlockBytes / std::max<int64_t>(row_bytes * ch_per_block, 1), 1, cell_rows);
+  const int64_t row_blocks = (cell_rows + rows_per_block - 1) / rows_per_block;
+  // The weight by (group, channel block) as depth x (channels x sh x sw), dense: a[(ci, t, u), (co, py, px)] =
+  // w[ci, co, py + t sh, px + u sw], 0 past the kernel (a zero tap times an infinite input gives NaN where
+  // conv_transpose2d skips the tap; only kernels that are not a multiple of the stride have such taps).
   const at::Tensor w_acc = weight.to(acc).contiguous();
-  std::vector<std::vector<at::Tensor>> w_phase(g.groups, std::vector<at::Tensor>(phases));
+  const acc_t* wp = w_acc.const_data_ptr<acc_t>();
+  std::vector<at::Tensor> a_blocks(g.groups * ch_blocks);
   for (int64_t group = 0; group < g.groups; ++group) {
-    const at::Tensor wg = w_acc.narrow(0, group * g.cin_g, g.cin_g);
-    for (int64_t py = 0; py < g.sh; ++py) {
-      for (int64_t px = 0; px < g.sw; ++px) {
-        const Phase rows = make_phase(py, g.sh, g.top, g.oh, g.kh), cols = make_phase(px, g.sw, g.left, g.ow, g.kw);
-        if (rows.taps == 0 || cols.taps == 0) continue;
-        const at::Tensor sub = wg.slice(2, py, g.kh, g.sh).slice(3, px, g.kw, g.sw);  // Cin_g x Cout_g x th x tw
-        const at::Tensor rows_first = sub.permute({0, 2, 3, 1}).reshape({-1, g.cout_g}).contiguous();
-        w_phase[group][py * g.sw + px] = gemm_left(rows_first.t(), g.n * g.oh * g.ow);
+    for (int64_t cb = 0; cb < ch_blocks; ++cb) {
+      const int64_t co0 = cb * ch_per_block, chans = std::min(ch_per_block, g.cout_g - co0), cols = chans * phases;
+      at::Tensor a = at::zeros({depth, cols}, w_acc.options());
+      acc_t* ap = a.mutable_data_ptr<acc_t>();
+      for (int64_t ci = 0; ci < g.cin_g; ++ci) {
+        for (int64_t t = 0; t < th; ++t) {
+          for (int64_t u = 0; u < tw; ++u) {
+            acc_t* row = ap + ((ci * th + t) * tw + u) * cols;
+            for (int64_t co = 0; co < chans; ++co) {
+              const acc_t* w = wp + ((group * g.cin_g + ci) * g.cout_g + co0 + co) * g.kh * g.kw;
+              for (int64_t py = 0; py < g.sh && py + t * g.sh < g.kh; ++py) {
+                for (int64_t px = 0; px < g.sw && px + u * g.sw < g.kw; ++px) {
+                  row[(co * g.sh + py) * g.sw + px] = w[(py + t * g.sh) * g.kw + px + u * g.sw];
+                }
+              }
+            }
+          }
+        }
       }
+      a_blocks[group * ch_blocks + cb] = a;
     }
   }
   at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
@@ -128,43 +138,53 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  // Rows of one phase per task, so that its gathered block stays within budget.
-  const int64_t max_j = g.cin_g * ((g.kh + g.sh - 1) / g.sh) * ((g.kw + g.sw - 1) / g.sw);
-  const int64_t max_cols = (g.ow + g.sw - 1) / g.sw, max_rows = (g.oh + g.sh - 1) / g.sh;
-  const int64_t rows_per_block =
-      std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(max_j * max_cols * int64_t(sizeof(acc_t)), 1), 1, max_rows);
-  const int64_t blocks = (max_rows + rows_per_block - 1) / rows_per_block;
-  const int64_t tasks = g.n * g.groups * phases * blocks;
+  const int64_t tasks = g.n * g.groups * row_blocks * ch_blocks;
   run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gathered, result;
+    std::vector<acc_t> taps, product;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % blocks, phase = (task / blocks) % phases;
-      const int64_t group = (task / (blocks * phases)) % g.groups, n = task / (blocks * phases * g.groups);
-      const Phase rows = make_phase(phase / g.sw, g.sh, g.top, g.oh, g.kh);
-      const Phase cols = make_phase(phase % g.sw, g.sw, g.left, g.ow, g.kw);
-      const int64_t m0 = block * rows_per_block, m_count = std::min(rows_per_block, rows.count - m0);
-      if (m_count <= 0 || cols.count == 0) continue;
-      const int64_t pixels = m_count * cols.count, j = g.cin_g * rows.taps * cols.taps;
-      result.resize(g.cout_g * pixels);
-      if (j > 0) {  // a kernel smaller than the stride leaves some phases without taps: bias only
-        gathered.resize(j * pixels);
-        const Taps taps{rows.taps, cols.taps, rows.q0 + m0, 1, -1, cols.q0, 1, -1};
-        gather(xp + n * xs[0] + group * g.cin_g * xs[1], xs[1], xs[2], xs[3], g.cin_g, g.h, g.w, taps, m_count,
-               cols.count, gathered.data());
-        auto out_m = matrix(result.data(), g.cout_g, pixels, acc);
-        mm_into(out_m, w_phase[group][phase], matrix(gathered.data(), j, pixels, acc), true);
-      } else {
-        std::fill(result.begin(), result.end(), acc_t(0));
+      const int64_t cb = task % ch_blocks, rb = (task / ch_blocks) % row_blocks;
+      const int64_t group = (task / (ch_blocks * row_blocks)) % g.groups;
+      const int64_t n = task / (ch_blocks * row_blocks * g.groups);
+      const int64_t r0 = rb * rows_per_block, rows = std::min(rows_per_block, cell_rows - r0);
+      const int64_t cells = rows * cell_cols, co0 = cb * ch_per_block;
+      const at::Tensor& a = a_blocks[group * ch_blocks + cb];
+      const int64_t cols = a.size(1);
+      // taps[(r, qx), (ci, t, u)] = x[n, ci, qy - t, qx - u], 0 outside the input.
+      taps.resize(cells * depth);
+      const scalar_t* xg = xp + n * xs[0] + group * g.cin_g * xs[1];
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t qx = 0; qx < cell_cols; ++qx) {
+          acc_t* dst = taps.data() + (r * cell_cols + qx) * depth;
+          for (int64_t ci = 0; ci < g.cin_g; ++ci) {
+            for (int64_t t = 0; t < th; ++t) {
+              const int64_t i = qy0 + r0 + r - t;
+              for (int64_t u = 0; u < tw; ++u, ++dst) {
+                const int64_t j = qx0 + qx - u;
+                *dst = i >= 0 && i < g.h && j >= 0 && j < g.w ? static_cast<acc_t>(xg[ci * xs[1] + i * xs[2] + j * xs[3]])
+                                                              : acc_t(0);
+              }
+            }
+          }
+        }
       }
-      for (int64_t co = 0; co < g.cout_g; ++co) {
-        const int64_t c = group * g.cout_g + co;
+      product.resize(cells * cols);
+      mm_into(matrix(product.data(), cells, cols, acc), matrix(taps.data(), cells, depth, acc), a, true);
+      // Each kept pixel from its cell's row of the product; a run of sw columns per cell, cells side by side.
+      for (int64_t co = 0; co < cols / phases; ++co) {
+        const int64_t c = group * g.cout_g + co0 + co;
         const acc_t add = bp != nullptr ? bp[c] : acc_t(0);
-        const acc_t* src = result.data() + co * pixels;
-        scalar_t* plane = op + n * os[0] + c * os[1] + cols.first * os[3];
-        for (int64_t m = 0; m < m_count; ++m) {
-          scalar_t* row = plane + (rows.first + (m0 + m) * g.sh) * os[2];
-          const acc_t* in = src + m * cols.count;
-          for (int64_t v = 0; v < cols.count; ++v) row[v * g.sw * os[3]] = static_cast<scalar_t>(in[v] + add);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t py = 0; py < g.sh; ++py) {
+            const int64_t oy = (qy0 + r0 + r) * g.sh + py - g.top;
+            if (oy < 0 || oy >= g.oh) continue;
+            scalar_t* orow = op + n * os[0] + c * os[1] + oy * os[2];
+            const acc_t* src = product.data() + r * cell_cols * cols + (co * g.sh + py) * g.sw;
+            for (int64_t qx = 0; qx < cell_cols; ++qx, src += cols) {
+              const int64_t ox0 = (qx0 + qx) * g.sw - g.left;
+              const int64_t lo = std::max<int64_t>(0, -ox0), hi = std::min<int64_t>(g.sw, g.ow - ox0);
+              for (int64_t px = lo; px < hi; ++px) orow[(ox0 + px) * os[3]] = static_cast<scalar_t>(src[px] + add);
+            }
+          }
         }
       }
     }
