@@ -9,11 +9,14 @@ Kernels compute only the kept pixels (gather formulation: each output reads the 
 the crop costs nothing and the forward needs no atomics; the backward is a strided gather of the kept gradient
 (dx) and a reduction over input pixels (dweight), never materialising the full uncropped output or its gradient.
 
-- ``cpu`` (cpp/upsample_learned_cpu.cpp, cpp/upsample_cpu.cpp): the learned forward as one GEMM per output phase
-  (Y mod s, X mod s) over gathered taps; the backward gathers each input block's kept-gradient taps once and feeds
-  both dx and dweight GEMMs. Bilinear: separable 2 x 2-tap tables built for the window only.
-- ``triton`` (kernels/upsample.py): the same phase GEMMs on tensor cores for layers with >= 8 channels per group,
-  CUDA-core gathers for per-channel layers; bilinear forward with 2 x 2 taps and a separable two-pass backward.
+- ``cpu`` (cpp/upsample_learned_cpu.cpp, cpp/upsample_cpu.cpp): the learned layer by output cell (the sh x sw
+  pixels sharing (Y // sh, X // sw) read the same th x tw input taps): the forward is one GEMM per block of cells,
+  taps x (the weight rearranged once per call), its kept pixels copied out in runs of sw columns; the backward is
+  its adjoint (the kept gradient arranged by cell, one GEMM towards dx and one into dweight). Bilinear: separable
+  2 x 2-tap tables built for the window only.
+- ``triton`` (kernels/upsample.py): the same cell GEMM on tensor cores for the learned forward with >= 8 channels
+  per group (a gathered strided convolution of the gradient for dx, a pixel reduction for dweight), CUDA-core
+  gathers for per-channel layers; bilinear forward with 2 x 2 taps and a separable two-pass backward.
 - ``cuda`` (cpp/upsample_cuda.cu): one thread per output element of each kernel, CUDA cores (FCN's 21-channel
   layers are too narrow to pay for tensor-core tiles there); a shared-memory tree per weight element for dweight.
 - ``torch``: the reference, ``F.conv_transpose2d`` then slicing.
