@@ -14,9 +14,9 @@ the crop costs nothing and the forward needs no atomics; the backward is a strid
   taps x (the weight rearranged once per call), its kept pixels copied out in runs of sw columns; the backward is
   its adjoint (the kept gradient arranged by cell, one GEMM towards dx and one into dweight). Bilinear: separable
   2 x 2-tap tables built for the window only.
-- ``triton`` (kernels/upsample.py): the same cell GEMM on tensor cores for the learned forward with >= 8 channels
-  per group (a gathered strided convolution of the gradient for dx, a pixel reduction for dweight), CUDA-core
-  gathers for per-channel layers; bilinear forward with 2 x 2 taps and a separable two-pass backward.
+- ``triton`` (kernels/upsample.py): the same cell GEMMs on tensor cores, forward and backward, for layers with >= 8
+  output channels per group; CUDA-core gathers for per-channel layers; bilinear forward with 2 x 2 taps and a
+  separable two-pass backward.
 - ``cuda`` (cpp/upsample_cuda.cu): one thread per output element of each kernel, CUDA cores (FCN's 21-channel
   layers are too narrow to pay for tensor-core tiles there); a shared-memory tree per weight element for dweight.
 - ``torch``: the reference, ``F.conv_transpose2d`` then slicing.
@@ -372,16 +372,68 @@ def _triton_upsample_wgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop
     return parts.sum(0).reshape(weight.shape).to(weight.dtype)
 
 
+def _triton_upsample_bwd_cells(
+    grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int, need_x: bool, need_w: bool
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dx, dweight) of the cell-GEMM forward, by its adjoint (kernels/upsample.py): the kept gradient arranged by
+    cell times A^T gives each cell's tap gradients, which a second kernel sums into dx; taps^T times the same
+    gradient gives dA, split over cells into an fp32 workspace, summed and put back in the weight's layout."""
+    from fcnkern.kernels import upsample as k
+
+    n, cin, h, w = x.shape
+    cout_g, kh, kw = weight.shape[1:]
+    (sh, sw), (top, left), (oh, ow) = stride, crop, grad.shape[2:]
+    cin_g = cin // groups
+    taps = (_cdiv(kh, sh), _cdiv(kw, sw))
+    cells = (_cdiv(top + oh, sh) - top // sh, _cdiv(left + ow, sw) - left // sw)
+    depth, rows, all_cells = cin_g * taps[0] * taps[1], cout_g * sh * sw, n * cells[0] * cells[1]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bm, bn, bk, warps = k.cell_blocks(x.element_size())
+    common = dict(ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x), num_warps=warps)
+    dx, dw = x.new_empty(0), x.new_empty(0)
+    if need_x:
+        a = _cell_weight(weight, groups, (sh, sw), taps)
+        dtaps = _ext.maybe_poison(torch.empty((groups, all_cells, depth), dtype=acc_dtype, device=x.device))
+        k.upsample_dgrad_cells_kernel[(_cdiv(all_cells, bm), _cdiv(depth, bn), groups)](
+            grad, a, dtaps, n, cin_g, cout_g, oh, ow, *grad.stride(), sh, sw, top, left, *taps, *cells,
+            INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+        )  # fmt: skip
+        dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
+        block = 256
+        k.upsample_dgrad_fold_kernel[(_cdiv(dx.numel(), block),)](
+            dtaps, dx, n, cin_g, h, w, groups, *dx.stride(), *taps, *cells, top // sh, left // sw,
+            ACC=_acc(x.dtype), INDEX=_index_type(dtaps, dx), BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    if need_w:
+        programs = _cdiv(rows, bn) * _cdiv(depth, bm) * groups
+        splits, per_split = _wgrad_splits(all_cells, programs, bk, x.device)
+        parts = _ext.maybe_poison(torch.empty((groups, splits, depth, rows), dtype=acc_dtype, device=x.device))
+        k.upsample_wgrad_cells_kernel[(_cdiv(rows, bn), _cdiv(depth, bm), groups * splits)](
+            grad, x, parts, n, cin_g, h, w, cout_g, oh, ow, *grad.stride(), *x.stride(),
+            sh, sw, top, left, *taps, *cells, splits, per_split,
+            INDEX=_index_type(grad, x, parts), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+        )  # fmt: skip
+        da = parts.sum(1).view(groups, cin_g, taps[0], taps[1], cout_g, sh, sw)
+        full = da.permute(0, 1, 4, 2, 5, 3, 6).reshape(cin, cout_g, taps[0] * sh, taps[1] * sw)
+        dw = full[:, :, :kh, :kw].to(weight.dtype).contiguous()
+    return dx, dw
+
+
 @torch.library.custom_op("fcnkern::triton_upsample_crop_bwd", mutates_args=())
 def _triton_upsample_bwd(
     grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], crop: list[int], groups: int, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract). The bias
     gradient is a plain reduction of the kept gradient."""
+    from fcnkern.kernels import upsample as k
+
     need_x, need_w, need_b = output_mask
     # a fresh empty for each output not asked for: a custom op's outputs may not alias one another
-    dx = _triton_upsample_dgrad(grad, x, weight, stride, crop, groups) if need_x else x.new_empty(0)
-    dw = _triton_upsample_wgrad(grad, x, weight, stride, crop, groups) if need_w else x.new_empty(0)
+    if weight.shape[1] >= k.DOT_MIN_CHANNELS:  # layers with a cell-GEMM forward get its adjoint
+        dx, dw = _triton_upsample_bwd_cells(grad, x, weight, stride, crop, groups, need_x, need_w)
+    else:
+        dx = _triton_upsample_dgrad(grad, x, weight, stride, crop, groups) if need_x else x.new_empty(0)
+        dw = _triton_upsample_wgrad(grad, x, weight, stride, crop, groups) if need_w else x.new_empty(0)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     db = grad.sum((0, 2, 3), dtype=acc_dtype).to(grad.dtype) if need_b else x.new_empty(0)
     return dx, dw, db

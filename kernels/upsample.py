@@ -10,15 +10,20 @@ Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw)
   w[ci, co, py + t sh, px + u sw] (zero past the kernel) is the weight rearranged once per call by the launcher.
   Its epilogue writes each element to its kept pixel and drops the rest (the partial cells at the window's edges);
   neighbouring rows are neighbouring output columns, so the stores run along rows of the output;
-- dgrad: dx[n, ci, i, j] = sum over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx]
-  (a strided convolution of the kept gradient; taps outside the window read 0);
-- wgrad: dW[ci, (co, ky, kx)] = sum over input pixels of x[n, ci, i, j] dy[...]: a GEMM over pixels split SPLIT ways
-  into an fp32 workspace that the launcher sums (deterministic).
+- backward of the cell GEMM, its adjoint: with dyc[(n, qy, qx), (co, py, px)] the kept gradient arranged by cell
+  (0 where cropped, gathered inside the kernels), dtaps = dyc @ A^T (upsample_dgrad_cells_kernel) and
+  dx[n, ci, i, j] = sum over (t, u) of dtaps[(n, i + t, j + u), (ci, t, u)] (upsample_dgrad_fold_kernel, no
+  atomics); dA = taps^T @ dyc over the cells, split SPLIT ways into an fp32 workspace that the launcher sums and
+  puts back in the weight's layout (upsample_wgrad_cells_kernel, deterministic);
+- per-channel layers (fewer than 8 output channels per group) keep the direct gathers: dgrad dx[n, ci, i, j] = sum
+  over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx] (a strided convolution of
+  the kept gradient), and wgrad dW[ci, (co, ky, kx)] = sum over input pixels of x[n, ci, i, j] dy[...], split
+  SPLIT ways into an fp32 workspace.
 
-Layers with at least 8 channels per group multiply with ``tl.dot`` (tensor cores in fp16/bf16, TF32 only where
-``DOT_PRECISION`` says so); layers with fewer (a per-channel layer, groups = channels) multiply-accumulate on CUDA
-cores (``USE_DOT=False``), since a 16-wide tensor-core tile would be almost all padding. Their forward
-(upsample_fwd_direct_kernel) has each pixel gather its own taps and weights instead of the cell GEMM.
+The cell GEMMs multiply with ``tl.dot`` (tensor cores in fp16/bf16, TF32 only where ``DOT_PRECISION`` says so).
+Per-channel layers (groups = channels) multiply-accumulate on CUDA cores (``USE_DOT=False``; a 16-wide
+tensor-core tile would be almost all padding), and their forward (upsample_fwd_direct_kernel) has each pixel
+gather its own taps and weights.
 
 Fixed bilinear path (``bilinear_upsample_crop``, kernel 2f, stride f, each channel by itself): every output pixel has
 2 x 2 taps (forward), and the backward is separable: a pass along the width then one along the height, each
@@ -40,9 +45,12 @@ __all__ = [
     "cell_blocks",
     "launch_configs",
     "learned_blocks",
+    "upsample_dgrad_cells_kernel",
+    "upsample_dgrad_fold_kernel",
     "upsample_dgrad_kernel",
     "upsample_fwd_cells_kernel",
     "upsample_fwd_direct_kernel",
+    "upsample_wgrad_cells_kernel",
     "upsample_wgrad_kernel",
 ]
 
@@ -136,6 +144,133 @@ def upsample_fwd_cells_kernel(
     ok = m_ok[:, None] & c_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
     o_off = (c_out * o_sc)[:, None] + (n * o_sn)[None, :] + oy * o_sh + ox * o_sw
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _cells(c, N, QH, QW, SH, SW, TOP, LEFT):
+    """Image, full-output cell row and column (in strides) of cell indices c over N x QH x QW, and which exist."""
+    return c // (QW * QH), TOP // SH + (c // QW) % QH, LEFT // SW + c % QW, c < N * QH * QW
+
+
+@triton.jit
+def _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW):
+    """[cells, rows] tile of the kept gradient arranged by cell: dy[n, co, cy sh + py - top, cx sw + px - left],
+    0 where cropped; co is the channel index within the whole tensor."""
+    oy = (cy * SH - TOP)[:, None] + py[None, :]
+    ox = (cx * SW - LEFT)[:, None] + px[None, :]
+    ok = c_ok[:, None] & m_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+    off = (n * g_sn)[:, None] + (co * g_sc)[None, :] + oy * g_sh + ox * g_sw
+    return tl.load(g_ptr + off, mask=ok, other=0.0)
+
+
+@triton.jit
+def upsample_dgrad_cells_kernel(
+    g_ptr, a_ptr, dt_ptr,
+    N, CIN_G, COUT_G, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    SH, SW, TOP, LEFT, TH, TW, QH, QW,
+    ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # The forward's adjoint towards dx: dtaps[cell, (ci, t, u)] = sum over rows (co, py, px) of the kept gradient
+    # by cell times A, into an fp32 (fp64) workspace dt_ptr [groups, N QH QW, CIN_G TH TW] that
+    # upsample_dgrad_fold_kernel sums into dx. Rows M = cells, N = depth, the reduction over the forward's rows.
+    group = tl.program_id(2)
+    rows = COUT_G * SH * SW
+    depth = CIN_G * TH * TW
+    c = tl.program_id(0).to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, cy, cx, c_ok = _cells(c, N, QH, QW, SH, SW, TOP, LEFT)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k < depth
+    a_base = a_ptr + group.to(INDEX) * rows * depth
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for m0 in range(0, rows, BLOCK_K):
+        m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = m < rows
+        co = group * COUT_G + m // (SW * SH)
+        dy = _kept_grad(g_ptr, n, cy, cx, c_ok, co, (m // SW) % SH, m % SW, m_ok, g_sn, g_sc, g_sh, g_sw,
+                        SH, SW, TOP, LEFT, OH, OW)  # fmt: skip
+        a = tl.load(a_base + m.to(INDEX)[:, None] * depth + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(dy, a, acc, DOT_PRECISION)
+    row = group.to(INDEX) * N * QH * QW + c
+    tl.store(dt_ptr + row[:, None] * depth + k[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def upsample_dgrad_fold_kernel(
+    dt_ptr, dx_ptr,
+    N, CIN_G, H, W, GROUPS,
+    dx_sn, dx_sc, dx_sh, dx_sw,
+    TH, TW, QH, QW, QY0, QX0,
+    ACC: tl.constexpr, INDEX: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # dx[n, c, i, j] = sum over (t, u) of dtaps[(i + t, j + u), (ci, t, u)]: each input pixel gathers its TH x TW
+    # cells (those the window touches), so no atomics.
+    e = tl.program_id(0).to(INDEX) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < N * CIN_G * GROUPS * H * W
+    j = e % W
+    i = (e // W) % H
+    c = (e // (W * H)) % (CIN_G * GROUPS)
+    n = e // (W * H * CIN_G * GROUPS)
+    group = c // CIN_G
+    depth = CIN_G * TH * TW
+    plane = (group * N + n) * QH * QW
+    acc = tl.zeros([BLOCK], ACC)
+    for t in range(0, TH):
+        r = i + t - QY0
+        for u in range(0, TW):
+            q = j + u - QX0
+            valid = ok & (r >= 0) & (r < QH) & (q >= 0) & (q < QW)
+            tap = ((c % CIN_G) * TH + t) * TW + u
+            acc += tl.load(dt_ptr + (plane + r * QW + q) * depth + tap, mask=valid, other=0.0)
+    off = n * dx_sn + c * dx_sc + i * dx_sh + j * dx_sw
+    tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def upsample_wgrad_cells_kernel(
+    g_ptr, x_ptr, da_ptr,
+    N, CIN_G, H, W, COUT_G, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    x_sn, x_sc, x_sh, x_sw,
+    SH, SW, TOP, LEFT, TH, TW, QH, QW, SPLITS, CELLS_PER_SPLIT,
+    ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dA[(ci, t, u), (co, py, px)] = sum over cells of taps[cell, (ci, t, u)] * kept gradient by cell, one slice of
+    # the cells per split, into an fp32 (fp64) workspace da_ptr [groups, SPLITS, CIN_G TH TW, COUT_G SH SW] that the
+    # launcher sums and puts back in the kernel's layout.
+    group = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
+    rows = COUT_G * SH * SW
+    depth = CIN_G * TH * TW
+    k = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = k < depth
+    tw = k % TW
+    th = (k // TW) % TH
+    x_chan = (group * CIN_G + k // (TW * TH)) * x_sc
+    m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < rows
+    co = group * COUT_G + m // (SW * SH)
+    py = (m // SW) % SH
+    px = m % SW
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    c_start = split.to(INDEX) * CELLS_PER_SPLIT
+    c_end = tl.minimum(c_start + CELLS_PER_SPLIT, N * QH * QW)
+    for c0 in range(c_start, c_end, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        n, cy, cx, c_ok = _cells(c, N, QH, QW, SH, SW, TOP, LEFT)
+        c_ok = c_ok & (c < c_end)
+        ih = cy[None, :] - th[:, None]
+        iw = cx[None, :] - tw[:, None]
+        t_ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        taps = tl.load(x_ptr + (n * x_sn)[None, :] + x_chan[:, None] + ih * x_sh + iw * x_sw, mask=t_ok, other=0.0)
+        dy = _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW)
+        acc = _dot(taps, dy, acc, DOT_PRECISION)
+    row = (group * SPLITS + split).to(INDEX) * depth + k
+    tl.store(da_ptr + row[:, None] * rows + m[None, :], acc, mask=k_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
@@ -448,6 +583,12 @@ def launch_configs():
                    **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo)}  # fmt: skip
         cells_sig = {"a_ptr": ptr, "x_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
                      **strides("x", "o"), **_geometry_sig(*cells_geo)}  # fmt: skip
+        dgrad_cells_sig = {"g_ptr": ptr, "a_ptr": ptr, "dt_ptr": acc_ty, **_geometry_sig("N", "CIN_G", "COUT_G", "OH",
+                           "OW"), **strides("g"), **_geometry_sig(*cells_geo)}  # fmt: skip
+        wgrad_cells_sig = {"g_ptr": ptr, "x_ptr": ptr, "da_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
+                           **_geometry_sig(*cells_geo, "SPLITS", "CELLS_PER_SPLIT")}  # fmt: skip
+        fold_sig = {"dt_ptr": acc_ty, "dx_ptr": ptr, **_geometry_sig("N", "CIN_G", "H", "W", "GROUPS"),
+                    **strides("dx"), **_geometry_sig("TH", "TW", "QH", "QW", "QY0", "QX0")}  # fmt: skip
         dgrad_sig = {"g_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **_geometry_sig(*dims), **strides("g"),
                      **w_strides(), **strides("dx"), **_geometry_sig(*geo)}  # fmt: skip
         wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
@@ -460,6 +601,19 @@ def launch_configs():
                               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                     tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{32 if index == tl.int32 else 64}_bias{int(has_bias)}"
                     yield f"upsample_fwd_cells_{tag}", upsample_fwd_cells_kernel, cells_sig, consts, warps
+                consts = {k: v for k, v in consts.items() if k != "HAS_BIAS"}
+                tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{32 if index == tl.int32 else 64}"
+                yield f"upsample_dgrad_cells_{tag}", upsample_dgrad_cells_kernel, dgrad_cells_sig, consts, warps
+                yield f"upsample_wgrad_cells_{tag}", upsample_wgrad_cells_kernel, wgrad_cells_sig, consts, warps
+                if precision == "ieee":
+                    fold = {"ACC": acc, "INDEX": index, "BLOCK": 256}
+                    yield (
+                        f"upsample_dgrad_fold_{ty}_i{32 if index == tl.int32 else 64}",
+                        upsample_dgrad_fold_kernel,
+                        fold_sig,
+                        fold,
+                        4,
+                    )
             # The 64-bit index plan (tensors past 2**31 elements) with the first block shape of each variant.
             learned = all_learned_blocks(elem)
             wide = [next(b for b in learned if b[1] == dot) for dot in (False, True)]
