@@ -3,8 +3,9 @@ cudaProfilerStart/Stop, so that only that launch is profiled (gpu_suite.sh keeps
 
 - FCN-8s's conv3_2 (256 -> 256, 3 x 3, 175 x 175, bf16, channels_last) forward and backward on the Triton backend:
   run 4 (H200) found its wgrad at 979 us, shared-memory bound; session 12 took the bias reduction out of its loop;
-- the FCN-32s learned upsampling forward (21 -> 21, k 64, stride 32, 8 x 21 x 16 x 16 -> 500 x 500) on the Triton
-  backend: 2.19 ms against conv_transpose2d's 1.06 in run 4, cause not yet measured;
+- the FCN-32s learned upsampling (21 -> 21, k 64, stride 32, 8 x 21 x 16 x 16 -> 500 x 500) on the Triton backend,
+  forward and backward: run 6 had the phase-GEMM forward at 2.63 ms (12.5 % occupancy, integer-math bound);
+  session 14 made forward and backward GEMMs over output cells (predicted 0.1-0.2 ms forward, 0.3-0.4 backward);
 - the FCN-32s fixed bilinear forward on the CUDA backend (0.21 ms against F.interpolate's 0.14-0.16) and backward
   on the Triton backend (1.72 ms in run 4; session 12 made its width pass read runs of columns).
 """
@@ -35,6 +36,12 @@ def main() -> None:
     weight = (fcnkern.bilinear_weight(21, 64) + 0.01 * torch.randn(21, 21, 64, 64)).cuda()
     with torch.no_grad():
         profiled(lambda: fcnkern.upsample_crop(scores, weight, 32, (19, 19), (500, 500), backend="triton"))
+    learned = scores.clone().requires_grad_()
+    weight.requires_grad_()
+    profiled(
+        lambda: fcnkern.upsample_crop(learned, weight, 32, (19, 19), (500, 500), backend="triton").sum().backward()
+    )
+    with torch.no_grad():
         profiled(lambda: fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="cuda"))
     leaf = scores.clone().requires_grad_()
     up = fcnkern.bilinear_upsample_crop(leaf, 32, (19, 19), (500, 500), backend="triton")
