@@ -94,6 +94,36 @@ def cell_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
+def _cells(c, N, QH, QW, SH, SW, TOP, LEFT):
+    """Image, full-output cell row and column (in strides) of cell indices c over N x QH x QW, and which exist."""
+    return c // (QW * QH), TOP // SH + (c // QW) % QH, LEFT // SW + c % QW, c < N * QH * QW
+
+
+@triton.jit
+def _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW):
+    """[cells, rows] tile of the kept gradient arranged by cell: dy[n, co, cy sh + py - top, cx sw + px - left],
+    0 where cropped; co is the channel index within the whole tensor."""
+    oy = (cy * SH - TOP)[:, None] + py[None, :]
+    ox = (cx * SW - LEFT)[:, None] + px[None, :]
+    ok = c_ok[:, None] & m_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+    off = (n * g_sn)[:, None] + (co * g_sc)[None, :] + oy * g_sh + ox * g_sw
+    return tl.load(g_ptr + off, mask=ok, other=0.0)
+
+
+@triton.jit
+def _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn, x_sc, x_sh, x_sw):
+    """[depth, cells] tile of each cell's input taps, x[n, group CIN_G + ci, cy - t, cx - u] for k = (ci, t, u),
+    0 outside the input."""
+    tw = k % TW
+    th = (k // TW) % TH
+    ih = cy[None, :] - th[:, None]
+    iw = cx[None, :] - tw[:, None]
+    ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    off = (n * x_sn)[None, :] + ((group * CIN_G + k // (TW * TH)) * x_sc)[:, None] + ih * x_sh + iw * x_sw
+    return tl.load(x_ptr + off, mask=ok, other=0.0)
+
+
+@triton.jit
 def upsample_fwd_cells_kernel(
     a_ptr, x_ptr, b_ptr, out_ptr,
     N, CIN_G, H, W, COUT_G, OH, OW,
@@ -116,25 +146,15 @@ def upsample_fwd_cells_kernel(
     py = (m // SW) % SH
     co = m // (SW * SH)
     c = tl.program_id(0).to(INDEX) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: cells may pass 2**16 blocks
-    c_ok = c < N * QH * QW
-    cx = LEFT // SW + c % QW  # the cell's column in the full output, in strides
-    cy = TOP // SH + (c // QW) % QH
-    n = c // (QW * QH)
+    n, cy, cx, c_ok = _cells(c, N, QH, QW, SH, SW, TOP, LEFT)
     a_rows = a_ptr + group.to(INDEX) * rows * depth + m.to(INDEX) * depth
-    x_cells = x_ptr + n * x_sn + group * CIN_G * x_sc
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for k0 in range(0, depth, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < depth
         a = tl.load(a_rows[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        tw = k % TW
-        th = (k // TW) % TH
-        ci = k // (TW * TH)
-        ih = cy[None, :] - th[:, None]
-        iw = cx[None, :] - tw[:, None]
-        b_ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_cells[None, :] + (ci * x_sc)[:, None] + ih * x_sh + iw * x_sw, mask=b_ok, other=0.0)
+        b = _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn, x_sc, x_sh, x_sw)
         acc = _dot(a, b, acc, DOT_PRECISION)
     c_out = group * COUT_G + co
     if HAS_BIAS:
@@ -144,23 +164,6 @@ def upsample_fwd_cells_kernel(
     ok = m_ok[:, None] & c_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
     o_off = (c_out * o_sc)[:, None] + (n * o_sn)[None, :] + oy * o_sh + ox * o_sw
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _cells(c, N, QH, QW, SH, SW, TOP, LEFT):
-    """Image, full-output cell row and column (in strides) of cell indices c over N x QH x QW, and which exist."""
-    return c // (QW * QH), TOP // SH + (c // QW) % QH, LEFT // SW + c % QW, c < N * QH * QW
-
-
-@triton.jit
-def _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW):
-    """[cells, rows] tile of the kept gradient arranged by cell: dy[n, co, cy sh + py - top, cx sw + px - left],
-    0 where cropped; co is the channel index within the whole tensor."""
-    oy = (cy * SH - TOP)[:, None] + py[None, :]
-    ox = (cx * SW - LEFT)[:, None] + px[None, :]
-    ok = c_ok[:, None] & m_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
-    off = (n * g_sn)[:, None] + (co * g_sc)[None, :] + oy * g_sh + ox * g_sw
-    return tl.load(g_ptr + off, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -247,9 +250,6 @@ def upsample_wgrad_cells_kernel(
     depth = CIN_G * TH * TW
     k = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = k < depth
-    tw = k % TW
-    th = (k // TW) % TH
-    x_chan = (group * CIN_G + k // (TW * TH)) * x_sc
     m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < rows
     co = group * COUT_G + m // (SW * SH)
@@ -263,10 +263,7 @@ def upsample_wgrad_cells_kernel(
         c = c0 + tl.arange(0, BLOCK_K)
         n, cy, cx, c_ok = _cells(c, N, QH, QW, SH, SW, TOP, LEFT)
         c_ok = c_ok & (c < c_end)
-        ih = cy[None, :] - th[:, None]
-        iw = cx[None, :] - tw[:, None]
-        t_ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        taps = tl.load(x_ptr + (n * x_sn)[None, :] + x_chan[:, None] + ih * x_sh + iw * x_sw, mask=t_ok, other=0.0)
+        taps = _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn, x_sc, x_sh, x_sw)
         dy = _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW)
         acc = _dot(taps, dy, acc, DOT_PRECISION)
     row = (group * SPLITS + split).to(INDEX) * depth + k
