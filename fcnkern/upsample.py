@@ -291,8 +291,7 @@ def _triton_upsample(
         return out
     cin_g = cin // groups
     if cout_g >= k.DOT_MIN_CHANNELS:
-        taps = (_cdiv(kh, sh), _cdiv(kw, sw))
-        cells = (_cdiv(top + oh, sh) - top // sh, _cdiv(left + ow, sw) - left // sw)  # cell rows, columns
+        taps, cells = _cell_geometry(weight, stride, crop, out_size)
         a = _cell_weight(weight, groups, (sh, sw), taps)
         common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, a, out))
         bm, bn, bk, warps = k.cell_blocks(x.element_size())
@@ -314,6 +313,14 @@ def _triton_upsample(
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common,
     )  # fmt: skip
     return out
+
+
+def _cell_geometry(weight: Tensor, stride, crop, out_size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The cell GEMMs' (taps, cells): input taps per cell (th, tw) = ceil(kernel / stride), and the rows and columns
+    of sh x sw cells of the full output that the kept window touches."""
+    kh, kw = weight.shape[2:]
+    (sh, sw), (top, left), (oh, ow) = stride, crop, out_size
+    return (_cdiv(kh, sh), _cdiv(kw, sw)), (_cdiv(top + oh, sh) - top // sh, _cdiv(left + ow, sw) - left // sw)
 
 
 def _cell_weight(weight: Tensor, groups: int, stride: tuple[int, int], taps: tuple[int, int]) -> Tensor:
@@ -384,8 +391,7 @@ def _triton_upsample_bwd_cells(
     cout_g, kh, kw = weight.shape[1:]
     (sh, sw), (top, left), (oh, ow) = stride, crop, grad.shape[2:]
     cin_g = cin // groups
-    taps = (_cdiv(kh, sh), _cdiv(kw, sw))
-    cells = (_cdiv(top + oh, sh) - top // sh, _cdiv(left + ow, sw) - left // sw)
+    taps, cells = _cell_geometry(weight, stride, crop, (oh, ow))
     depth, rows, all_cells = cin_g * taps[0] * taps[1], cout_g * sh * sw, n * cells[0] * cells[1]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     bm, bn, bk, warps = k.cell_blocks(x.element_size())
@@ -399,10 +405,9 @@ def _triton_upsample_bwd_cells(
             INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
         )  # fmt: skip
         dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
-        block = 256
-        k.upsample_dgrad_fold_kernel[(_cdiv(dx.numel(), block),)](
+        k.upsample_dgrad_fold_kernel[(_cdiv(dx.numel(), k.FOLD_BLOCK),)](
             dtaps, dx, n, cin_g, h, w, groups, *dx.stride(), *taps, *cells, top // sh, left // sw,
-            ACC=_acc(x.dtype), INDEX=_index_type(dtaps, dx), BLOCK=block, num_warps=4,
+            ACC=_acc(x.dtype), INDEX=_index_type(dtaps, dx), BLOCK=k.FOLD_BLOCK, num_warps=4,
         )  # fmt: skip
     if need_w:
         programs = _cdiv(rows, bn) * _cdiv(depth, bm) * groups

@@ -88,6 +88,10 @@ def _mac(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
 
 
+# Elements of dx per program of upsample_dgrad_fold_kernel.
+FOLD_BLOCK = 256
+
+
 def cell_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the cell GEMM (rows (co, py, px) x cells, (ci, th, tw) deep)."""
     return (32, 32, 16, 4) if elem_bytes >= 8 else (64, 64, 32, 4)
@@ -593,24 +597,18 @@ def launch_configs():
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
             bm, bn, bk, warps = cell_blocks(elem)
             for index in (tl.int32, tl.int64):
+                consts = {"ACC": acc, "INDEX": index, "DOT_PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn,
+                          "BLOCK_K": bk}  # fmt: skip
+                bits = 32 if index == tl.int32 else 64
+                tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{bits}"
                 for has_bias in (False, True):
-                    consts = {"HAS_BIAS": has_bias, "ACC": acc, "INDEX": index, "DOT_PRECISION": precision,
-                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
-                    tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{32 if index == tl.int32 else 64}_bias{int(has_bias)}"
-                    yield f"upsample_fwd_cells_{tag}", upsample_fwd_cells_kernel, cells_sig, consts, warps
-                consts = {k: v for k, v in consts.items() if k != "HAS_BIAS"}
-                tag = f"{ty}_{precision}_{bm}x{bn}x{bk}_i{32 if index == tl.int32 else 64}"
+                    yield (f"upsample_fwd_cells_{tag}_bias{int(has_bias)}", upsample_fwd_cells_kernel, cells_sig,
+                           {**consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
                 yield f"upsample_dgrad_cells_{tag}", upsample_dgrad_cells_kernel, dgrad_cells_sig, consts, warps
                 yield f"upsample_wgrad_cells_{tag}", upsample_wgrad_cells_kernel, wgrad_cells_sig, consts, warps
-                if precision == "ieee":
-                    fold = {"ACC": acc, "INDEX": index, "BLOCK": 256}
-                    yield (
-                        f"upsample_dgrad_fold_{ty}_i{32 if index == tl.int32 else 64}",
-                        upsample_dgrad_fold_kernel,
-                        fold_sig,
-                        fold,
-                        4,
-                    )
+                if precision == "ieee":  # the fold has no dot
+                    fold = {"ACC": acc, "INDEX": index, "BLOCK": FOLD_BLOCK}
+                    yield f"upsample_dgrad_fold_{ty}_i{bits}", upsample_dgrad_fold_kernel, fold_sig, fold, 4
             # The 64-bit index plan (tensors past 2**31 elements) with the first block shape of each variant.
             learned = all_learned_blocks(elem)
             wide = [next(b for b in learned if b[1] == dot) for dot in (False, True)]
