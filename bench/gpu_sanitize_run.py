@@ -91,7 +91,7 @@ def _upsample(g: torch.Generator) -> int:
     # (n, c, h, w, factor, kernel, groups, crop, out_size)
     cases = [(1, 21, 3, 2, 32, 64, 21, (19, 19), (37, 5)), (2, 21, 5, 7, 2, 4, 1, (0, 0), (12, 16)),
              (1, 6, 4, 4, 3, 5, 2, (1, 2), (11, 12)), (2, 1, 1, 1, 4, 8, 1, (3, 1), (4, 5)),
-             (1, 21, 2, 2, 32, 64, 1, (19, 7), (37, 29)), (1, 9, 3, 4, 3, 5, 1, (1, 2), (8, 11))]  # fmt: skip
+             (1, 8, 2, 2, 32, 64, 1, (19, 7), (37, 29)), (1, 9, 3, 4, 3, 5, 1, (1, 2), (8, 11))]  # fmt: skip
     for backend in BACKENDS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for n, c, h, w, f, k, groups, crop, size in cases:
@@ -102,11 +102,14 @@ def _upsample(g: torch.Generator) -> int:
                 bias = torch.randn(c, device="cuda", generator=g).to(dtype).requires_grad_()
                 out = fcnkern.upsample_crop(x, weight, f, crop, size, bias, groups, backend=backend)
                 grads = torch.autograd.grad(out.float().square().sum(), (x, weight, bias))
-                full = F.conv_transpose2d(x.double(), weight.double(), bias.double(), f, groups=groups)
+                # The reference on the CPU: run 9's racecheck ran past its limit in this loop, and cuDNN's kernels
+                # are not fcnkern's to check. 8 channels: the smallest that takes the cell-GEMM path.
+                leaves = [t.detach().cpu().double() for t in (x, weight, bias)]
+                full = F.conv_transpose2d(*leaves, f, groups=groups)
                 ref = full[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
                 bil = fcnkern.bilinear_upsample_crop(x, f, crop, size, backend=backend) if k == 2 * f else None
                 (bil_grad,) = torch.autograd.grad(bil.float().sum(), x) if bil is not None else (x,)
-                err = float(((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).detach())
+                err = float(((out.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12)))
                 finite = all(t.isfinite().all() for t in (*grads, bil_grad))
                 if err > 2e-2 or not finite:
                     print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {err:.3g}")

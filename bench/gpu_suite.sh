@@ -65,9 +65,10 @@ step info 30 python3 -m fcnkern info
 FCNKERN_FAILURE_LOG="$LOGS/failures.log" step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 12 \
   --timeout=150 -k "${TESTS_K:-(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32}" &
 # The Triton runs compile every kernel under the sanitizer, which took them past 200 s before the head in run 3: two
-# processes per tool, the never-sanitized head first.
+# processes per tool, the never-sanitized head first. The CUDA C++ upsampling has its own process since run 9, where
+# racecheck of all CUDA C++ ops in one process ran past 200 s inside it.
 for tool in memcheck racecheck; do
-  for job in ${SANITIZE_JOBS:-cuda-all:cross_entropy,conv_relu,upsample,head triton-head:head,cross_entropy triton-conv:conv_relu,upsample}
+  for job in ${SANITIZE_JOBS:-cuda-ops:cross_entropy,conv_relu,head cuda-up:upsample triton-head:head,cross_entropy triton-conv:conv_relu,upsample}
   do
     name=${job%%:*}
     FCNKERN_SANITIZE_PARTS=${job#*:} step "$tool-$name" 200 "${SANITIZER:-compute-sanitizer}" \
@@ -77,6 +78,8 @@ done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
 step probe 90 python3 bench/gpu_probe.py
+# Not in the default STEPS: the Triton cell kernels' tile and split sweep (STEPS="... sweep ...").
+step sweep 150 python3 bench/gpu_cells_sweep.py
 # Nsight Compute on the slow kernels named in bench/gpu_ncu_run.py, if the machine has ncu and lets it read the
 # counters: one launch each, fcnkern's kernels only (not the layout copies and reductions around them).
 NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -98,7 +101,7 @@ echo "== summary"; cat "$LOGS/summary.txt"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$LOGS/tests.log" | tail -2
 grep -cE " PASSED " "$LOGS/tests.log"; grep -E " (FAILED|ERROR) " "$LOGS/tests.log" | head -20
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|mismatch|MISMATCH" "$LOGS"/memcheck-*.log "$LOGS"/racecheck-*.log
-cat "$LOGS/floors.json" 2>/dev/null; grep "^{" "$LOGS/probe.log" 2>/dev/null
+cat "$LOGS/floors.json" 2>/dev/null; grep -h "^{" "$LOGS/probe.log" "$LOGS/sweep.log" 2>/dev/null
 grep -E "ERR|==PROF==|^  [a-z_]+_kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots|No Eligible" "$LOGS/ncu.log" 2>/dev/null | head -60; tail -3 "$LOGS/train.log" 2>/dev/null
 grep -A12 "^====" "$LOGS/failures.log" 2>/dev/null | head -150
 ! grep -qE "rc=[1-9]" "$LOGS/summary.txt"

@@ -383,7 +383,8 @@ def _triton_upsample_bwd_cells(
     grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int, need_x: bool, need_w: bool
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(dx, dweight) of the cell-GEMM forward, by its adjoint (kernels/upsample.py): the kept gradient arranged by
-    cell times A^T gives each cell's tap gradients, which a second kernel sums into dx; taps^T times the same
+    cell times A^T gives each cell's tap gradients (split over the rows: a short, wide GEMM), which a second kernel
+    sums into dx; taps^T times the same
     gradient gives dA, split over cells into an fp32 workspace, summed and put back in the weight's layout."""
     from fcnkern.kernels import upsample as k
 
@@ -399,14 +400,17 @@ def _triton_upsample_bwd_cells(
     dx, dw = x.new_empty(0), x.new_empty(0)
     if need_x:
         a = _cell_weight(weight, groups, (sh, sw), taps)
-        dtaps = _ext.maybe_poison(torch.empty((groups, all_cells, depth), dtype=acc_dtype, device=x.device))
-        k.upsample_dgrad_cells_kernel[(_cdiv(all_cells, bm), _cdiv(depth, bn), groups)](
+        programs = _cdiv(all_cells, bm) * _cdiv(depth, bn) * groups
+        splits, per_split = _wgrad_splits(rows, programs, bk, x.device)
+        shape = (groups, splits, all_cells, depth)
+        dtaps = _ext.maybe_poison(torch.empty(shape, dtype=acc_dtype, device=x.device))
+        k.upsample_dgrad_cells_kernel[(_cdiv(all_cells, bm), _cdiv(depth, bn), groups * splits)](
             grad, a, dtaps, n, cin_g, cout_g, oh, ow, *grad.stride(), sh, sw, top, left, *taps, *cells,
-            INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+            splits, per_split, INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
         )  # fmt: skip
         dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
         k.upsample_dgrad_fold_kernel[(_cdiv(dx.numel(), k.FOLD_BLOCK),)](
-            dtaps, dx, n, cin_g, h, w, groups, *dx.stride(), *taps, *cells, top // sh, left // sw,
+            dtaps, dx, n, cin_g, h, w, groups, *dx.stride(), *taps, *cells, top // sh, left // sw, splits,
             ACC=_acc(x.dtype), INDEX=_index_type(dtaps, dx), BLOCK=k.FOLD_BLOCK, num_warps=4,
         )  # fmt: skip
     if need_w:

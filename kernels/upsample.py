@@ -11,9 +11,9 @@ Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw)
   Its epilogue writes each element to its kept pixel and drops the rest (the partial cells at the window's edges);
   neighbouring rows are neighbouring output columns, so the stores run along rows of the output;
 - backward of the cell GEMM, its adjoint: with dyc[(n, qy, qx), (co, py, px)] the kept gradient arranged by cell
-  (0 where cropped, gathered inside the kernels), dtaps = dyc @ A^T (upsample_dgrad_cells_kernel) and
-  dx[n, ci, i, j] = sum over (t, u) of dtaps[(n, i + t, j + u), (ci, t, u)] (upsample_dgrad_fold_kernel, no
-  atomics); dA = taps^T @ dyc over the cells, split SPLIT ways into an fp32 workspace that the launcher sums and
+  (0 where cropped, gathered inside the kernels), dtaps = dyc @ A^T (upsample_dgrad_cells_kernel, its long
+  reduction split over the rows into an fp32 workspace) and dx[n, ci, i, j] = sum over splits and (t, u) of
+  dtaps[(n, i + t, j + u), (ci, t, u)] (upsample_dgrad_fold_kernel, no atomics); dA = taps^T @ dyc over the cells, split SPLIT ways into an fp32 workspace that the launcher sums and
   puts back in the weight's layout (upsample_wgrad_cells_kernel, deterministic);
 - per-channel layers (fewer than 8 output channels per group) keep the direct gathers: dgrad dx[n, ci, i, j] = sum
   over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx] (a strided convolution of
@@ -107,11 +107,16 @@ def _cells(c, N, QH, QW, SH, SW, TOP, LEFT):
 def _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw, SH, SW, TOP, LEFT, OH, OW):
     """[cells, rows] tile of the kept gradient arranged by cell: dy[n, co, cy sh + py - top, cx sw + px - left],
     0 where cropped; co is the channel index within the whole tensor."""
-    oy = (cy * SH - TOP)[:, None] + py[None, :]
-    ox = (cx * SW - LEFT)[:, None] + px[None, :]
+    oy0 = cy * SH - TOP
+    ox0 = cx * SW - LEFT
+    oy = oy0[:, None] + py[None, :]
+    ox = ox0[:, None] + px[None, :]
     ok = c_ok[:, None] & m_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
-    off = (n * g_sn)[:, None] + (co * g_sc)[None, :] + oy * g_sh + ox * g_sw
-    return tl.load(g_ptr + off, mask=ok, other=0.0)
+    # The offset is a cell part plus a row part: one add per element of the tile, not two products and three adds
+    # (run 9: the cell kernels were issue-bound on index arithmetic).
+    cell_off = n * g_sn + oy0 * g_sh + ox0 * g_sw
+    row_off = co.to(cell_off.dtype) * g_sc + py * g_sh + px * g_sw
+    return tl.load(g_ptr + cell_off[:, None] + row_off[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -123,8 +128,9 @@ def _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn
     ih = cy[None, :] - th[:, None]
     iw = cx[None, :] - tw[:, None]
     ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    off = (n * x_sn)[None, :] + ((group * CIN_G + k // (TW * TH)) * x_sc)[:, None] + ih * x_sh + iw * x_sw
-    return tl.load(x_ptr + off, mask=ok, other=0.0)
+    cell_off = n * x_sn + cy * x_sh + cx * x_sw  # separable, as in _kept_grad
+    tap_off = (group * CIN_G + k // (TW * TH)).to(cell_off.dtype) * x_sc - th * x_sh - tw * x_sw
+    return tl.load(x_ptr + tap_off[:, None] + cell_off[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -163,11 +169,14 @@ def upsample_fwd_cells_kernel(
     c_out = group * COUT_G + co
     if HAS_BIAS:
         acc += tl.load(b_ptr + c_out, mask=m_ok, other=0.0).to(ACC)[:, None]
-    oy = py[:, None] + (cy * SH - TOP)[None, :]
-    ox = px[:, None] + (cx * SW - LEFT)[None, :]
+    oy0 = cy * SH - TOP
+    ox0 = cx * SW - LEFT
+    oy = py[:, None] + oy0[None, :]
+    ox = px[:, None] + ox0[None, :]
     ok = m_ok[:, None] & c_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
-    o_off = (c_out * o_sc)[:, None] + (n * o_sn)[None, :] + oy * o_sh + ox * o_sw
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    cell_off = n * o_sn + oy0 * o_sh + ox0 * o_sw  # separable, as in _kept_grad
+    row_off = c_out.to(cell_off.dtype) * o_sc + py * o_sh + px * o_sw
+    tl.store(out_ptr + row_off[:, None] + cell_off[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -175,14 +184,17 @@ def upsample_dgrad_cells_kernel(
     g_ptr, a_ptr, dt_ptr,
     N, CIN_G, COUT_G, OH, OW,
     g_sn, g_sc, g_sh, g_sw,
-    SH, SW, TOP, LEFT, TH, TW, QH, QW,
+    SH, SW, TOP, LEFT, TH, TW, QH, QW, SPLITS, ROWS_PER_SPLIT,
     ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # The forward's adjoint towards dx: dtaps[cell, (ci, t, u)] = sum over rows (co, py, px) of the kept gradient
-    # by cell times A, into an fp32 (fp64) workspace dt_ptr [groups, N QH QW, CIN_G TH TW] that
-    # upsample_dgrad_fold_kernel sums into dx. Rows M = cells, N = depth, the reduction over the forward's rows.
-    group = tl.program_id(2)
+    # by cell times A, one slice of the rows per split, into an fp32 (fp64) workspace dt_ptr
+    # [groups, SPLITS, N QH QW, CIN_G TH TW] that upsample_dgrad_fold_kernel sums into dx. Rows M = cells,
+    # N = depth, the reduction over the forward's rows: few cells and a long reduction (FCN-32s: 74 programs of
+    # 21504 rows each on 132 SMs in run 9), hence the split.
+    group = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     rows = COUT_G * SH * SW
     depth = CIN_G * TH * TW
     c = tl.program_id(0).to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,15 +204,17 @@ def upsample_dgrad_cells_kernel(
     a_base = a_ptr + group.to(INDEX) * rows * depth
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for m0 in range(0, rows, BLOCK_K):
+    m_start = split * ROWS_PER_SPLIT
+    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, rows)
+    for m0 in range(m_start, m_end, BLOCK_K):
         m = m0 + tl.arange(0, BLOCK_K)
-        m_ok = m < rows
+        m_ok = m < m_end
         co = group * COUT_G + m // (SW * SH)
         dy = _kept_grad(g_ptr, n, cy, cx, c_ok, co, (m // SW) % SH, m % SW, m_ok, g_sn, g_sc, g_sh, g_sw,
                         SH, SW, TOP, LEFT, OH, OW)  # fmt: skip
         a = tl.load(a_base + m.to(INDEX)[:, None] * depth + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(dy, a, acc, DOT_PRECISION)
-    row = group.to(INDEX) * N * QH * QW + c
+    row = (group * SPLITS + split).to(INDEX) * N * QH * QW + c
     tl.store(dt_ptr + row[:, None] * depth + k[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
 
 
@@ -209,11 +223,12 @@ def upsample_dgrad_fold_kernel(
     dt_ptr, dx_ptr,
     N, CIN_G, H, W, GROUPS,
     dx_sn, dx_sc, dx_sh, dx_sw,
-    TH, TW, QH, QW, QY0, QX0,
+    TH, TW, QH, QW, QY0, QX0, SPLITS,
     ACC: tl.constexpr, INDEX: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # dx[n, c, i, j] = sum over (t, u) of dtaps[(i + t, j + u), (ci, t, u)]: each input pixel gathers its TH x TW
-    # cells (those the window touches), so no atomics.
+    # dx[n, c, i, j] = sum over splits and (t, u) of dtaps[split, (i + t, j + u), (ci, t, u)]: each input pixel
+    # gathers its TH x TW cells (those the window touches) from every split, in a fixed order: no atomics, the same
+    # sum run to run.
     e = tl.program_id(0).to(INDEX) * BLOCK + tl.arange(0, BLOCK)
     ok = e < N * CIN_G * GROUPS * H * W
     j = e % W
@@ -222,15 +237,16 @@ def upsample_dgrad_fold_kernel(
     n = e // (W * H * CIN_G * GROUPS)
     group = c // CIN_G
     depth = CIN_G * TH * TW
-    plane = (group * N + n) * QH * QW
     acc = tl.zeros([BLOCK], ACC)
-    for t in range(0, TH):
-        r = i + t - QY0
-        for u in range(0, TW):
-            q = j + u - QX0
-            valid = ok & (r >= 0) & (r < QH) & (q >= 0) & (q < QW)
-            tap = ((c % CIN_G) * TH + t) * TW + u
-            acc += tl.load(dt_ptr + (plane + r * QW + q) * depth + tap, mask=valid, other=0.0)
+    for split in range(0, SPLITS):
+        plane = ((group * SPLITS + split) * N + n) * QH * QW
+        for t in range(0, TH):
+            r = i + t - QY0
+            for u in range(0, TW):
+                q = j + u - QX0
+                valid = ok & (r >= 0) & (r < QH) & (q >= 0) & (q < QW)
+                tap = ((c % CIN_G) * TH + t) * TW + u
+                acc += tl.load(dt_ptr + (plane + r * QW + q) * depth + tap, mask=valid, other=0.0)
     off = n * dx_sn + c * dx_sc + i * dx_sh + j * dx_sw
     tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -585,11 +601,11 @@ def launch_configs():
         cells_sig = {"a_ptr": ptr, "x_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
                      **strides("x", "o"), **_geometry_sig(*cells_geo)}  # fmt: skip
         dgrad_cells_sig = {"g_ptr": ptr, "a_ptr": ptr, "dt_ptr": acc_ty, **_geometry_sig("N", "CIN_G", "COUT_G", "OH",
-                           "OW"), **strides("g"), **_geometry_sig(*cells_geo)}  # fmt: skip
+                           "OW"), **strides("g"), **_geometry_sig(*cells_geo, "SPLITS", "ROWS_PER_SPLIT")}  # fmt: skip
         wgrad_cells_sig = {"g_ptr": ptr, "x_ptr": ptr, "da_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
                            **_geometry_sig(*cells_geo, "SPLITS", "CELLS_PER_SPLIT")}  # fmt: skip
         fold_sig = {"dt_ptr": acc_ty, "dx_ptr": ptr, **_geometry_sig("N", "CIN_G", "H", "W", "GROUPS"),
-                    **strides("dx"), **_geometry_sig("TH", "TW", "QH", "QW", "QY0", "QX0")}  # fmt: skip
+                    **strides("dx"), **_geometry_sig("TH", "TW", "QH", "QW", "QY0", "QX0", "SPLITS")}  # fmt: skip
         dgrad_sig = {"g_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **_geometry_sig(*dims), **strides("g"),
                      **w_strides(), **strides("dx"), **_geometry_sig(*geo)}  # fmt: skip
         wgrad_sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
