@@ -15,13 +15,14 @@ output element), so 128-row tiles should cut the forward's gather work by half; 
 """
 
 import json
+from functools import partial
 
 import torch
 import triton.testing
+from fcnkern.kernels import upsample as k
 
 import fcnkern
 from fcnkern import upsample as up
-from fcnkern.kernels import upsample as k
 
 FWD = [(64, 64, 32, 4), (128, 64, 32, 4), (128, 64, 32, 8), (64, 128, 32, 4), (128, 128, 32, 8), (256, 64, 32, 8)]
 DGRAD = [(64, 64, 32, 4), (64, 32, 32, 4), (128, 32, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8)]
@@ -79,16 +80,10 @@ def main() -> None:
         w = (fcnkern.bilinear_kernel(64, torch.float32).cuda().expand(21, 21, 64, 64) / 21).contiguous()
         w = (w + 0.01 * torch.randn(w.shape, device="cuda", generator=g)).to(dtype)
         grad = torch.randn(8, 21, 500, 500, device="cuda", generator=g).to(dtype)
-        sweep("fwd", dtype, FWD, lambda: up._triton_upsample(x, w, None, [32, 32], [19, 19], [500, 500], 1))
-
-        def dgrad():
-            return up._triton_upsample_bwd_cells(grad, x, w, need_x=True, need_w=False, **geometry)[0]
-
-        def wgrad():
-            return up._triton_upsample_bwd_cells(grad, x, w, need_x=False, need_w=True, **geometry)[1]
-
-        sweep("dgrad", dtype, DGRAD, dgrad, DGRAD_SPLITS)
-        sweep("wgrad", dtype, WGRAD, wgrad)
+        sweep("fwd", dtype, FWD, partial(up._triton_upsample, x, w, None, [32, 32], [19, 19], [500, 500], 1))
+        bwd = partial(up._triton_upsample_bwd_cells, grad, x, w, **geometry)
+        sweep("dgrad", dtype, DGRAD, lambda bwd=bwd: bwd(need_x=True, need_w=False)[0], DGRAD_SPLITS)
+        sweep("wgrad", dtype, WGRAD, lambda bwd=bwd: bwd(need_x=False, need_w=True)[1])
 
 
 if __name__ == "__main__":

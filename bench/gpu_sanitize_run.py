@@ -109,7 +109,7 @@ def _upsample(g: torch.Generator) -> int:
                 ref = full[:, :, crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
                 bil = fcnkern.bilinear_upsample_crop(x, f, crop, size, backend=backend) if k == 2 * f else None
                 (bil_grad,) = torch.autograd.grad(bil.float().sum(), x) if bil is not None else (x,)
-                err = float(((out.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12)))
+                err = float((out.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12))
                 finite = all(t.isfinite().all() for t in (*grads, bil_grad))
                 if err > 2e-2 or not finite:
                     print(f"MISMATCH upsample {backend} {dtype} {(n, c, h, w, f, k)} rel err {err:.3g}")

@@ -13,8 +13,9 @@ Learned path (``upsample_crop``), weight Cin x Cout_g x kh x kw, stride (sh, sw)
 - backward of the cell GEMM, its adjoint: with dyc[(n, qy, qx), (co, py, px)] the kept gradient arranged by cell
   (0 where cropped, gathered inside the kernels), dtaps = dyc @ A^T (upsample_dgrad_cells_kernel, its long
   reduction split over the rows into an fp32 workspace) and dx[n, ci, i, j] = sum over splits and (t, u) of
-  dtaps[(n, i + t, j + u), (ci, t, u)] (upsample_dgrad_fold_kernel, no atomics); dA = taps^T @ dyc over the cells, split SPLIT ways into an fp32 workspace that the launcher sums and
-  puts back in the weight's layout (upsample_wgrad_cells_kernel, deterministic);
+  dtaps[(n, i + t, j + u), (ci, t, u)] (upsample_dgrad_fold_kernel, no atomics); dA = taps^T @ dyc over the
+  cells, split SPLIT ways into an fp32 workspace that the launcher sums and puts back in the weight's layout
+  (upsample_wgrad_cells_kernel, deterministic);
 - per-channel layers (fewer than 8 output channels per group) keep the direct gathers: dgrad dx[n, ci, i, j] = sum
   over (co, ky, kx) of dy[n, co, i sh + ky - top, j sw + kx - left] w[ci, co, ky, kx] (a strided convolution of
   the kept gradient), and wgrad dW[ci, (co, ky, kx)] = sum over input pixels of x[n, ci, i, j] dy[...], split
