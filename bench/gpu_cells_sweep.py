@@ -50,7 +50,7 @@ def sweep(kernel: str, dtype: torch.dtype, configs, run, splits=(None,)) -> None
     try:
         for blocks in configs:
             for split in splits:
-                k.cell_blocks = lambda elem, b=blocks: b
+                k.cell_blocks = lambda elem, b=blocks: dict.fromkeys(("fwd", "dgrad", "wgrad"), b)
                 if split is not None:
                     up._wgrad_splits = lambda m, programs, bk, device, s=split: _fixed_splits(m, s, bk)
                 else:

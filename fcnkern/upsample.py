@@ -294,7 +294,7 @@ def _triton_upsample(
         taps, cells = _cell_geometry(weight, stride, crop, out_size)
         a = _cell_weight(weight, groups, (sh, sw), taps)
         common = dict(ACC=_acc(x.dtype), INDEX=_index_type(x, a, out))
-        bm, bn, bk, warps = k.cell_blocks(x.element_size())
+        bm, bn, bk, warps = k.cell_blocks(x.element_size())["fwd"]
         k.upsample_fwd_cells_kernel[(_cdiv(n * cells[0] * cells[1], bn), _cdiv(a.shape[1], bm), groups)](
             a, x, a if bias is None else bias, out,
             n, cin_g, h, w, cout_g, oh, ow, *x.stride(), *out.stride(), sh, sw, top, left, *taps, *cells,
@@ -395,10 +395,11 @@ def _triton_upsample_bwd_cells(
     taps, cells = _cell_geometry(weight, stride, crop, (oh, ow))
     depth, rows, all_cells = cin_g * taps[0] * taps[1], cout_g * sh * sw, n * cells[0] * cells[1]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    bm, bn, bk, warps = k.cell_blocks(x.element_size())
-    common = dict(ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x), num_warps=warps)
+    blocks = k.cell_blocks(x.element_size())
+    common = dict(ACC=_acc(x.dtype), DOT_PRECISION=_dot_precision(x))
     dx, dw = x.new_empty(0), x.new_empty(0)
     if need_x:
+        bm, bn, bk, warps = blocks["dgrad"]
         a = _cell_weight(weight, groups, (sh, sw), taps)
         programs = _cdiv(all_cells, bm) * _cdiv(depth, bn) * groups
         splits, per_split = _wgrad_splits(rows, programs, bk, x.device)
@@ -406,7 +407,8 @@ def _triton_upsample_bwd_cells(
         dtaps = _ext.maybe_poison(torch.empty(shape, dtype=acc_dtype, device=x.device))
         k.upsample_dgrad_cells_kernel[(_cdiv(all_cells, bm), _cdiv(depth, bn), groups * splits)](
             grad, a, dtaps, n, cin_g, cout_g, oh, ow, *grad.stride(), sh, sw, top, left, *taps, *cells,
-            splits, per_split, INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+            splits, per_split, INDEX=_index_type(grad, a, dtaps), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, **common,
         )  # fmt: skip
         dx = _ext.maybe_poison(_out_like(x, tuple(x.shape)))
         k.upsample_dgrad_fold_kernel[(_cdiv(dx.numel(), k.FOLD_BLOCK),)](
@@ -414,13 +416,14 @@ def _triton_upsample_bwd_cells(
             ACC=_acc(x.dtype), INDEX=_index_type(dtaps, dx), BLOCK=k.FOLD_BLOCK, num_warps=4,
         )  # fmt: skip
     if need_w:
+        bm, bn, bk, warps = blocks["wgrad"]
         programs = _cdiv(rows, bn) * _cdiv(depth, bm) * groups
         splits, per_split = _wgrad_splits(all_cells, programs, bk, x.device)
         parts = _ext.maybe_poison(torch.empty((groups, splits, depth, rows), dtype=acc_dtype, device=x.device))
         k.upsample_wgrad_cells_kernel[(_cdiv(rows, bn), _cdiv(depth, bm), groups * splits)](
             grad, x, parts, n, cin_g, h, w, cout_g, oh, ow, *grad.stride(), *x.stride(),
             sh, sw, top, left, *taps, *cells, splits, per_split,
-            INDEX=_index_type(grad, x, parts), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common,
+            INDEX=_index_type(grad, x, parts), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common,
         )  # fmt: skip
         da = parts.sum(1).view(groups, cin_g, taps[0], taps[1], cout_g, sh, sw)
         full = da.permute(0, 1, 4, 2, 5, 3, 6).reshape(cin, cout_g, taps[0] * sh, taps[1] * sw)
