@@ -22,12 +22,33 @@ struct StridesOf {
 };
 using Strides4 = StridesOf<int64_t>;
 
-// k(t) = 1 - |t - (f - 1/2)| / f: the weight of tap t in [0, 2f) of the bilinear kernel of factor f.
+// k(t) = 1 - |t - (f - 1/2)| / f: the weight of tap t in [0, 2f) of the bilinear kernel of factor f, given 1 / f.
+// A multiplication, not a division: an IEEE division is a dozen instructions on the GPU, and run 9 (H200) found
+// the forward issue-bound at ~130 instructions per output with four of them per output, the backward passes with
+// one per tap. The weights move by an ulp or two.
 template <typename acc_t, typename index_t>
-FCNK_HD inline acc_t bilinear_weight(index_t t, index_t factor) {
+FCNK_HD inline acc_t bilinear_weight(index_t t, index_t factor, acc_t inv_factor) {
   const acc_t d = acc_t(t) - (acc_t(factor) - acc_t(0.5));
-  return acc_t(1) - (d < acc_t(0) ? -d : d) / acc_t(factor);
+  return acc_t(1) - (d < acc_t(0) ? -d : d) * inv_factor;
 }
+
+// The two taps along one axis of full-output coordinate `full`: inputs i1 = full / f and i1 - 1, with weights
+// k(d) = (d + 1/2) / f and k(d + f) = 1 - k(d) for d = full - i1 f in [0, f). Zero for a tap outside [0, size).
+template <typename acc_t, typename index_t, typename div_t>
+struct BilinearTaps {
+  index_t i0, i1;
+  acc_t w0, w1;
+  FCNK_HD BilinearTaps(index_t full, const div_t& f, acc_t inv_f, index_t size) {
+    i1 = f.div(full);
+    i0 = i1 - 1;
+    const acc_t k = (acc_t(full - i1 * f.d) + acc_t(0.5)) * inv_f;
+    w1 = i1 < size ? k : acc_t(0);
+    w0 = i0 >= 0 ? acc_t(1) - k : acc_t(0);
+  }
+  // Indices clamped into the input: a tap outside it has weight 0 and reads a valid element.
+  FCNK_HD index_t c0() const { return i0 >= 0 ? i0 : 0; }
+  FCNK_HD index_t c1(index_t size) const { return i1 < size ? i1 : size - 1; }
+};
 
 // The bilinear forward's sizes in index_t with div_t dividers (cpp/fast_div.h): FastDiv32 and int32_t where every
 // index and offset fits (bilinear_fwd_fits_32bit), else PlainDiv64 and int64_t.
@@ -36,6 +57,16 @@ struct BilinearFwdPlan {
   div_t ow, oh, c, f;  // dividers by OW, OH, C and the factor
   index_t H, W, top, left;
   StridesOf<index_t> xs, os;
+  float inv_f32;  // 1 / factor, rounded once on the host for each accumulation type
+  double inv_f64;
+  template <typename acc_t>
+  FCNK_HD acc_t inv_factor() const {
+    if constexpr (sizeof(acc_t) == sizeof(double)) {
+      return inv_f64;
+    } else {
+      return inv_f32;
+    }
+  }
 };
 
 inline bool fits_int32(const at::Tensor& t) {
@@ -59,29 +90,24 @@ BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at:
   return {div_t(index_t(out.size(3))), div_t(index_t(out.size(2))), div_t(index_t(out.size(1))),
           div_t(index_t(factor)),      index_t(x.size(2)),          index_t(x.size(3)),
           index_t(top),                index_t(left),               strides(x),
-          strides(out)};
+          strides(out),                float(1.0 / double(factor)), 1.0 / double(factor)};
 }
 
 // Bilinear forward, output element idx of the N x C x OH x OW window at (top, left): its 2 x 2 taps. Five
-// divisions per element, each a multiply-shift in the 32-bit plan.
+// divisions per element, each a multiply-shift in the 32-bit plan, and no floating-point division.
 template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
 FCNK_HD inline void bilinear_fwd_element(index_t idx, const scalar_t* x, scalar_t* out,
                                          const BilinearFwdPlan<index_t, div_t>& p) {
   const index_t q1 = p.ow.div(idx), q2 = p.oh.div(q1), n = p.c.div(q2);
   const index_t ox = idx - q1 * p.ow.d, oy = q1 - q2 * p.oh.d, c = q2 - n * p.c.d;
-  const index_t Y = p.top + oy, X = p.left + ox, factor = p.f.d;
-  const index_t r1 = p.f.div(Y), r0 = r1 - 1, c1 = p.f.div(X), c0 = c1 - 1;
-  const acc_t wr1 = r1 < p.H ? bilinear_weight<acc_t>(Y - r1 * factor, factor) : acc_t(0);
-  const acc_t wr0 = r0 >= 0 ? bilinear_weight<acc_t>(Y - r0 * factor, factor) : acc_t(0);
-  const acc_t wc1 = c1 < p.W ? bilinear_weight<acc_t>(X - c1 * factor, factor) : acc_t(0);
-  const acc_t wc0 = c0 >= 0 ? bilinear_weight<acc_t>(X - c0 * factor, factor) : acc_t(0);
-  // Clamped indices: a tap outside the input has weight 0 and reads a valid element.
-  const index_t r0c = r0 >= 0 ? r0 : 0, r1c = r1 < p.H ? r1 : p.H - 1;
-  const index_t c0c = c0 >= 0 ? c0 : 0, c1c = c1 < p.W ? c1 : p.W - 1;
+  const acc_t inv_f = p.template inv_factor<acc_t>();
+  const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, inv_f, p.H), k(p.left + ox, p.f, inv_f, p.W);
+  const index_t r0 = r.c0(), r1 = r.c1(p.H), c0 = k.c0(), c1 = k.c1(p.W);
   const auto& xs = p.xs;
-  const acc_t v00 = static_cast<acc_t>(x[xs.at(n, c, r0c, c0c)]), v01 = static_cast<acc_t>(x[xs.at(n, c, r0c, c1c)]);
-  const acc_t v10 = static_cast<acc_t>(x[xs.at(n, c, r1c, c0c)]), v11 = static_cast<acc_t>(x[xs.at(n, c, r1c, c1c)]);
-  out[p.os.at(n, c, oy, ox)] = static_cast<scalar_t>(wr0 * (wc0 * v00 + wc1 * v01) + wr1 * (wc0 * v10 + wc1 * v11));
+  const acc_t v00 = static_cast<acc_t>(x[xs.at(n, c, r0, c0)]), v01 = static_cast<acc_t>(x[xs.at(n, c, r0, c1)]);
+  const acc_t v10 = static_cast<acc_t>(x[xs.at(n, c, r1, c0)]), v11 = static_cast<acc_t>(x[xs.at(n, c, r1, c1)]);
+  const acc_t top = k.w0 * v00 + k.w1 * v01, bottom = k.w0 * v10 + k.w1 * v11;
+  out[p.os.at(n, c, oy, ox)] = static_cast<scalar_t>(r.w0 * top + r.w1 * bottom);
 }
 
 // One transpose pass along AXIS (2: height, 3: width), element idx of the N x C x D2 x D3 destination:
@@ -94,12 +120,13 @@ FCNK_HD inline void bilinear_bwd_axis_element(int64_t idx, const src_t* src, Str
   const int64_t i = AXIS == 2 ? a2 : a3;
   const int64_t step = AXIS == 2 ? ss.h : ss.w;
   const src_t* base = src + (AXIS == 2 ? ss.at(n, c, 0, a3) : ss.at(n, c, a2, 0));
+  const acc_t inv_f = acc_t(1) / acc_t(factor);  // one division per element, not one per tap
   acc_t acc = 0;
   for (int64_t t = 0; t < 2 * factor; ++t) {
     const int64_t pos = i * factor + t - start;
     if (pos < 0) continue;
     if (pos >= length) break;
-    acc += bilinear_weight<acc_t>(t, factor) * static_cast<acc_t>(base[pos * step]);
+    acc += bilinear_weight<acc_t>(t, factor, inv_f) * static_cast<acc_t>(base[pos * step]);
   }
   dst[ds.at(n, c, a2, a3)] = static_cast<dst_t>(acc);
 }
