@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "fast_div.h"
@@ -93,21 +94,29 @@ BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at:
           strides(out),                float(1.0 / double(factor)), 1.0 / double(factor)};
 }
 
-// Bilinear forward, output element idx of the N x C x OH x OW window at (top, left): its 2 x 2 taps. Five
-// divisions per element, each a multiply-shift in the 32-bit plan, and no floating-point division.
+// Bilinear forward, output row `row` = (n, c, oy) of the N x C x OH x OW window at (top, left): its columns
+// ox = first, first + step, ... below OW (a thread's share; the kernel spreads a row over a block's threads). The
+// row's two input rows and their weights are worked out once per row, each column's two input columns and weights
+// once per column: one multiply-shift division per output, against five and four float divisions when every
+// output decoded its own (n, c, oy, ox) (run 9, H200: ~130 instructions per output, 19 % of the copy rate).
 template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
-FCNK_HD inline void bilinear_fwd_element(index_t idx, const scalar_t* x, scalar_t* out,
-                                         const BilinearFwdPlan<index_t, div_t>& p) {
-  const index_t q1 = p.ow.div(idx), q2 = p.oh.div(q1), n = p.c.div(q2);
-  const index_t ox = idx - q1 * p.ow.d, oy = q1 - q2 * p.oh.d, c = q2 - n * p.c.d;
+FCNK_HD inline void bilinear_fwd_row(index_t row, index_t first, index_t step, const scalar_t* x, scalar_t* out,
+                                     const BilinearFwdPlan<index_t, div_t>& p) {
+  // An unsigned counter in the 32-bit plan: ox < OW < 2^31 and step is a block's width, so ox + step cannot wrap.
+  using counter_t = std::conditional_t<sizeof(index_t) == 4, uint32_t, int64_t>;
+  const index_t q = p.oh.div(row), n = p.c.div(q);
+  const index_t oy = row - q * p.oh.d, c = q - n * p.c.d;
   const acc_t inv_f = p.template inv_factor<acc_t>();
-  const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, inv_f, p.H), k(p.left + ox, p.f, inv_f, p.W);
-  const index_t r0 = r.c0(), r1 = r.c1(p.H), c0 = k.c0(), c1 = k.c1(p.W);
-  const auto& xs = p.xs;
-  const acc_t v00 = static_cast<acc_t>(x[xs.at(n, c, r0, c0)]), v01 = static_cast<acc_t>(x[xs.at(n, c, r0, c1)]);
-  const acc_t v10 = static_cast<acc_t>(x[xs.at(n, c, r1, c0)]), v11 = static_cast<acc_t>(x[xs.at(n, c, r1, c1)]);
-  const acc_t top = k.w0 * v00 + k.w1 * v01, bottom = k.w0 * v10 + k.w1 * v11;
-  out[p.os.at(n, c, oy, ox)] = static_cast<scalar_t>(r.w0 * top + r.w1 * bottom);
+  const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, inv_f, p.H);
+  // Offsets in index_t, added to the base pointers last: one wide address computation per access.
+  const index_t row0 = p.xs.at(n, c, r.c0(), 0), row1 = p.xs.at(n, c, r.c1(p.H), 0), dst = p.os.at(n, c, oy, 0);
+  for (counter_t ox = counter_t(first); ox < counter_t(p.ow.d); ox += counter_t(step)) {
+    const BilinearTaps<acc_t, index_t, div_t> k(p.left + index_t(ox), p.f, inv_f, p.W);
+    const index_t c0 = k.c0() * p.xs.w, c1 = k.c1(p.W) * p.xs.w;
+    const acc_t above = k.w0 * static_cast<acc_t>(x[row0 + c0]) + k.w1 * static_cast<acc_t>(x[row0 + c1]);
+    const acc_t below = k.w0 * static_cast<acc_t>(x[row1 + c0]) + k.w1 * static_cast<acc_t>(x[row1 + c1]);
+    out[dst + index_t(ox) * p.os.w] = static_cast<scalar_t>(r.w0 * above + r.w1 * below);
+  }
 }
 
 // One transpose pass along AXIS (2: height, 3: width), element idx of the N x C x D2 x D3 destination:

@@ -1,7 +1,8 @@
 """The CUDA upsampling kernels' per-element arithmetic, run on the CPU.
 
-Every thread of cpp/upsample_cuda.cu computes one output element with a function from
-cpp/upsample_cuda_elements.h (host-and-device code): the bilinear forward's 2 x 2 taps, the two separable backward
+Every thread of cpp/upsample_cuda.cu computes its output elements with a function from
+cpp/upsample_cuda_elements.h (host-and-device code): the bilinear forward's rows (a thread's share of a row's
+columns, each with its 2 x 2 taps), the two separable backward
 passes, the learned forward's sub-kernel taps, dgrad's kh x kw kept outputs, and wgrad's per-pixel terms (which the
 kernel sums with a shared-memory tree). Here those functions are compiled for the CPU and called for every element,
 in float64, against conv_transpose2d + slicing and autograd: a check of the gather maths without a GPU. The launch
@@ -31,12 +32,18 @@ at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int6
   TORCH_CHECK(bilinear_fwd_fits_32bit(x, out, f), "test sizes must fit the 32-bit plan");
   const double* src = x.data_ptr<double>();
   double* dst = out.data_ptr<double>();
-  if (narrow) {
-    const auto plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
-    for (int32_t i = 0; i < int32_t(out.numel()); ++i) bilinear_fwd_element<double, double>(i, src, dst, plan);
-  } else {
-    const auto plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
-    for (int64_t i = 0; i < out.numel(); ++i) bilinear_fwd_element<double, double>(i, src, dst, plan);
+  // Each row as a block of `step` threads would share it (threads 0 .. step - 1, each every step-th column).
+  const int64_t rows = out.size(0) * out.size(1) * oh, step = 3;
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t first = 0; first < step; ++first) {
+      if (narrow) {
+        const auto plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
+        bilinear_fwd_row<double, double>(int32_t(row), int32_t(first), int32_t(step), src, dst, plan);
+      } else {
+        const auto plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
+        bilinear_fwd_row<double, double>(row, first, step, src, dst, plan);
+      }
+    }
   }
   return out;
 }
@@ -55,16 +62,17 @@ at::Tensor fast_divmod(at::Tensor d, at::Tensor n) {
 
 at::Tensor bilinear_bwd(at::Tensor grad, int64_t f, int64_t top, int64_t left, int64_t h, int64_t w) {
   const int64_t n = grad.size(0), c = grad.size(1), oh = grad.size(2), ow = grad.size(3);
-  at::Tensor by_col = at::full({n, c, oh, w}, NAN, grad.options());
+  // In the kernels' order: the height pass into by_row, then the width pass into dx.
+  at::Tensor by_row = at::full({n, c, h, ow}, NAN, grad.options());
   at::Tensor dx = at::full({n, c, h, w}, NAN, grad.options());
-  for (int64_t i = 0; i < by_col.numel(); ++i) {
-    bilinear_bwd_axis_element<3, double, double, double>(i, grad.data_ptr<double>(), strides_of(grad),
-                                                         by_col.data_ptr<double>(), strides_of(by_col), c, oh, w, f,
-                                                         left, ow);
+  for (int64_t i = 0; i < by_row.numel(); ++i) {
+    bilinear_bwd_axis_element<2, double, double, double>(i, grad.data_ptr<double>(), strides_of(grad),
+                                                         by_row.data_ptr<double>(), strides_of(by_row), c, h, ow, f,
+                                                         top, oh);
   }
   for (int64_t i = 0; i < dx.numel(); ++i) {
-    bilinear_bwd_axis_element<2, double, double, double>(i, by_col.data_ptr<double>(), strides_of(by_col),
-                                                         dx.data_ptr<double>(), strides_of(dx), c, h, w, f, top, oh);
+    bilinear_bwd_axis_element<3, double, double, double>(i, by_row.data_ptr<double>(), strides_of(by_row),
+                                                         dx.data_ptr<double>(), strides_of(dx), c, h, w, f, left, ow);
   }
   return dx;
 }
