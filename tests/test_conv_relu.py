@@ -239,16 +239,22 @@ def test_gradcheck_float64(backend, case):
 
 
 @pytest.mark.parametrize("shifted", ["default", "all"])
-def test_gradcheck_float64_shifted_path(monkeypatch, shifted):
+@pytest.mark.parametrize(("kernel", "padding", "height"), [(3, 1, 15), (1, 0, 16)], ids=["3x3", "1x1"])
+def test_gradcheck_float64_shifted_path(monkeypatch, shifted, kernel, padding, height):
     """gradcheck on a geometry the CPU kernel runs as shifted GEMMs (stride 1, >= 32 channels per group, >= 256
-    wide output columns), which the shrunken cases above do not reach: the forward, and with "all" the backward."""
+    wide output columns), which the shrunken cases above do not reach: the forward, and with "all" the backward.
+    The 1 x 1 kernel without padding reads a contiguous x as it lies and writes dx in place (no padded copies)."""
     require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_SHIFTED", shifted if shifted != "default" else "1")
-    g = generator("gradcheck-shifted")
-    x = torch.randn(1, 32, 15, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = (torch.randn(3, 32, 3, 3, generator=g, dtype=torch.float64) / 17).requires_grad_()
+    g = generator("gradcheck-shifted", kernel)
+    x = torch.randn(2, 32, height, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(3, 32, kernel, kernel, generator=g, dtype=torch.float64) / 17).requires_grad_()
     bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, padding=1, backend="cpu"), (x, weight, bias))
+
+    def conv(*args):
+        return conv2d_relu(*args, padding=padding, backend="cpu")
+
+    assert torch.autograd.gradcheck(conv, (x, weight, bias))
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
