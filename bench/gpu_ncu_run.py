@@ -6,8 +6,10 @@ cudaProfilerStart/Stop, so that only that launch is profiled (gpu_suite.sh keeps
 - the FCN-32s learned upsampling (21 -> 21, k 64, stride 32, 8 x 21 x 16 x 16 -> 500 x 500) on the Triton backend,
   forward and backward: run 6 had the phase-GEMM forward at 2.63 ms (12.5 % occupancy, integer-math bound);
   session 14 made forward and backward GEMMs over output cells (predicted 0.1-0.2 ms forward, 0.3-0.4 backward);
-- the FCN-32s fixed bilinear forward on the CUDA backend (0.21 ms against F.interpolate's 0.14-0.16) and backward
-  on the Triton backend (1.72 ms in run 4; session 12 made its width pass read runs of columns).
+- the FCN-32s fixed bilinear forward on the CUDA backend (0.21 ms against F.interpolate's 0.14-0.16; run 9: 269 us
+  under ncu, issue-bound at ~130 instructions per output; session 15 made it walk rows, predicted 0.05-0.08 ms) and
+  backward on the Triton backend (1.72 ms in run 4; session 12 made its width pass read runs of columns) and on the
+  CUDA backend (0.24 ms; session 15 put its height pass first, predicted 0.06-0.09 ms).
 """
 
 import torch
@@ -44,9 +46,10 @@ def main() -> None:
     with torch.no_grad():
         profiled(lambda: fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="cuda"))
     leaf = scores.clone().requires_grad_()
-    up = fcnkern.bilinear_upsample_crop(leaf, 32, (19, 19), (500, 500), backend="triton")
-    upstream = torch.randn_like(up)
-    profiled(lambda: torch.autograd.grad(up, leaf, upstream, retain_graph=True))
+    for backend in ("triton", "cuda"):
+        up = fcnkern.bilinear_upsample_crop(leaf, 32, (19, 19), (500, 500), backend=backend)
+        upstream = torch.randn_like(up)
+        profiled(lambda up=up, upstream=upstream: torch.autograd.grad(up, leaf, upstream, retain_graph=True))
 
 
 if __name__ == "__main__":
