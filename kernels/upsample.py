@@ -124,7 +124,8 @@ def _kept_grad(g_ptr, n, cy, cx, c_ok, co, py, px, m_ok, g_sn, g_sc, g_sh, g_sw,
     # The offset is a cell part plus a row part: one add per element of the tile, not two products and three adds
     # (run 9: the cell kernels were issue-bound on index arithmetic).
     cell_off = n * g_sn + oy0 * g_sh + ox0 * g_sw
-    row_off = co.to(cell_off.dtype) * g_sc + py * g_sh + px * g_sw
+    wide = cell_off.dtype  # INDEX: in the 64-bit plan the row part's products are 64-bit too
+    row_off = co.to(wide) * g_sc + py.to(wide) * g_sh + px.to(wide) * g_sw
     return tl.load(g_ptr + cell_off[:, None] + row_off[None, :], mask=ok, other=0.0)
 
 
@@ -138,7 +139,8 @@ def _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn
     iw = cx[None, :] - tw[:, None]
     ok = k_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     cell_off = n * x_sn + cy * x_sh + cx * x_sw  # separable, as in _kept_grad
-    tap_off = (group * CIN_G + k // (TW * TH)).to(cell_off.dtype) * x_sc - th * x_sh - tw * x_sw
+    wide = cell_off.dtype
+    tap_off = (group * CIN_G + k // (TW * TH)).to(wide) * x_sc - th.to(wide) * x_sh - tw.to(wide) * x_sw
     return tl.load(x_ptr + tap_off[:, None] + cell_off[None, :], mask=ok, other=0.0)
 
 
@@ -184,7 +186,8 @@ def upsample_fwd_cells_kernel(
     ox = px[:, None] + ox0[None, :]
     ok = m_ok[:, None] & c_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
     cell_off = n * o_sn + oy0 * o_sh + ox0 * o_sw  # separable, as in _kept_grad
-    row_off = c_out.to(cell_off.dtype) * o_sc + py * o_sh + px * o_sw
+    wide = cell_off.dtype
+    row_off = c_out.to(wide) * o_sc + py.to(wide) * o_sh + px.to(wide) * o_sw
     tl.store(out_ptr + row_off[:, None] + cell_off[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
