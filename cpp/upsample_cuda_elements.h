@@ -55,8 +55,8 @@ struct BilinearTaps {
 // index and offset fits (bilinear_fwd_fits_32bit), else PlainDiv64 and int64_t.
 template <typename index_t, typename div_t>
 struct BilinearFwdPlan {
-  div_t ow, oh, c, f;  // dividers by OW, OH, C and the factor
-  index_t H, W, top, left;
+  div_t oh, c, f;  // dividers by OH, C and the factor (rows are decoded, columns walked)
+  index_t H, W, OW, top, left;
   StridesOf<index_t> xs, os;
   float inv_f32;  // 1 / factor, rounded once on the host for each accumulation type
   double inv_f64;
@@ -88,8 +88,8 @@ BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at:
   const auto strides = [](const at::Tensor& t) {
     return StridesOf<index_t>{index_t(t.stride(0)), index_t(t.stride(1)), index_t(t.stride(2)), index_t(t.stride(3))};
   };
-  return {div_t(index_t(out.size(3))), div_t(index_t(out.size(2))), div_t(index_t(out.size(1))),
-          div_t(index_t(factor)),      index_t(x.size(2)),          index_t(x.size(3)),
+  return {div_t(index_t(out.size(2))), div_t(index_t(out.size(1))), div_t(index_t(factor)),
+          index_t(x.size(2)),          index_t(x.size(3)),          index_t(out.size(3)),
           index_t(top),                index_t(left),               strides(x),
           strides(out),                float(1.0 / double(factor)), 1.0 / double(factor)};
 }
@@ -110,7 +110,7 @@ FCNK_HD inline void bilinear_fwd_row(index_t row, index_t first, index_t step, c
   const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, inv_f, p.H);
   // Offsets in index_t, added to the base pointers last: one wide address computation per access.
   const index_t row0 = p.xs.at(n, c, r.c0(), 0), row1 = p.xs.at(n, c, r.c1(p.H), 0), dst = p.os.at(n, c, oy, 0);
-  for (counter_t ox = counter_t(first); ox < counter_t(p.ow.d); ox += counter_t(step)) {
+  for (counter_t ox = counter_t(first); ox < counter_t(p.OW); ox += counter_t(step)) {
     const BilinearTaps<acc_t, index_t, div_t> k(p.left + index_t(ox), p.f, inv_f, p.W);
     const index_t c0 = k.c0() * p.xs.w, c1 = k.c1(p.W) * p.xs.w;
     const acc_t above = k.w0 * static_cast<acc_t>(x[row0 + c0]) + k.w1 * static_cast<acc_t>(x[row0 + c1]);
