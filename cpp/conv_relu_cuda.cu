@@ -16,9 +16,10 @@
 // on CUDA cores (each thread a 4 x 8 register tile): fp32 results are fp32-exact, as PyTorch's default is for convs
 // (no TF32). The bias gradient is a separate deterministic reduction over dy * (y > 0).
 //
-// Design after CUTLASS's implicit-GEMM documentation (operand iterators that compute gather addresses per tile);
-// the code is our own and deliberately simple (no multistage pipeline yet): correctness first, then measurement on
-// a GPU (issue 7).
+// Design after CUTLASS's implicit-GEMM documentation (operand iterators whose gather addresses split into a row part
+// and a column part, each computed once per tile); the code is our own: one shared-memory stage and no cp.async
+// pipeline (the gathers convert and mask on load), latency hidden by several blocks per SM.
+
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -45,19 +46,74 @@ template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
 // The GEMM core. Operand tiles are staged in shared memory as [kBK][kBM] and [kBK][kBN] (reduction-major), filled
-// with the index order that makes each problem's global loads coalesced (kAFastM, kBFastN).
+// with the index order that makes each problem's global loads coalesced (kAFastM, kBFastN). The problem's row and
+// column contexts (see conv_relu_problems.h) sit in shared memory: the block's rows once, each slice's reduction
+// columns as it comes (double-buffered, so that the next slice's are computed beside this slice's gather).
 template <typename P>
 __global__ void __launch_bounds__(kThreads) gather_gemm(P problem) {
   using T = typename P::scalar_t;
   using acc_t = acc_of<T>;
   using smem_t = std::conditional_t<kTensorCores<T>, T, acc_t>;
+  constexpr int kAPerThread = kBK * kBM / kThreads, kBPerThread = kBK * kBN / kThreads;
   __shared__ __align__(32) smem_t As[kBK][kBM + kPad];
   __shared__ __align__(32) smem_t Bs[kBK][kBN + kPad];
+  __shared__ typename P::AM a_rows[kBM];
+  __shared__ typename P::BN b_cols[kBN];
+  __shared__ typename P::AK a_ks[2][kBK];
+  __shared__ typename P::BK b_ks[2][kBK];
   P p = problem;
   p.begin(blockIdx.z);
   const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
   const int64_t rows = p.rows(), cols = p.cols();
   const int tid = threadIdx.x;
+  // The tile's rows and columns inside the GEMM, as 32-bit bounds for the per-element tests.
+  const unsigned m_in = static_cast<unsigned>(imin(rows - m0, kBM)), n_in = static_cast<unsigned>(imin(cols - n0, kBN));
+
+  for (int i = tid; i < kBM; i += kThreads)
+    if (m0 + i < rows) a_rows[i] = p.a_m(m0 + i);
+  for (int i = tid; i < kBN; i += kThreads)
+    if (n0 + i < cols) b_cols[i] = p.b_n(n0 + i);
+  // The reduction columns of the slice at k0 into buffer `buf`: threads 0..kBK-1 for A, the next kBK for B.
+  const auto fill_columns = [&](int64_t k0, int buf) {
+    const int64_t k = k0 + tid % kBK;
+    if (k >= p.k_end) return;
+    if (tid < kBK) {
+      a_ks[buf][tid] = p.a_k(k);
+    } else if (tid < 2 * kBK) {
+      b_ks[buf][tid - kBK] = p.b_k(k);
+    }
+  };
+  // The slice at k0 into As / Bs, elements through the contexts in buffer `buf`. All loads first (they are
+  // unconditional, see gather_x), then the shared-memory stores: a thread's 16 loads per operand are in flight
+  // together instead of one after another.
+  const auto gather = [&](int64_t k0, int buf) {
+    const unsigned k_in = static_cast<unsigned>(imin(p.k_end - k0, kBK));
+    acc_t v[kAPerThread > kBPerThread ? kAPerThread : kBPerThread];
+#pragma unroll
+    for (int i = 0; i < kAPerThread; ++i) {
+      const unsigned idx = tid + i * kThreads;
+      const unsigned kk = P::kAFastM ? idx / kBM : idx % kBK, mm = P::kAFastM ? idx % kBM : idx / kBK;
+      v[i] = p.a(a_rows[mm], a_ks[buf][kk], mm < m_in && kk < k_in);
+    }
+#pragma unroll
+    for (int i = 0; i < kAPerThread; ++i) {
+      const unsigned idx = tid + i * kThreads;
+      const unsigned kk = P::kAFastM ? idx / kBM : idx % kBK, mm = P::kAFastM ? idx % kBM : idx / kBK;
+      As[kk][mm] = from_acc<smem_t>(v[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kBPerThread; ++i) {
+      const unsigned idx = tid + i * kThreads;
+      const unsigned kk = P::kBFastN ? idx / kBN : idx % kBK, nn = P::kBFastN ? idx % kBN : idx / kBK;
+      v[i] = p.b(b_ks[buf][kk], b_cols[nn], nn < n_in && kk < k_in);
+    }
+#pragma unroll
+    for (int i = 0; i < kBPerThread; ++i) {
+      const unsigned idx = tid + i * kThreads;
+      const unsigned kk = P::kBFastN ? idx / kBN : idx % kBK, nn = P::kBFastN ? idx % kBN : idx / kBK;
+      Bs[kk][nn] = from_acc<smem_t>(v[i]);
+    }
+  };
 
   // CUDA-core accumulators: thread (ty, tx) owns rows ty*4 .. +3 and columns tx*8 .. +7 of the tile.
   acc_t acc[4][8] = {};
@@ -72,17 +128,13 @@ __global__ void __launch_bounds__(kThreads) gather_gemm(P problem) {
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(c_frag[i][j], 0.0f);
   }
 
-  for (int64_t k0 = p.k_begin; k0 < p.k_end; k0 += kBK) {
-    for (int idx = tid; idx < kBK * kBM; idx += kThreads) {
-      const int kk = P::kAFastM ? idx / kBM : idx % kBK, mm = P::kAFastM ? idx % kBM : idx / kBK;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = from_acc<smem_t>(m < rows && k < p.k_end ? p.a(m, k) : acc_t(0));
-    }
-    for (int idx = tid; idx < kBK * kBN; idx += kThreads) {
-      const int kk = P::kBFastN ? idx / kBN : idx % kBK, nn = P::kBFastN ? idx % kBN : idx / kBK;
-      const int64_t n = n0 + nn, k = k0 + kk;
-      Bs[kk][nn] = from_acc<smem_t>(n < cols && k < p.k_end ? p.b(k, n) : acc_t(0));
-    }
+  fill_columns(p.k_begin, 0);
+  __syncthreads();
+  int buf = 0;
+  for (int64_t k0 = p.k_begin; k0 < p.k_end; k0 += kBK, buf ^= 1) {
+    gather(k0, buf);
+    // The other buffer was last read by the previous slice's gather, before the barriers since.
+    if (k0 + kBK < p.k_end) fill_columns(k0 + kBK, buf ^ 1);
     __syncthreads();
     if constexpr (kTensorCores<T>) {
       for (int kk = 0; kk < kBK; kk += 16) {
@@ -115,13 +167,14 @@ __global__ void __launch_bounds__(kThreads) gather_gemm(P problem) {
     __syncthreads();
     for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
       const int mm = P::kStoreFastM ? idx % kBM : idx / kBN, nn = P::kStoreFastM ? idx / kBM : idx % kBN;
-      if (m0 + mm < rows && n0 + nn < cols) p.store(m0 + mm, n0 + nn, Cs[mm][nn]);
+      if (m0 + mm < rows && n0 + nn < cols) p.store(a_rows[mm], m0 + mm, n0 + nn, Cs[mm][nn]);
     }
   } else {
     for (int i = 0; i < 4; ++i) {
       for (int j = 0; j < 8; ++j) {
-        const int64_t m = m0 + ty * 4 + i, n = n0 + tx * 8 + j;
-        if (m < rows && n < cols) p.store(m, n, acc[i][j]);
+        const int mm = ty * 4 + i;
+        const int64_t m = m0 + mm, n = n0 + tx * 8 + j;
+        if (m < rows && n < cols) p.store(a_rows[mm], m, n, acc[i][j]);
       }
     }
   }
@@ -137,7 +190,8 @@ __global__ void __launch_bounds__(256) bias_grad_kernel(const T* dy, Strides dys
   acc_of<T> sum = 0;
   for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
     const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-    sum += masked_grad(dy, dys, y, ys, relu, n, k, oh, ow);
+    sum += masked_grad(dy, y, relu, GradOffsets{k * dys.c, k * ys.c},
+                       GradOffsets{n * dys.n + oh * dys.h + ow * dys.w, n * ys.n + oh * ys.h + ow * ys.w});
   }
   part[threadIdx.x] = sum;
   __syncthreads();
@@ -149,6 +203,12 @@ __global__ void __launch_bounds__(256) bias_grad_kernel(const T* dy, Strides dys
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_coordinates(const ConvGeometry& g) {
+  TORCH_CHECK_VALUE(coordinates_fit_int32(make_shape(g)),
+                    "conv2d_relu (cuda backend): spatial sizes, padding and dilation reach beyond 2^31 positions, "
+                    "more than its 32-bit coordinates hold; use another backend");
+}
 
 template <typename P>
 void launch_gemm(const P& p, int64_t rows, int64_t cols, int64_t z) {
@@ -174,6 +234,7 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   check_bias(bias, x, g);
+  check_coordinates(g);
   const at::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({g.n, g.k, g.oh, g.ow}, x.options().memory_format(x.suggest_memory_format()));
   maybe_poison(y);
@@ -197,6 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   check_bwd_args(grad, y, x, g);
+  check_coordinates(g);
   const at::cuda::CUDAGuard guard(x.device());
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
@@ -209,9 +271,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
       dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
       maybe_poison(dx);
       if (dx.numel() > 0) {
-        Dgrad<T> p{make_shape(g), ptr<T>(grad), ptr<T>(y), ptr<T>(w), mut_ptr<T>(dx),
-                   strides_of(grad), strides_of(y), strides_of(dx), relu};
-        launch_gemm(p, g.n * g.h * g.w, g.c_g, g.groups);
+        const auto launch = [&](auto strided) {
+          Dgrad<T, decltype(strided)::value> p{make_shape(g), ptr<T>(grad), ptr<T>(y), ptr<T>(w), mut_ptr<T>(dx),
+                                                strides_of(grad), strides_of(y), strides_of(dx), relu};
+          launch_gemm(p, g.n * g.h * g.w, g.c_g, g.groups);
+        };
+        if (g.stride_h == 1 && g.stride_w == 1) {
+          launch(std::false_type{});
+        } else {
+          launch(std::true_type{});
+        }
       }
     }
     if (need_w) {

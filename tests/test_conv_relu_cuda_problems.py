@@ -18,22 +18,36 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include "conv_relu_problems.h"
 
+#include <cstring>
+
 using namespace fcnkern;
 using namespace fcnkern::conv_gemm;
 
-// What gather_gemm computes, without its tiles: every grid.z slice, every (row, column), the slice's reduction.
+// What gather_gemm computes, without its tiles: every grid.z slice, every (row, column), the slice's reduction,
+// each element through the row and column contexts the kernel keeps in shared memory.
 template <typename P>
 void run(P p, int64_t z) {
   for (int64_t zi = 0; zi < z; ++zi) {
     P q = p;
     q.begin(zi);
     for (int64_t m = 0; m < q.rows(); ++m) {
+      const auto am = q.a_m(m);
       for (int64_t n = 0; n < q.cols(); ++n) {
+        const auto bn = q.b_n(n);
         acc_of<typename P::scalar_t> acc = 0;
-        for (int64_t k = q.k_begin; k < q.k_end; ++k) acc += q.a(m, k) * q.b(k, n);
-        q.store(m, n, acc);
+        for (int64_t k = q.k_begin; k < q.k_end; ++k) acc += q.a(am, q.a_k(k), true) * q.b(q.b_k(k), bn, true);
+        q.store(am, m, n, acc);
       }
     }
+    // Past the GEMM's edges the kernel passes in_range = false with whatever its shared memory holds: 0, reading
+    // only element 0.
+    typename P::AM am;
+    typename P::AK ak;
+    typename P::BK bk;
+    typename P::BN bn;
+    std::memset(&am, 0x5a, sizeof am), std::memset(&ak, 0xa5, sizeof ak);
+    std::memset(&bk, 0x5a, sizeof bk), std::memset(&bn, 0xa5, sizeof bn);
+    TORCH_CHECK(q.a(am, ak, false) == 0 && q.b(bk, bn, false) == 0, "an element outside the GEMM is not 0");
   }
 }
 
@@ -52,13 +66,23 @@ at::Tensor forward(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, s
 
 std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor y, at::Tensor x, at::Tensor w,
                                  std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                 std::vector<int64_t> dilation, int64_t groups, bool relu, int64_t splits) {
+                                 std::vector<int64_t> dilation, int64_t groups, bool relu, int64_t splits,
+                                 bool strided_dgrad) {
   const ConvGeometry g = make_geometry(x, w, stride, padding, dilation, groups);
+  TORCH_CHECK(coordinates_fit_int32(make_shape(g)));
   at::Tensor wc = w.contiguous();
   at::Tensor dx = at::full(x.sizes(), NAN, x.options().memory_format(x.suggest_memory_format()));
-  Dgrad<double> d{make_shape(g), grad.data_ptr<double>(), y.data_ptr<double>(), wc.data_ptr<double>(),
-                  dx.data_ptr<double>(), strides_of(grad), strides_of(y), strides_of(dx), relu};
-  run(d, g.groups);
+  const auto dgrad = [&](auto strided) {
+    Dgrad<double, decltype(strided)::value> d{make_shape(g), grad.data_ptr<double>(), y.data_ptr<double>(),
+                                              wc.data_ptr<double>(), dx.data_ptr<double>(), strides_of(grad),
+                                              strides_of(y), strides_of(dx), relu};
+    run(d, g.groups);
+  };
+  if (strided_dgrad) {
+    dgrad(std::true_type{});
+  } else {
+    dgrad(std::false_type{});
+  }
   const int64_t pixels = g.n * g.oh * g.ow;
   at::Tensor ws = at::full({splits, g.k, g.j}, NAN, x.options());
   Wgrad<double> wg{make_shape(g), grad.data_ptr<double>(), y.data_ptr<double>(), x.data_ptr<double>(),
@@ -106,8 +130,10 @@ def test_gathers_match_pytorch(problems, case, relu):
 
     y = problems.forward(x, weight, bias, *args, relu)
     torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
-    for splits in (1, 3):  # one reduction slice, and several with a short last one
-        dx, dw = problems.backward(upstream, y, x, weight, *args, relu, splits)
+    # The strided dgrad serves any stride; the unit-stride one (what the launcher picks then) only stride 1.
+    strided_variants = (True, False) if stride == (1, 1) else (True,)
+    for splits, strided in ((1, strided_variants[-1]), (3, strided_variants[0])):  # several slices, a short last one
+        dx, dw = problems.backward(upstream, y, x, weight, *args, relu, splits, strided)
         torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
     # The bias gradient kernel sums the same masked gradient.
