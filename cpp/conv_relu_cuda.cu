@@ -270,7 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
     if (need_x) {
       dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
       maybe_poison(dx);
-      if (dx.numel() > 0) {
+      // An empty output (an input smaller than the dilated kernel) taps nothing: dx is 0. The gathers read
+      // element 0 of dy unconditionally, which an empty dy does not have.
+      if (dx.numel() > 0 && grad.numel() == 0) dx.zero_();
+      if (dx.numel() > 0 && grad.numel() > 0) {
         const auto launch = [&](auto strided) {
           Dgrad<T, decltype(strided)::value> p{make_shape(g), ptr<T>(grad), ptr<T>(y), ptr<T>(w), mut_ptr<T>(dx),
                                                 strides_of(grad), strides_of(y), strides_of(dx), relu};
