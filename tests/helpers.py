@@ -102,6 +102,7 @@ def assert_low_precision_ok(ours: torch.Tensor, torch_way: torch.Tensor, ref: to
 def load_cpu_check(name: str, source: str, functions: list[str]):
     """Compile a CPU build of CUDA index maths from cpp/'s headers (torch's load_inline). Skips only where there is
     no C++ compiler: a compile error in those headers fails the test instead of hiding as a skip."""
+    import hashlib
     import os
     import shutil
     from pathlib import Path
@@ -112,5 +113,8 @@ def load_cpu_check(name: str, source: str, functions: list[str]):
     if shutil.which(compiler) is None:
         pytest.skip(f"no C++ compiler ({compiler}) to build the CPU check of the CUDA index maths")
     cpp = Path(__file__).resolve().parents[1] / "cpp"
-    return load_inline(name, source, functions=functions, extra_include_paths=[str(cpp)], extra_cflags=["-O1"],
-                       verbose=False)  # fmt: skip
+    # torch's build cache hashes the source string, not the headers it includes: stamp their digest into it so that
+    # an edited header rebuilds the check instead of loading the last build.
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(cpp.glob("*.h")))).hexdigest()[:16]
+    return load_inline(name, f"{source}\n// cpp/*.h {digest}\n", functions=functions, extra_include_paths=[str(cpp)],
+                       extra_cflags=["-O1"], verbose=False)  # fmt: skip
