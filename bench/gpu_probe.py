@@ -4,6 +4,7 @@ One JSON line per case:
 - ce: the Triton cross-entropy took 0.76 ms on 1 x 21 x 500 x 500 logits but 0.20 ms on 8 x 21 x 512 x 512 (H100,
   bench/results/h100-*): the forward at batch 1 and 8, sides 500 and 512, next to the CUDA C++ kernel and
   F.cross_entropy.
+- ce_train: cross-entropy forward + backward, device time per step (see ce_train_probe).
 - bilinear_index: the CUDA bilinear forward with its 32-bit multiply-shift index plan (the default) against the
   64-bit plan (FCNKERN_CUDA_WIDE_INDEX=1), FCN-32s's final layer at batch 1 and 8; predicted 0.61 -> ~0.1-0.15 ms
   at batch 8 on the H100 (cpp/fast_div.h).
@@ -55,6 +56,32 @@ def ce_probe(g: torch.Generator) -> None:
             xf, tf = x.view(n, 21, 1, side * side), t.view(n, 1, side * side)
             row["triton_flat"] = bench(lambda x=xf, t=tf: fcnkern.pixelwise_cross_entropy(x, t, backend="triton"))
         row["GBps_triton"] = x.numel() * 4 / row["triton"] / 1e6
+        print(json.dumps(row), flush=True)
+
+
+def ce_train_probe(g: torch.Generator) -> None:
+    """Forward + backward (loss.backward(), gradient dropped) at 8 x 21 x 512 x 512 fp32 and bf16 through do_bench,
+    whose calls run ahead of the GPU: device time per step, unlike the synchronised single calls of the benchmarks
+    (bench/test_bench_cross_entropy.py), where host time showed (run 9: 0.565 ms against a 155 us kernel). Session 16
+    made the training forward of both kernel backends read each logit once for C <= 32 (predicted CUDA 155 -> 95-105
+    us). bytes_min: the logits read once and the gradient written once."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(8, 21, 512, 512, device="cuda", generator=g).to(dtype)
+        t = torch.randint(0, 21, (8, 512, 512), device="cuda", generator=g)
+        row = {"probe": "ce_train", "shape": list(x.shape), "dtype": str(dtype)[6:], "bytes_min": 2 * x.nbytes}
+        losses = {
+            "cuda": lambda v, t=t: fcnkern.pixelwise_cross_entropy(v, t, backend="cuda"),
+            "triton": lambda v, t=t: fcnkern.pixelwise_cross_entropy(v, t, backend="triton"),
+            "torch": lambda v, t=t: F.cross_entropy(v, t, ignore_index=255, reduction="sum"),
+        }
+        for name, loss in losses.items():
+            leaf = x.clone().requires_grad_()
+
+            def step(loss=loss, leaf=leaf):
+                loss(leaf).backward()
+                leaf.grad = None
+
+            row[name] = bench(step)
         print(json.dumps(row), flush=True)
 
 
@@ -235,6 +262,7 @@ def main() -> None:
     call_path_probe(g)
     head_profile_probe(g)
     step_profile_probe()
+    ce_train_probe(g)
     ce_probe(g)
 
 

@@ -124,7 +124,8 @@ FCNK_HD inline XTap x_tap(const Shape& s, Strides xs, int64_t group, int64_t j) 
 template <typename T>
 FCNK_HD inline acc_of<T> gather_x(const T* x, const Shape& s, const PixelTaps& p, const XTap& t, bool in_range) {
   const int32_t ih = p.ih0 + t.dh, iw = p.iw0 + t.dw;
-  const bool inside = in_range && ih >= 0 && ih < static_cast<int32_t>(s.h) && iw >= 0 && iw < static_cast<int32_t>(s.w);
+  const bool inside =
+      in_range && ih >= 0 && ih < static_cast<int32_t>(s.h) && iw >= 0 && iw < static_cast<int32_t>(s.w);
   const acc_of<T> v = to_acc(x[inside ? p.offset + t.offset : 0]);
   return inside ? v : acc_of<T>(0);
 }

@@ -5,8 +5,8 @@
 // (one pass, one exp per logit); classes go four at a time so that four loads are in flight per thread. In training
 // the forward also writes the gradient for an upstream gradient of 1 (kWithGrad), which the backward scales in place
 // only when the upstream value, read on the device, is not 1 (ce_scale_kernel; fcnkern/cross_entropy.py). With up
-// to 32 classes (FCN's 21) that training forward holds the pixel's logits in registers and reads them once
-// (ce_fwd_grad_regs_kernel, cross_entropy_pixel.h) instead of sweeping them twice.
+// to 32 classes (FCN's 21) the forward holds the pixel's logits in registers (ce_fwd_regs_kernel,
+// cross_entropy_pixel.h): in training it reads them once instead of sweeping them twice.
 //
 // Labels outside [0, C) that are not ignore_index cannot raise here without a host sync: the kernel never
 // indexes with them, writes NaN as that pixel's loss (so the reduced loss is NaN, not silently wrong) and the
@@ -138,34 +138,49 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The training forward for C <= ce_pixel::kMaxC: each logit read once, into registers (cross_entropy_pixel.h).
-// Pixels are decoded with multiply-shift dividers in 32 bits where the grid's indices fit (div_t = FastDiv32),
-// with 64-bit division otherwise (PlainDiv64): the decode was ~3 64-bit divisions per pixel of ~21 classes.
-template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
+// The forward for C <= ce_pixel::kMaxC: each logit read once, into registers (cross_entropy_pixel.h); kWithGrad as
+// in ce_fwd_kernel. Both variants compute the statistics alike, so that a gradient recomputed from the saved
+// statistics (ce_bwd_kernel) equals the one the training forward wrote, bit for bit. Pixels are decoded with
+// multiply-shift dividers in 32 bits where the grid's indices fit (div_t = FastDiv32), with 64-bit division
+// otherwise (PlainDiv64): the decode was ~3 64-bit divisions per pixel of ~21 classes.
+template <typename scalar_t, typename acc_t, bool kWithGrad, typename index_t, typename div_t>
 __global__ void __launch_bounds__(kThreads)
-    ce_fwd_grad_regs_kernel(const scalar_t* __restrict__ x, PixelStrides xs, int64_t x_sc,
-                            const int64_t* __restrict__ t, PixelStrides ts, const acc_t* __restrict__ weight,
-                            int64_t ignore_index, int C, index_t num_pixels, div_t w_div, div_t h_div,
-                            acc_t* __restrict__ loss, scalar_t* __restrict__ gx, PixelStrides gs, int64_t g_sc) {
+    ce_fwd_regs_kernel(const scalar_t* __restrict__ x, PixelStrides xs, int64_t x_sc, const int64_t* __restrict__ t,
+                       PixelStrides ts, const acc_t* __restrict__ weight, int64_t ignore_index, int C,
+                       index_t num_pixels, div_t w_div, div_t h_div, acc_t* __restrict__ loss,
+                       acc_t* __restrict__ stats, scalar_t* __restrict__ gx, PixelStrides gs, int64_t g_sc) {
+  using namespace ce_pixel;
   for (index_t p = blockIdx.x * index_t(blockDim.x) + threadIdx.x; p < num_pixels;
        p += index_t(gridDim.x) * blockDim.x) {
     const index_t nh = w_div.div(p), wi = p - nh * w_div.d;
     const index_t ni = h_div.div(nh), hi = nh - ni * h_div.d;
-    loss[p] = ce_pixel::loss_and_grad<ce_pixel::kMaxC>(x + xs.at(ni, hi, wi), x_sc, gx + gs.at(ni, hi, wi), g_sc, C,
-                                                       t[ts.at(ni, hi, wi)], ignore_index, weight);
+    const int64_t label = t[ts.at(ni, hi, wi)];
+    const int k = class_of(label, C);
+    const Pixel<kMaxC, acc_t> px = load_pixel<kMaxC>(x + xs.at(ni, hi, wi), x_sc, C, k);
+    const acc_t g = label_factor(label, k, ignore_index, weight);
+    loss[p] = pixel_loss(px, label, ignore_index, g);
+    if constexpr (kWithGrad) {
+      store_pixel_grad(px, gx + gs.at(ni, hi, wi), g_sc, C, k, g);
+    } else {
+      stats[p] = px.m;
+      stats[num_pixels + p] = px.ls;
+    }
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void launch_fwd_grad_regs(const at::Tensor& logits, const at::Tensor& target, const acc_t* weight,
-                          int64_t ignore_index, const Shape& shape, at::Tensor& loss, at::Tensor& grad) {
+template <typename scalar_t, typename acc_t, bool kWithGrad>
+void launch_fwd_regs(const at::Tensor& logits, const at::Tensor& target, const acc_t* weight, int64_t ignore_index,
+                     const Shape& shape, at::Tensor& loss, at::Tensor& second) {
   const int64_t num_pixels = loss.numel(), blocks = grid_for(num_pixels);
   const auto launch = [&](auto index, auto w_div, auto h_div) {
     using index_t = decltype(index);
-    ce_fwd_grad_regs_kernel<scalar_t, acc_t, index_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
-        pixel_strides(target), weight, ignore_index, static_cast<int>(shape.C), static_cast<index_t>(num_pixels),
-        w_div, h_div, loss.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), pixel_strides(grad), grad.stride(1));
+    ce_fwd_regs_kernel<scalar_t, acc_t, kWithGrad, index_t>
+        <<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            logits.data_ptr<scalar_t>(), pixel_strides(logits), logits.stride(1), target.data_ptr<int64_t>(),
+            pixel_strides(target), weight, ignore_index, static_cast<int>(shape.C),
+            static_cast<index_t>(num_pixels), w_div, h_div, loss.data_ptr<acc_t>(),
+            kWithGrad ? nullptr : second.data_ptr<acc_t>(), kWithGrad ? second.data_ptr<scalar_t>() : nullptr,
+            kWithGrad ? pixel_strides(second) : PixelStrides{0, 0, 0}, kWithGrad ? second.stride(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32 bits while the grid-stride loop's last step stays under 2^31.
@@ -210,9 +225,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pixelwise_ce_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (with_grad && shape.C <= ce_pixel::kMaxC) {
-      launch_fwd_grad_regs<scalar_t, acc_t>(logits, target, weight.has_value() ? weight->data_ptr<acc_t>() : nullptr,
-                                            ignore_index, shape, loss, second);
+    if (shape.C <= ce_pixel::kMaxC) {
+      const acc_t* w = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+      if (with_grad) {
+        launch_fwd_regs<scalar_t, acc_t, true>(logits, target, w, ignore_index, shape, loss, second);
+      } else {
+        launch_fwd_regs<scalar_t, acc_t, false>(logits, target, w, ignore_index, shape, loss, second);
+      }
       return;
     }
     // The two variants share one signature: the statistics or the gradient pointer is null.

@@ -159,7 +159,7 @@ def _triton_fwd_launch(
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         ignore_index,
         HAS_WEIGHT=weight is not None, WITH_GRAD=with_grad, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P,
-        BLOCK_C=k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
+        BLOCK_C=k.ce_block_c(c), ONE_CHUNK=c <= k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
     )  # fmt: skip
     return loss, second
 

@@ -59,31 +59,43 @@ def ce_fwd_kernel(
     gx_sn, gx_sc, gx_sh, gx_sw,
     ignore_index,
     HAS_WEIGHT: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # WITH_GRAD: also the logits' gradient for an upstream gradient of 1 (a second sweep over this program's classes,
-    # which it has just read: from L1/L2, not DRAM), and no stats.
+    # WITH_GRAD: also the logits' gradient for an upstream gradient of 1, and no stats. ONE_CHUNK (C <= BLOCK_C, FCN's
+    # 21 classes): the tile stays in registers and the gradient comes from it, each logit read once; otherwise a
+    # second sweep over this program's classes re-reads them.
     n, h, w, pmask, p = _row_pixels(tl.program_id(0), H, W, BLOCK_P)
     x_pix = n * x_sn + h * x_sh + w * x_sw
     label = tl.load(t_ptr + n * t_sn + h * t_sh + w * t_sw, mask=pmask, other=ignore_index)
 
-    m = tl.full([BLOCK_P], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_P], ACC)
-    xt = tl.zeros([BLOCK_P], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
+    if ONE_CHUNK:
+        c = tl.arange(0, BLOCK_C)
         v = tl.load(
             x_ptr + c.to(tl.int64)[:, None] * x_sc + x_pix[None, :],
-            mask=cmask[:, None] & pmask[None, :],
+            mask=(c < C)[:, None] & pmask[None, :],
             other=float("-inf"),
         ).to(ACC)
-        m_new = tl.maximum(m, tl.max(v, axis=0))
-        # Lanes past the last pixel (and all--inf rows) have m_new = -inf; shift by 0 there instead of making NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[None, :]), axis=0)
-        xt += tl.sum(tl.where(c[:, None] == label[None, :], v, 0.0), axis=0)
-        m = m_new
+        m = tl.max(v, axis=0)
+        # Lanes past the last pixel (and all--inf rows) have m = -inf; shift by 0 there instead of making NaN.
+        s = tl.sum(tl.exp(v - tl.where(m == float("-inf"), 0.0, m)[None, :]), axis=0)
+        xt = tl.sum(tl.where(c[:, None] == label[None, :], v, 0.0), axis=0)
+    else:
+        m = tl.full([BLOCK_P], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_P], ACC)
+        xt = tl.zeros([BLOCK_P], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < C
+            v = tl.load(
+                x_ptr + c.to(tl.int64)[:, None] * x_sc + x_pix[None, :],
+                mask=cmask[:, None] & pmask[None, :],
+                other=float("-inf"),
+            ).to(ACC)
+            m_new = tl.maximum(m, tl.max(v, axis=0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[None, :]), axis=0)
+            xt += tl.sum(tl.where(c[:, None] == label[None, :], v, 0.0), axis=0)
+            m = m_new
     # Lanes past the last pixel are never stored; neutral statistics keep them free of log(0) and inf * 0.
     m = tl.where(pmask, m, 0.0)
     ls = tl.log(tl.where(pmask, s, 1.0))
@@ -98,8 +110,17 @@ def ce_fwd_kernel(
     tl.store(loss_ptr + p, loss, mask=pmask)
     if WITH_GRAD:
         g = tl.where(valid, tl.where(in_range, wt, float("nan")), 0.0)
-        _store_grad(x_ptr, x_pix, x_sc, gx_ptr, n * gx_sn + h * gx_sh + w * gx_sw, gx_sc, g, m, ls, label, pmask,
-                    C, ACC, BLOCK_C)  # fmt: skip
+        gx_pix = n * gx_sn + h * gx_sh + w * gx_sw
+        if ONE_CHUNK:
+            # The tile still in registers, through _store_grad's expression: bit for bit what a backward that
+            # recomputes from the saved statistics (ce_bwd_kernel, after a forward with the same ONE_CHUNK) writes.
+            c = tl.arange(0, BLOCK_C)
+            prob = tl.exp((v - m[None, :]) - ls[None, :])
+            grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
+            tl.store(gx_ptr + c.to(tl.int64)[:, None] * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty),
+                     mask=(c < C)[:, None] & pmask[None, :])  # fmt: skip
+        else:
+            _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmask, C, ACC, BLOCK_C)
     else:
         tl.store(stats_ptr + p, m, mask=pmask)
         tl.store(stats_ptr + num_pixels + p, ls, mask=pmask)
@@ -192,7 +213,10 @@ def launch_configs():
                     "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
                 }  # fmt: skip
                 tag = f"{logits_ty}_w{int(has_weight)}_c{block_c}"
-                for with_grad in (False, True):
-                    fwd_consts = {**consts, "WITH_GRAD": with_grad}
-                    yield f"ce_fwd_{tag}_g{int(with_grad)}", ce_fwd_kernel, fwd_sig, fwd_consts, CE_NUM_WARPS
+                # C <= 32 is one chunk; wider class counts take chunks of 32.
+                for one_chunk in (True, False) if block_c == 32 else (True,):
+                    for with_grad in (False, True):
+                        fwd_consts = {**consts, "WITH_GRAD": with_grad, "ONE_CHUNK": one_chunk}
+                        name = f"ce_fwd_{tag}_g{int(with_grad)}_o{int(one_chunk)}"
+                        yield name, ce_fwd_kernel, fwd_sig, fwd_consts, CE_NUM_WARPS
                 yield f"ce_bwd_{tag}", ce_bwd_kernel, bwd_sig, consts, CE_NUM_WARPS
