@@ -91,12 +91,19 @@ std::vector<at::Tensor> backward(at::Tensor grad, at::Tensor y, at::Tensor x, at
   run(wg, g.groups * splits);
   return {dx, ws.sum(0).reshape(w.sizes())};
 }
+
+// The launcher's check that a geometry's coordinates fit the contexts' 32-bit fields.
+bool coordinates_fit(int64_t h, int64_t w, int64_t pad, int64_t dilation) {
+  const int64_t span = (3 - 1) * dilation + 1, oh = h + 2 * pad - span + 1, ow = w + 2 * pad - span + 1;
+  const Shape s{1, 1, h, w, 1, 3, 3, oh, ow, 1, 1, 9, 1, 1, pad, pad, dilation, dilation};
+  return coordinates_fit_int32(s);
+}
 """
 
 
 @pytest.fixture(scope="module")
 def problems():
-    return load_cpu_check("fcnkern_conv_problems_cpu", SOURCE, ["forward", "backward"])
+    return load_cpu_check("fcnkern_conv_problems_cpu", SOURCE, ["forward", "backward", "coordinates_fit"])
 
 
 # (n, c, h, w, k, r, s, stride, padding, dilation, groups, channels_last)
@@ -139,3 +146,13 @@ def test_gathers_match_pytorch(problems, case, relu):
     # The bias gradient kernel sums the same masked gradient.
     masked = upstream * (y > 0) if relu else upstream
     torch.testing.assert_close(masked.sum((0, 2, 3)), ref_db, rtol=1e-12, atol=1e-12)
+
+
+def test_coordinate_bound(problems):
+    """The CUDA launcher refuses geometries whose positions (padding and taps included) pass 2^31, which the gather
+    contexts' 32-bit coordinates cannot hold; FCN's (padding 100 on a 500 x 500 input) and far larger ones fit."""
+    assert problems.coordinates_fit(500, 500, 100, 1)
+    assert problems.coordinates_fit(2**28, 7, 1, 1)
+    assert not problems.coordinates_fit(2**30, 7, 1, 1)
+    assert not problems.coordinates_fit(7, 7, 2**30, 1)
+    assert not problems.coordinates_fit(2**30 + 8, 7, 1, 2**29)  # a dilated tap reaching far: oh is only 10
