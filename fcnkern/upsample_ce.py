@@ -153,29 +153,55 @@ def _differentiable_grad(scores, target, weight, factor, top, left, ignore_index
     return differentiable_grad(per_pixel, scores, grad_loss)
 
 
-def _register(fwd_name: str, bwd_op) -> None:
+def _register(fwd_name: str, bwd_op, scale_op) -> None:
+    """Autograd of forward op ``fwd_name``: ``bwd_op`` recomputes the scores' gradient for a per-pixel upstream
+    gradient, ``scale_op`` scales a gradient in place by one upstream value (the cross-entropy's, whose rule is the
+    same: zeros stay zero, nothing at all for 1)."""
+
     def setup_context(ctx, inputs, output):
         scores, target, weight, factor, top, left, ignore_index, _ = inputs
-        ctx.save_for_backward(scores, target, weight, output[1])
         ctx.args = (factor, top, left, ignore_index)
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
+        # Eagerly (fcnkern._autograd's Function) the forward's gradient is held on ctx, not saved, so that the first
+        # backward can scale it in place and hand it on: no new tensor, and for loss.backward() no kernel but one
+        # that reads the upstream 1 on the device and stops. Traced (torch.compile, opcheck), it is saved.
+        if getattr(ctx, "eager", False):
+            ctx.save_for_backward(scores, target, weight)
+            ctx.held = output[1] if output[1].numel() > 0 else None
+            ctx.with_grad = output[1].numel() > 0
+        else:
+            ctx.save_for_backward(scores, target, weight, output[1])
 
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:
             return (None,) * 8
-        scores, target, weight, precomputed = ctx.saved_tensors
+        scores, target, weight, *traced = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
             return (_differentiable_grad(scores, target, weight, *ctx.args, grad_loss),) + (None,) * 7
         scalar_upstream = grad_loss.numel() > 0 and all(step == 0 for step in grad_loss.stride())
-        if precomputed.numel() == 0 or not scalar_upstream:  # a per-pixel upstream: the recomputing kernel
+        with_grad = traced[0].numel() > 0 if traced else ctx.with_grad
+        if not with_grad or not scalar_upstream:  # a per-pixel upstream: the recomputing kernel
             grad = _autograd.backward_call(bwd_op, grad_loss, scores, target, weight, *ctx.args)
-        else:
-            grad = scale_by_cpu_scalar(precomputed, grad_loss)
+        elif traced:
+            grad = scale_by_cpu_scalar(traced[0], grad_loss)
             if grad is None:
                 # Where no kept pixel contributes (all ignored), the gradient is 0 even for an infinite upstream
                 # value (a mean over no pixels), as in PyTorch.
-                grad = torch.where(precomputed == 0, 0.0, precomputed * grad_loss[0, 0, 0])
+                grad = torch.where(traced[0] == 0, 0.0, traced[0] * grad_loss[0, 0, 0])
+        else:
+            # The first backward takes the held gradient; a later one through the same graph (retain_graph=True)
+            # recomputes it for an upstream 1, so that every backward scales the same values the same way.
+            grad, ctx.held = ctx.held, None
+            if grad is None:
+                ones = grad_loss.new_ones(()).expand(grad_loss.shape)
+                grad = _autograd.backward_call(bwd_op, ones, scores, target, weight, *ctx.args)
+            scaled = scale_by_cpu_scalar(grad, grad_loss)
+            if scaled is None:  # a device upstream value, or a CPU one that is not finite
+                with torch._C._AutoDispatchBelowAutograd():
+                    scale_op(grad, grad_loss.as_strided((1,), (1,)))
+                scaled = grad
+            grad = scaled
         return (grad.to(scores.dtype),) + (None,) * 7
 
     _autograd.register_autograd(fwd_name, backward, setup_context)
@@ -184,12 +210,13 @@ def _register(fwd_name: str, bwd_op) -> None:
 def _register_cpp_ops() -> None:
     torch.library.register_fake("fcnkern::upsample_ce_fwd")(_fake_fwd)
     torch.library.register_fake("fcnkern::upsample_ce_bwd")(_fake_bwd)
-    _register("fcnkern::upsample_ce_fwd", torch.ops.fcnkern.upsample_ce_bwd)
+    ops = torch.ops.fcnkern
+    _register("fcnkern::upsample_ce_fwd", ops.upsample_ce_bwd, ops.pixelwise_ce_scale_grad_)
 
 
 _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
-_register("fcnkern::triton_upsample_ce_fwd", _triton_bwd)
+_register("fcnkern::triton_upsample_ce_fwd", _triton_bwd, torch.ops.fcnkern.triton_pixelwise_ce_scale_grad_)
 _ext.on_load(_register_cpp_ops)
 
 

@@ -228,6 +228,29 @@ def test_all_pixels_ignored(device, backend):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+# The kernel backends' rule; the pure-PyTorch reference scales inside autograd (rounding differs, and 0 * inf is NaN).
+@pytest.mark.parametrize(("device", "backend"), [p for p in _params() if "torch" not in str(p.values)])
+@pytest.mark.parametrize("upstream", [1.0, 3.7, float("inf")])
+def test_repeated_backward_through_one_graph(device, backend, upstream):
+    """The eager path hands the forward's gradient on, scaled in place, in the first backward, and recomputes it in
+    later ones (retain_graph=True): every backward gives the same gradient bit for bit, .grad accumulates them
+    without aliasing, and an infinite upstream (as a mean over no pixels sends) scales the contributing entries
+    and leaves the others exactly 0."""
+    case = CASES[0]
+    scores, target, _ = _inputs(case, "repeat", device)
+    scores.requires_grad_()
+    loss = upsample_cross_entropy(scores, target, case.f, case.crop, backend=backend) * upstream
+    first = torch.autograd.grad(loss, scores, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, scores, retain_graph=True)[0]
+    assert torch.equal(first, second)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(scores.grad, 2 * first, rtol=0, atol=0, equal_nan=True)
+    ref = torch.autograd.grad(upsample_cross_entropy(scores, target, case.f, case.crop, backend=backend), scores)[0]
+    expected = torch.where(ref == 0, 0.0, ref * upstream)
+    torch.testing.assert_close(first, expected, rtol=1e-6, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(("device", "backend"), _params())
 def test_out_of_range_label(device, backend):
     scores = torch.randn(1, 4, 3, 3, device=device)
