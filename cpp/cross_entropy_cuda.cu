@@ -55,8 +55,7 @@ __device__ __forceinline__ void store_grad(const scalar_t* xp, int64_t x_sc, sca
                                            acc_t m, acc_t ls, int64_t label, int64_t C) {
 #pragma unroll 4
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t prob = exp_acc((static_cast<acc_t>(xp[c * x_sc]) - m) - ls);
-    gp[c * g_sc] = static_cast<scalar_t>(g * (c == label ? prob - acc_t(1) : prob));
+    gp[c * g_sc] = static_cast<scalar_t>(ce_pixel::class_grad(static_cast<acc_t>(xp[c * x_sc]), m, ls, g, c == label));
   }
 }
 
@@ -99,13 +98,8 @@ __global__ void __launch_bounds__(kThreads)
       xt = label == c ? v : xt;
     }
     const acc_t ls = ::log(s);
-    acc_t out = 0, g = 0;
-    if (label != ignore_index) {
-      const bool in_range = label >= 0 && label < C;
-      g = in_range ? (weight ? weight[label] : acc_t(1)) : std::numeric_limits<acc_t>::quiet_NaN();
-      out = g * ((m - xt) + ls);
-    }
-    loss[p] = out;
+    const acc_t g = ce_pixel::label_factor(label, ce_pixel::class_of(label, static_cast<int>(C)), ignore_index, weight);
+    loss[p] = label == ignore_index ? acc_t(0) : g * ((m - xt) + ls);
     if constexpr (kWithGrad) {
       store_grad(xp, x_sc, gx + gs.at(ni, hi, wi), g_sc, g, m, ls, label, C);
     } else {
@@ -129,11 +123,9 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* xp = x + xs.at(ni, hi, wi);
     scalar_t* gp = gx + gs.at(ni, hi, wi);
     const int64_t label = t[ts.at(ni, hi, wi)];
-    acc_t g = 0;
-    if (label != ignore_index) {
-      g = (label >= 0 && label < C) ? grad_loss[gls.at(ni, hi, wi)] * (weight ? weight[label] : acc_t(1))
-                                    : std::numeric_limits<acc_t>::quiet_NaN();
-    }
+    const acc_t factor = ce_pixel::label_factor(label, ce_pixel::class_of(label, static_cast<int>(C)), ignore_index,
+                                                weight);
+    const acc_t g = label == ignore_index ? acc_t(0) : grad_loss[gls.at(ni, hi, wi)] * factor;
     store_grad(xp, x_sc, gp, g_sc, g, stats[p], stats[num_pixels + p], label, C);
   }
 }

@@ -70,16 +70,23 @@ FCNK_HD inline acc_t pixel_loss(const Pixel<kMax, acc_t>& p, int64_t label, int6
   return label == ignore_index ? acc_t(0) : g * ((p.m - p.xt) + p.ls);
 }
 
-// g * (softmax - onehot(k)) into gp (class stride g_sc), with the expression the recomputing backward kernel uses
-// (exp((x - m) - ls)), so that a gradient handed on from the forward and a recomputed one agree bit for bit.
+// One class's g * (softmax - onehot) from its logit v and the pixel's statistics m and ls: the expression of every
+// CUDA cross-entropy gradient (this file's and cross_entropy_cuda.cu's recomputing backward), so that a gradient
+// handed on by the training forward and one recomputed from saved statistics agree bit for bit.
+template <typename acc_t>
+FCNK_HD inline acc_t class_grad(acc_t v, acc_t m, acc_t ls, acc_t g, bool is_label) {
+  const acc_t prob = exp_of((v - m) - ls);
+  return g * (is_label ? prob - acc_t(1) : prob);
+}
+
+// The pixel's gradient g * (softmax - onehot(k)) into gp (class stride g_sc).
 template <int kMax, typename scalar_t, typename acc_t>
 FCNK_HD inline void store_pixel_grad(const Pixel<kMax, acc_t>& p, scalar_t* gp, int64_t g_sc, int C, int k,
                                      acc_t g) {
   scalar_t* out = gp;
 #pragma unroll
   for (int c = 0; c < kMax; ++c, out += g_sc) {
-    const acc_t prob = exp_of((p.v[c] - p.m) - p.ls);
-    if (c < C) *out = static_cast<scalar_t>(g * (c == k ? prob - acc_t(1) : prob));
+    if (c < C) *out = static_cast<scalar_t>(class_grad(p.v[c], p.m, p.ls, g, c == k));
   }
 }
 

@@ -111,14 +111,9 @@ def ce_fwd_kernel(
     if WITH_GRAD:
         g = tl.where(valid, tl.where(in_range, wt, float("nan")), 0.0)
         gx_pix = n * gx_sn + h * gx_sh + w * gx_sw
-        if ONE_CHUNK:
-            # The tile still in registers, through _store_grad's expression: bit for bit what a backward that
-            # recomputes from the saved statistics (ce_bwd_kernel, after a forward with the same ONE_CHUNK) writes.
+        if ONE_CHUNK:  # the tile still in registers
             c = tl.arange(0, BLOCK_C)
-            prob = tl.exp((v - m[None, :]) - ls[None, :])
-            grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
-            tl.store(gx_ptr + c.to(tl.int64)[:, None] * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty),
-                     mask=(c < C)[:, None] & pmask[None, :])  # fmt: skip
+            _store_class_grad(gx_ptr, gx_pix, gx_sc, v, c, (c < C)[:, None] & pmask[None, :], g, m, ls, label)
         else:
             _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmask, C, ACC, BLOCK_C)
     else:
@@ -134,11 +129,18 @@ def _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmas
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < C)[:, None] & pmask[None, :]
-        c64 = c.to(tl.int64)[:, None]
-        v = tl.load(x_ptr + c64 * x_sc + x_pix[None, :], mask=mask, other=0.0).to(ACC)
-        prob = tl.exp((v - m[None, :]) - ls[None, :])
-        grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
-        tl.store(gx_ptr + c64 * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(x_ptr + c.to(tl.int64)[:, None] * x_sc + x_pix[None, :], mask=mask, other=0.0).to(ACC)
+        _store_class_grad(gx_ptr, gx_pix, gx_sc, v, c, mask, g, m, ls, label)
+
+
+@triton.jit
+def _store_class_grad(gx_ptr, gx_pix, gx_sc, v, c, mask, g, m, ls, label):
+    """gx = g * (softmax - onehot(label)) for a classes x pixels tile of logits v (classes c), from the pixels'
+    statistics m and ls: the one expression of every gradient these kernels write, so that the training forward's
+    and a backward's that recomputes from saved statistics agree bit for bit."""
+    prob = tl.exp((v - m[None, :]) - ls[None, :])
+    grad = g[None, :] * tl.where(c[:, None] == label[None, :], prob - 1.0, prob)
+    tl.store(gx_ptr + c.to(tl.int64)[:, None] * gx_sc + gx_pix[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
