@@ -45,6 +45,18 @@ using namespace conv_gemm;
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
+// Element i of a thread's share of a kBK x R operand tile: its (reduction, row) slot, in the index order that makes
+// the operand's global loads coalesced (rows fastest when kFastRows). The gathers' loads and stores walk the same
+// slots.
+struct TileSlot {
+  unsigned k, r;
+};
+template <bool kFastRows, unsigned R>
+__device__ __forceinline__ TileSlot tile_slot(int tid, int i) {
+  const unsigned idx = tid + i * kThreads;
+  return kFastRows ? TileSlot{idx / R, idx % R} : TileSlot{idx % kBK, idx / kBK};
+}
+
 // The GEMM core. Operand tiles are staged in shared memory as [kBK][kBM] and [kBK][kBN] (reduction-major), filled
 // with the index order that makes each problem's global loads coalesced (kAFastM, kBFastN). The problem's row and
 // column contexts (see conv_relu_problems.h) sit in shared memory: the block's rows once, each slice's reduction
@@ -91,27 +103,23 @@ __global__ void __launch_bounds__(kThreads) gather_gemm(P problem) {
     acc_t v[kAPerThread > kBPerThread ? kAPerThread : kBPerThread];
 #pragma unroll
     for (int i = 0; i < kAPerThread; ++i) {
-      const unsigned idx = tid + i * kThreads;
-      const unsigned kk = P::kAFastM ? idx / kBM : idx % kBK, mm = P::kAFastM ? idx % kBM : idx / kBK;
-      v[i] = p.a(a_rows[mm], a_ks[buf][kk], mm < m_in && kk < k_in);
+      const TileSlot e = tile_slot<P::kAFastM, kBM>(tid, i);
+      v[i] = p.a(a_rows[e.r], a_ks[buf][e.k], e.r < m_in && e.k < k_in);
     }
 #pragma unroll
     for (int i = 0; i < kAPerThread; ++i) {
-      const unsigned idx = tid + i * kThreads;
-      const unsigned kk = P::kAFastM ? idx / kBM : idx % kBK, mm = P::kAFastM ? idx % kBM : idx / kBK;
-      As[kk][mm] = from_acc<smem_t>(v[i]);
+      const TileSlot e = tile_slot<P::kAFastM, kBM>(tid, i);
+      As[e.k][e.r] = from_acc<smem_t>(v[i]);
     }
 #pragma unroll
     for (int i = 0; i < kBPerThread; ++i) {
-      const unsigned idx = tid + i * kThreads;
-      const unsigned kk = P::kBFastN ? idx / kBN : idx % kBK, nn = P::kBFastN ? idx % kBN : idx / kBK;
-      v[i] = p.b(b_ks[buf][kk], b_cols[nn], nn < n_in && kk < k_in);
+      const TileSlot e = tile_slot<P::kBFastN, kBN>(tid, i);
+      v[i] = p.b(b_ks[buf][e.k], b_cols[e.r], e.r < n_in && e.k < k_in);
     }
 #pragma unroll
     for (int i = 0; i < kBPerThread; ++i) {
-      const unsigned idx = tid + i * kThreads;
-      const unsigned kk = P::kBFastN ? idx / kBN : idx % kBK, nn = P::kBFastN ? idx % kBN : idx / kBK;
-      Bs[kk][nn] = from_acc<smem_t>(v[i]);
+      const TileSlot e = tile_slot<P::kBFastN, kBN>(tid, i);
+      Bs[e.k][e.r] = from_acc<smem_t>(v[i]);
     }
   };
 
