@@ -34,14 +34,14 @@ at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int6
   double* dst = out.data_ptr<double>();
   // Each row as a block of `step` threads would share it (threads 0 .. step - 1, each every step-th column).
   const int64_t rows = out.size(0) * out.size(1) * oh, step = 3;
+  const auto narrow_plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
+  const auto wide_plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
   for (int64_t row = 0; row < rows; ++row) {
     for (int64_t first = 0; first < step; ++first) {
       if (narrow) {
-        const auto plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
-        bilinear_fwd_row<double, double>(int32_t(row), int32_t(first), int32_t(step), src, dst, plan);
+        bilinear_fwd_row<double, double>(int32_t(row), int32_t(first), int32_t(step), src, dst, narrow_plan);
       } else {
-        const auto plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
-        bilinear_fwd_row<double, double>(row, first, step, src, dst, plan);
+        bilinear_fwd_row<double, double>(row, first, step, src, dst, wide_plan);
       }
     }
   }
