@@ -197,9 +197,7 @@ __global__ void __launch_bounds__(256) bias_grad_kernel(const T* dy, Strides dys
   const int64_t k = blockIdx.x, pixels = s.n * s.oh * s.ow;
   acc_of<T> sum = 0;
   for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
-    const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-    sum += masked_grad(dy, y, relu, GradOffsets{k * dys.c, k * ys.c},
-                       GradOffsets{n * dys.n + oh * dys.h + ow * dys.w, n * ys.n + oh * ys.h + ow * ys.w});
+    sum += masked_grad(dy, y, relu, GradOffsets{k * dys.c, k * ys.c}, grad_offsets(out_pixel(s, p), dys, ys));
   }
   part[threadIdx.x] = sum;
   __syncthreads();

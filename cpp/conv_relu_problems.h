@@ -108,10 +108,17 @@ struct XTap {
   int32_t dh, dw;
 };
 
-FCNK_HD inline PixelTaps pixel_taps(const Shape& s, Strides xs, int64_t p) {
-  const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-  const int64_t ih0 = oh * s.sh - s.ph, iw0 = ow * s.sw - s.pw;
-  return {n * xs.n + ih0 * xs.h + iw0 * xs.w, static_cast<int32_t>(ih0), static_cast<int32_t>(iw0)};
+// Output pixel p of the row-major N x OH x OW grid, decoded.
+struct OutPixel {
+  int64_t n, oh, ow;
+};
+FCNK_HD inline OutPixel out_pixel(const Shape& s, int64_t p) {
+  return {p / (s.ow * s.oh), (p / s.ow) % s.oh, p % s.ow};
+}
+
+FCNK_HD inline PixelTaps pixel_taps(const Shape& s, Strides xs, const OutPixel& q) {
+  const int64_t ih0 = q.oh * s.sh - s.ph, iw0 = q.ow * s.sw - s.pw;
+  return {q.n * xs.n + ih0 * xs.h + iw0 * xs.w, static_cast<int32_t>(ih0), static_cast<int32_t>(iw0)};
 }
 FCNK_HD inline XTap x_tap(const Shape& s, Strides xs, int64_t group, int64_t j) {
   const int64_t sx = j % s.s, r = (j / s.s) % s.r, c = j / (s.s * s.r);
@@ -134,6 +141,9 @@ FCNK_HD inline acc_of<T> gather_x(const T* x, const Shape& s, const PixelTaps& p
 struct GradOffsets {
   int64_t dy, y;
 };
+FCNK_HD inline GradOffsets grad_offsets(const OutPixel& q, Strides dys, Strides ys) {
+  return {q.n * dys.n + q.oh * dys.h + q.ow * dys.w, q.n * ys.n + q.oh * ys.h + q.ow * ys.w};
+}
 // The masked output gradient dy * (y > 0) (dy itself without the ReLU) at the sum of two offset parts; 0 where
 // `valid` is false, loading element 0 instead (see gather_x).
 template <typename T>
@@ -169,8 +179,8 @@ struct Forward {
   FCNK_HD int64_t rows() const { return s.n * s.oh * s.ow; }
   FCNK_HD int64_t cols() const { return s.k_g; }
   FCNK_HD AM a_m(int64_t m) const {
-    const int64_t ow = m % s.ow, oh = (m / s.ow) % s.oh, n = m / (s.ow * s.oh);
-    return {pixel_taps(s, xs, m), n * ys.n + oh * ys.h + ow * ys.w};
+    const OutPixel q = out_pixel(s, m);
+    return {pixel_taps(s, xs, q), q.n * ys.n + q.oh * ys.h + q.ow * ys.w};
   }
   FCNK_HD AK a_k(int64_t j) const { return x_tap(s, xs, group, j); }
   FCNK_HD BK b_k(int64_t j) const { return j; }
@@ -275,11 +285,8 @@ struct Wgrad {
     const int64_t kk = group * s.k_g + k;
     return {kk * dys.c, kk * ys.c};
   }
-  FCNK_HD AK a_k(int64_t p) const {
-    const int64_t ow = p % s.ow, oh = (p / s.ow) % s.oh, n = p / (s.ow * s.oh);
-    return {n * dys.n + oh * dys.h + ow * dys.w, n * ys.n + oh * ys.h + ow * ys.w};
-  }
-  FCNK_HD BK b_k(int64_t p) const { return pixel_taps(s, xs, p); }
+  FCNK_HD AK a_k(int64_t p) const { return grad_offsets(out_pixel(s, p), dys, ys); }
+  FCNK_HD BK b_k(int64_t p) const { return pixel_taps(s, xs, out_pixel(s, p)); }
   FCNK_HD BN b_n(int64_t j) const { return x_tap(s, xs, group, j); }
   FCNK_HD acc_of<T> a(const AM& k, const AK& p, bool in_range) const {
     return masked_grad(dy, y, relu, k, p, in_range);
