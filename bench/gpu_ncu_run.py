@@ -5,7 +5,7 @@ cudaProfilerStart/Stop, so that only that launch is profiled (gpu_suite.sh keeps
   run 4 (H200) found its wgrad at 979 us, shared-memory bound; session 12 took the bias reduction out of its loop;
 - the same layer on the CUDA backend (gather_gemm: forward, dgrad, wgrad): run 9 timed it at 5.5 ms forward and
   28.6 ms forward + backward; session 16 replaced per-element index decoding by row / column contexts and batched
-  the loads (SASS per 32-deep slice per thread: forward ~5.7k -> 1033 instructions), predicted ~1 ms forward;
+  the loads (SASS per 32-deep slice per thread: forward ~5.7k -> 1038 instructions), predicted ~1 ms forward;
 - the FCN-32s learned upsampling (21 -> 21, k 64, stride 32, 8 x 21 x 16 x 16 -> 500 x 500) on the Triton backend,
   forward and backward: run 6 had the phase-GEMM forward at 2.63 ms (12.5 % occupancy, integer-math bound);
   session 14 made forward and backward GEMMs over output cells (predicted 0.1-0.2 ms forward, 0.3-0.4 backward);
