@@ -16,6 +16,7 @@ CPP_SOURCES = (
     "upsample_cpu.cpp",
     "upsample_learned_cpu.cpp",
     "conv_relu_cpu.cpp",
+    "conv_relu_winograd_cpu.cpp",
     "upsample_ce_cpu.cpp",
 )
 CUDA_SOURCES = ("cross_entropy_cuda.cu", "upsample_cuda.cu", "upsample_ce_cuda.cu", "conv_relu_cuda.cu")

@@ -176,12 +176,71 @@ def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, l
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_deep_layer_takes_its_default_paths(dtype):
-    """A 256 -> 256 channel 3x3 layer on a 10 x 30 map: the CPU kernel's own choice (shifted GEMMs forward and
-    backward) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
+    """A 256 -> 256 channel 3x3 layer on a 10 x 30 map: the CPU kernel's own choice (Winograd forward and dx,
+    shifted GEMMs for dW) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
     require_backend("cpu")
     case = (1, 256, 10, 30, 256, 3, 1, 1, 1, 1)
     tensors, geometry = _inputs(case, dtype, "cpu")
     _check("cpu", "cpu", dtype, tensors, geometry)
+    if dtype == torch.float32:  # the default really is Winograd: its sums differ from the direct kernels' in the ulps
+        direct = mock.patch.dict(os.environ, {"FCNKERN_CONV_WINOGRAD": "0"})
+        with direct:
+            y_direct = conv2d_relu(*tensors, backend="cpu", **geometry)
+        y = conv2d_relu(*tensors, backend="cpu", **geometry)
+        assert not torch.equal(y, y_direct)
+        torch.testing.assert_close(y, y_direct, rtol=1e-4, atol=1e-5)
+
+
+# 3x3, stride 1, dilation 1 (what Winograd computes): a VGG layer, 2 groups, a map smaller than a tile with prime
+# channels, 37 channels on a prime map, padding 0 and 2 (dx's padding 2 and 0).
+WINOGRAD_CASES = [*(CASES[i] for i in (1, 6, 8, 9)), (1, 8, 6, 9, 5, 3, 1, 0, 1, 1), (2, 7, 5, 4, 6, 3, 1, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("tile", ["2", "4"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=_case_id)
+def test_cpu_winograd_forced_on_small_shapes(monkeypatch, case, dtype, layout, tile):
+    """The CPU's Winograd F(m x m, 3 x 3) forward and dx, which it takes by itself from 64 channels per group,
+    forced onto small shapes with FCNKERN_CONV_WINOGRAD=all, for both tile sizes (m = 2, the default, and 4)."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_WINOGRAD", "all")
+    monkeypatch.setenv("FCNKERN_WINOGRAD_TILE", tile)
+    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "winograd")
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
+
+
+@pytest.mark.parametrize("where", ["x", "weight", "grad"])
+def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch, where):
+    """inf in, inf out where PyTorch has it: Winograd's transforms would make inf - inf = NaN of an inf in x, the
+    weight or dy, so such calls go to the direct kernels (NaN and inf where PyTorch has them, forward and dx). dx
+    is compared where y has no NaN: PyTorch's ReLU backward passes the gradient of a NaN output, the kernels'
+    mask (y > 0) does not."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_WINOGRAD", "all")
+    (x, weight, bias), geometry = _inputs(CASES[9], torch.float32, "cpu", "non-finite")
+    x, weight = x.clone(), weight.clone()
+    upstream = torch.randn(2, 11, 19, 17, generator=generator("non-finite-dy"))
+    if where == "x":
+        x[0, 0, 1, 1], x[-1, -1, 2, 3] = float("inf"), float("-inf")
+    elif where == "weight":
+        weight[0, 0, 1, 1] = float("inf")
+    else:  # at two outputs the ReLU passes
+        live = _reference(x, weight, bias, **geometry).flatten().gt(0).nonzero().flatten()
+        upstream.view(-1)[live[[0, -1]]] = torch.tensor([float("inf"), float("-inf")])
+    results = []
+    for fn in (lambda *a: conv2d_relu(*a, backend="cpu", **geometry), lambda *a: _reference(*a, **geometry)):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf, weight, bias)
+        (dx,) = torch.autograd.grad(y, [leaf], upstream)
+        results.append((y.detach(), dx))
+    compared = results if where != "weight" else [r[:1] for r in results]
+    assert any((~ref.isfinite()).any() for ref in compared[1])
+    for ours, ref in zip(*compared, strict=True):
+        assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
@@ -257,6 +316,25 @@ def test_gradcheck_float64_shifted_path(monkeypatch, shifted, kernel, padding, h
     assert torch.autograd.gradcheck(conv, (x, weight, bias))
 
 
+@pytest.mark.parametrize("tile", ["2", "4"])
+@pytest.mark.parametrize(("padding", "groups"), [(1, 1), (0, 2), (2, 1)])
+def test_gradcheck_float64_winograd(monkeypatch, tile, padding, groups):
+    """gradcheck through the Winograd forward and dx (in float64: double transforms and GEMMs), forced onto a small
+    map with FCNKERN_CONV_WINOGRAD=all; dW comes from the direct kernels."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_WINOGRAD", "all")
+    monkeypatch.setenv("FCNKERN_WINOGRAD_TILE", tile)
+    g = generator("gradcheck-winograd", tile, padding, groups)
+    x = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=torch.float64) / 4).requires_grad_()
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def conv(*args):
+        return conv2d_relu(*args, padding=padding, groups=groups, backend="cpu")
+
+    assert torch.autograd.gradcheck(conv, (x, weight, bias))
+
+
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_only_requested_gradients_are_computed(device, backend):
     (x, weight, _bias), geometry = _inputs(CASES[1], torch.float32, device)
@@ -296,7 +374,7 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
     _check("cpu", backend, torch.float32, tensors, geometry)
 
 
-@pytest.mark.parametrize("shifted", ["default", "all"])
+@pytest.mark.parametrize("shifted", ["default", "all", "winograd"])
 @given(
     n=st.integers(1, 2),
     c_g=st.integers(32, 40),
@@ -311,13 +389,15 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
 def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h, w, k, padding, dilation):
     """Stride 1 with >= 32 channels per group: where the CPU kernel switches between im2col and shifted GEMMs (at
     256 wide output columns), over random maps, kernels, paddings and dilations; "all" takes the shifted backward
-    too."""
+    too, "winograd" the Winograd forward and dx wherever they apply (3 x 3, dilation 1)."""
     require_backend("cpu")
     assume(min(conv_relu.conv_output_size(s, k, 1, padding, dilation) for s in (h, w)) >= 1)
     case = (n, c_g * groups, h, w, k_g * groups, k, 1, padding, dilation, groups)
     tensors, geometry = _inputs(case, torch.float32, "cpu")
     # not monkeypatch: Hypothesis runs many examples per function-scoped fixture
-    with mock.patch.dict(os.environ, {"FCNKERN_CONV_SHIFTED": shifted if shifted != "default" else "1"}):
+    env = {"FCNKERN_CONV_SHIFTED": "all" if shifted == "all" else "1"}
+    env["FCNKERN_CONV_WINOGRAD"] = "all" if shifted == "winograd" else "0"
+    with mock.patch.dict(os.environ, env):
         _check("cpu", "cpu", torch.float32, tensors, geometry)
 
 

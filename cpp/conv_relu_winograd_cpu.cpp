@@ -1,0 +1,478 @@
+// Winograd F(m x m, 3 x 3) for the CPU's stride-1 3 x 3 convolutions (Lavin & Gray, "Fast Algorithms for
+// Convolutional Neural Networks", 2016): forward (bias + ReLU in the output transform) and dgrad.
+//
+// Why: from 256 channels on, VGG's 3 x 3 layers are compute-bound, and both oneDNN's direct convolution (eager
+// PyTorch) and this library's shifted GEMMs run near the FMA peak of the CPU, so the only way past eager is fewer
+// multiplications. F(m x m, 3 x 3) computes an m x m output tile from an (m + 2) x (m + 2) input tile with
+// (m + 2)^2 products instead of 9 m^2: 2.25x fewer for m = 2, 4x for m = 4, the products being (m + 2)^2 GEMMs
+// over channels per block of tiles.
+//
+// Per (image, group, block of output tiles), with alpha = m + 2:
+//   V[xi][c][t] = (B^T d_{c,t} B)[xi]       input transform of the tile's alpha x alpha patch of the padded input
+//   M[xi]       = U[xi] @ V[xi]              alpha^2 GEMMs, K/G x C/G times C/G x tiles (U = G g G^T, per call)
+//   y_{k,t}     = A^T M_{k,t} A              output transform, then bias, ReLU, conversion and a strided store
+// The input is first copied into a zero-padded plane per channel (m * tiles + 2 rows and columns), so the
+// transforms need no bounds tests: a tile past the output's edge reads zeros there and its extra outputs are not
+// stored.
+//
+// dgrad: at stride 1, dx = conv_transpose(dy', W) is a 3 x 3 convolution of dy' = dy * (y > 0) with the weight
+// flipped in both spatial axes and its two channel axes swapped, at padding 2 - pad; the same code computes it.
+//
+// Numerics: the transforms' constants are exact in binary for m = 2 (0.5, +-1) and the products are summed over
+// channels by the GEMM as in a direct convolution, so fp32 results stay within a few ulps of the direct form's
+// error; m = 4's constants (1/6, 1/24, 4, 8) cost about a decimal digit (measured in tests/test_conv_relu.py).
+#include "conv_relu_winograd_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <string_view>
+#include <type_traits>
+
+#include "common.h"
+#include "cpu_math.h"
+#include "cpu_tasks.h"
+#include "large_block_cache.h"
+
+namespace fcnkern {
+namespace {
+
+// The transforms: B^T (alpha x alpha), G (alpha x 3), A^T (m x alpha).
+template <int M>
+struct Winograd;
+
+template <>
+struct Winograd<2> {
+  static constexpr int kM = 2, kAlpha = 4;
+  static constexpr double kBT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  static constexpr double kAT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+
+template <>
+struct Winograd<4> {
+  static constexpr int kM = 4, kAlpha = 6;
+  static constexpr double kBT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                       {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr double kG[6][3] = {{1.0 / 4, 0, 0},
+                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                      {0, 0, 1}};
+  static constexpr double kAT[4][6] = {
+      {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+};
+
+// sum_c Mat[r][c] * v[c] with the coefficients as compile-time constants: zero terms vanish, +-1 cost no multiply
+// (the table read at run time costs a compare per term; the transforms were then slower than the GEMMs).
+template <typename T, const auto& Mat, int R, int C>
+inline __attribute__((always_inline)) void add_terms(T& sum, bool& any, const T* v) {
+  if constexpr (C < static_cast<int>(std::extent_v<std::remove_reference_t<decltype(Mat)>, 1>)) {
+    constexpr double coef = Mat[R][C];
+    if constexpr (coef != 0) {
+      T term;
+      if constexpr (coef == 1) {
+        term = v[C];
+      } else if constexpr (coef == -1) {
+        term = -v[C];
+      } else {
+        term = static_cast<T>(coef) * v[C];
+      }
+      sum = any ? sum + term : term;
+      any = true;
+    }
+    add_terms<T, Mat, R, C + 1>(sum, any, v);
+  }
+}
+
+template <typename T, const auto& Mat, int R>
+inline __attribute__((always_inline)) void matrix_rows(T* out, const T* v) {
+  if constexpr (R < static_cast<int>(std::extent_v<std::remove_reference_t<decltype(Mat)>, 0>)) {
+    T sum = T(0);
+    bool any = false;
+    add_terms<T, Mat, R, 0>(sum, any, v);
+    out[R] = sum;
+    matrix_rows<T, Mat, R + 1>(out, v);
+  }
+}
+
+// The 2-d transform Mat X Mat^T of one lane's C x C tile, for each lane i < len:
+//   out[(a * R + b) * os + i] = sum_{k, l} Mat[a][k] * X[k][l] * Mat[b][l],
+//   X[k][l] = in[k * sk + (l % P) * sp + (l / P) * sq + i].
+// Every tile element is a unit-stride stream over the lanes (tiles) at a loop-invariant offset from one base
+// pointer, so the loop vectorises across tiles with the tile in registers: one pass, no intermediate rows. (Two
+// separable passes through a scratch row cost a quarter of the forward's time; an array of element pointers
+// kept GCC from vectorising at all, as did inner loops it had not unrolled before vectorising, and `omp simd`,
+// whose per-lane copies of the local arrays it could not vectorise: hence unroll and ivdep.)
+template <typename T, const auto& Mat, int P>
+inline __attribute__((always_inline)) void apply_2d(const T* __restrict__ in, int64_t sk, int64_t sp, int64_t sq,
+                                                    T* __restrict__ out, int64_t os, int64_t len) {
+  using Table = std::remove_reference_t<decltype(Mat)>;
+  constexpr int kR = std::extent_v<Table, 0>, kC = std::extent_v<Table, 1>;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < len; ++i) {
+    T half[kR][kC];
+#pragma GCC unroll 8
+    for (int l = 0; l < kC; ++l) {
+      T column[kC], mixed[kR];
+#pragma GCC unroll 8
+      for (int k = 0; k < kC; ++k) column[k] = in[k * sk + (l % P) * sp + (l / P) * sq + i];
+      matrix_rows<T, Mat, 0>(mixed, column);
+#pragma GCC unroll 8
+      for (int a = 0; a < kR; ++a) half[a][l] = mixed[a];
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < kR; ++a) {
+      T res[kR];
+      matrix_rows<T, Mat, 0>(res, half[a]);
+#pragma GCC unroll 8
+      for (int b = 0; b < kR; ++b) out[(a * kR + b) * os + i] = res[b];
+    }
+  }
+}
+
+// The convolution the code computes: `c` input channels of h x w into `k` output channels of oh x ow, 3 x 3,
+// stride 1, in `groups` groups, padding (pad_h, pad_w).
+struct WinogradProblem {
+  int64_t c, k, groups, c_g, k_g, h, w, oh, ow, pad_h, pad_w;
+};
+
+// Output tiles of m x m, and the zero-padded input plane they read: m * tiles + 2 rows and columns. Each plane row
+// is stored phase-major, column x at (x % m) * phase + x / m with phase = tiles per row + 1 slots, so that the
+// transforms' taps at columns m * t + j are unit-stride runs over t (a stride-m gather vectorises poorly).
+template <int M>
+struct TileGrid {
+  int64_t rows_t, cols_t, tiles, plane_rows, phase, plane_cols, plane;
+  explicit TileGrid(const WinogradProblem& p)
+      : rows_t((p.oh + M - 1) / M), cols_t((p.ow + M - 1) / M), tiles(rows_t * cols_t), plane_rows(M * rows_t + 2),
+        phase(cols_t + 1), plane_cols(M * phase), plane(plane_rows * plane_cols) {}
+  // Calls fn(q, tile_row, first_tile_col, len) for the runs of tiles [t0, t0 + count) that lie in one tile row.
+  template <typename Fn>
+  void for_each_run(int64_t t0, int64_t count, Fn&& fn) const {
+    for (int64_t q = 0; q < count;) {
+      const int64_t t = t0 + q, row = t / cols_t, col = t % cols_t, len = std::min(cols_t - col, count - q);
+      fn(q, row, col, len);
+      q += len;
+    }
+  }
+};
+
+// Tiles per block: the block's transformed input and output (alpha^2 x (C/G + K/G) x tiles) at about
+// FCNKERN_WINOGRAD_BLOCK_KB (default 8192 KiB: L3-resident, with GEMMs over 128-256 tiles where oneDNN's matmul
+// runs at 75-90 % of its large-matrix rate), a multiple of 16, 16..1024.
+int64_t tiles_per_block(const WinogradProblem& p, int alpha, int64_t elem_bytes) {
+  const char* v = std::getenv("FCNKERN_WINOGRAD_BLOCK_KB");
+  const int64_t budget = std::max<int64_t>(v != nullptr ? std::atoll(v) : 8192, 16) << 10;
+  const int64_t fit = budget / (int64_t{alpha} * alpha * (p.c_g + p.k_g) * elem_bytes);
+  return std::clamp<int64_t>(fit / 16 * 16, 16, 1024);
+}
+
+// U = G g G^T per (output channel, input channel) as groups x alpha^2 x K/G x C/G, computed in double from a
+// K x C/G x 3 x 3 weight. `flip_transpose`: the dgrad's weight, g'[c][k] = rot180(g[k][c]) within each group.
+// Undefined where the weight holds a non-finite value (see winograd_conv).
+template <typename T, int M>
+at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_transpose) {
+  using Wg = Winograd<M>;
+  constexpr int kA = Wg::kAlpha;
+  const at::Tensor w = weight.to(at::kDouble).contiguous();
+  if (!at::isfinite(w).all().item<bool>()) return at::Tensor();
+  const int64_t k_g = weight.size(0) / groups, c_g = weight.size(1);
+  const int64_t outs = flip_transpose ? c_g : k_g, ins = flip_transpose ? k_g : c_g;
+  at::Tensor u = at::empty({groups, kA * kA, outs, ins}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
+  const double* wp = w.const_data_ptr<double>();
+  T* up = u.mutable_data_ptr<T>();
+  at::parallel_for(0, groups * outs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t go = begin; go < end; ++go) {
+      const int64_t group = go / outs, o = go % outs;
+      for (int64_t i = 0; i < ins; ++i) {
+        const int64_t kk = flip_transpose ? i : o, cc = flip_transpose ? o : i;
+        const double* g = wp + ((group * k_g + kk) * c_g + cc) * 9;
+        double tap[3][3];
+        for (int r = 0; r < 3; ++r) {
+          for (int s = 0; s < 3; ++s) tap[r][s] = flip_transpose ? g[(2 - r) * 3 + (2 - s)] : g[r * 3 + s];
+        }
+        double half[kA][3];  // G g
+        for (int a = 0; a < kA; ++a) {
+          for (int s = 0; s < 3; ++s) {
+            half[a][s] = Wg::kG[a][0] * tap[0][s] + Wg::kG[a][1] * tap[1][s] + Wg::kG[a][2] * tap[2][s];
+          }
+        }
+        T* dst = up + (group * kA * kA * outs + o) * ins + i;
+        for (int a = 0; a < kA; ++a) {
+          for (int b = 0; b < kA; ++b) {
+            const double v = half[a][0] * Wg::kG[b][0] + half[a][1] * Wg::kG[b][1] + half[a][2] * Wg::kG[b][2];
+            dst[(a * kA + b) * outs * ins] = static_cast<T>(v);
+          }
+        }
+      }
+    }
+  });
+  return u;
+}
+
+// The padded planes of one image: channel c's plane row a holds input row a - pad_h, shifted right by pad_w, zeros
+// around it, phase-major (see TileGrid). fill_row(c, ih, dst) writes the w values of input row ih of channel c.
+// Returns whether every value is finite (see winograd_conv).
+template <typename T, int M, typename FillRow>
+bool fill_planes(const WinogradProblem& p, const TileGrid<M>& grid, T* planes, const FillRow& fill_row) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, p.c, 1, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<T[]> line(new T[p.w]);
+    bool bad = false;
+    for (int64_t c = begin; c < end; ++c) {
+      T* plane = planes + c * grid.plane;
+      for (int64_t a = 0; a < grid.plane_rows; ++a) {
+        T* row = plane + a * grid.plane_cols;
+        std::fill(row, row + grid.plane_cols, T(0));
+        const int64_t ih = a - p.pad_h;
+        if (ih < 0 || ih >= p.h) continue;
+        fill_row(c, ih, line.get());
+        for (int64_t iw = 0; iw < p.w; ++iw) bad |= !(line[iw] - line[iw] == T(0));  // inf - inf and NaN: NaN
+        for (int64_t phase = 0; phase < M; ++phase) {
+          // columns x = pad_w + iw with x % M == phase: iw = first, first + M, ...
+          const int64_t first = ((phase - p.pad_w) % M + M) % M;
+          T* dst = row + phase * grid.phase + (p.pad_w + first) / M;
+          for (int64_t iw = first, i = 0; iw < p.w; iw += M, ++i) dst[i] = line[iw];
+        }
+      }
+    }
+    if (bad) finite = false;
+  });
+  return finite;
+}
+
+// V[xi][c][q] for the tiles [t0, t0 + count) of `channels` planes (group's first at `planes`), B^T d B per tile,
+// vectorised across the tiles of each run within a tile row.
+template <typename T, int M>
+inline __attribute__((always_inline)) void input_transform(const TileGrid<M>& grid, const T* planes, int64_t channels,
+                                                           int64_t t0, int64_t count, T* v) {
+  // Plain loops, no lambda: a lambda would be compiled outside the caller's target clone, without AVX-512.
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* plane = planes + c * grid.plane;
+    for (int64_t q = 0; q < count;) {
+      const int64_t t = t0 + q, row = t / grid.cols_t, col = t % grid.cols_t;
+      const int64_t len = std::min(grid.cols_t - col, count - q);
+      // plane column M * (col + lane) + j: phase j % M, slot col + lane + j / M
+      const T* tile = plane + M * row * grid.plane_cols + col;
+      apply_2d<T, Winograd<M>::kBT, M>(tile, grid.plane_cols, grid.phase, 1, v + c * count + q, channels * count, len);
+      q += len;
+    }
+  }
+}
+
+// A^T M A for row r of M[xi][r][q] over a run of tiles q .. q + len - 1: tile[(a * m + l) * stride + i] is output
+// pixel (a, l) of the run's tile i.
+template <typename T, int M>
+inline __attribute__((always_inline)) void output_tile(const T* m, int64_t rows, int64_t r, int64_t count, int64_t q,
+                                                       int64_t len, T* tile, int64_t stride) {
+  constexpr int kA = Winograd<M>::kAlpha;
+  const int64_t element = rows * count;  // M's stride between transform elements xi
+  apply_2d<T, Winograd<M>::kAT, 1>(m + r * count + q, kA * element, 0, element, tile, stride, len);
+}
+
+// The float transforms as AVX-512 / AVX2 / baseline clones chosen at load time (target_clones takes no templates);
+// other types run the templates as built.
+FCNK_MULTIVERSION void input_transform_f2(const TileGrid<2>& grid, const float* planes, int64_t channels, int64_t t0,
+                                          int64_t count, float* v) {
+  input_transform<float, 2>(grid, planes, channels, t0, count, v);
+}
+FCNK_MULTIVERSION void input_transform_f4(const TileGrid<4>& grid, const float* planes, int64_t channels, int64_t t0,
+                                          int64_t count, float* v) {
+  input_transform<float, 4>(grid, planes, channels, t0, count, v);
+}
+FCNK_MULTIVERSION void output_tile_f2(const float* m, int64_t rows, int64_t r, int64_t count, int64_t q, int64_t len,
+                                      float* tile, int64_t stride) {
+  output_tile<float, 2>(m, rows, r, count, q, len, tile, stride);
+}
+FCNK_MULTIVERSION void output_tile_f4(const float* m, int64_t rows, int64_t r, int64_t count, int64_t q, int64_t len,
+                                      float* tile, int64_t stride) {
+  output_tile<float, 4>(m, rows, r, count, q, len, tile, stride);
+}
+
+template <typename T, int M>
+void run_input_transform(const TileGrid<M>& grid, const T* planes, int64_t channels, int64_t t0, int64_t count, T* v) {
+  if constexpr (std::is_same_v<T, float> && M == 2) {
+    input_transform_f2(grid, planes, channels, t0, count, v);
+  } else if constexpr (std::is_same_v<T, float> && M == 4) {
+    input_transform_f4(grid, planes, channels, t0, count, v);
+  } else {
+    input_transform<T, M>(grid, planes, channels, t0, count, v);
+  }
+}
+
+template <typename T, int M>
+void run_output_tile(const T* m, int64_t rows, int64_t r, int64_t count, int64_t q, int64_t len, T* tile,
+                     int64_t stride) {
+  if constexpr (std::is_same_v<T, float> && M == 2) {
+    output_tile_f2(m, rows, r, count, q, len, tile, stride);
+  } else if constexpr (std::is_same_v<T, float> && M == 4) {
+    output_tile_f4(m, rows, r, count, q, len, tile, stride);
+  } else {
+    output_tile<T, M>(m, rows, r, count, q, len, tile, stride);
+  }
+}
+
+// Output channels k0 .. k0 + rows - 1 of image n from M[xi][r][q] (tiles [t0, t0 + count)): A^T M A, then bias,
+// ReLU (max(v, 0) keeps NaN), conversion and the strided store of the pixels inside the output.
+// `tile`: m^2 x (tiles per row).
+template <typename scalar_t, typename T, int M>
+void output_transform(const TileGrid<M>& grid, const WinogradProblem& p, const T* m, int64_t rows, int64_t t0,
+                      int64_t count, int64_t n, int64_t k0, const T* bias, bool relu, scalar_t* out,
+                      const int64_t* os, T* tile) {
+  const int64_t stride = grid.cols_t;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T add = bias != nullptr ? bias[k0 + r] : T(0);
+    scalar_t* dst = out + n * os[0] + (k0 + r) * os[1];
+    grid.for_each_run(t0, count, [&](int64_t q, int64_t row, int64_t col, int64_t len) {
+      run_output_tile<T, M>(m, rows, r, count, q, len, tile, stride);
+      for (int a = 0; a < M && M * row + a < p.oh; ++a) {
+        scalar_t* line = dst + (M * row + a) * os[2];
+        for (int l = 0; l < M; ++l) {
+          const int64_t ow0 = M * col + l;  // the run's first pixel in this column phase
+          const int64_t valid = std::clamp<int64_t>((p.ow - ow0 + M - 1) / M, 0, len);
+          const T* src = tile + (a * M + l) * stride;
+          for (int64_t i = 0; i < valid; ++i) {
+            const T v = src[i] + add;
+            line[(ow0 + M * i) * os[3]] = static_cast<scalar_t>(relu ? std::max(v, T(0)) : v);
+          }
+        }
+      }
+    });
+  }
+}
+
+// The whole convolution, image by image: planes filled in parallel over channels, then (group, block of tiles)
+// tasks, each transforming its input, running the alpha^2 GEMMs and storing its output. Returns false, the output
+// partly written, where an input plane holds a non-finite value: the transforms' sums would turn an inf into
+// inf - inf = NaN where the direct form gives inf, so such a call is left to the direct kernels.
+template <typename scalar_t, typename T, int M, typename FillRow>
+bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u, const T* bias, bool relu,
+                   const at::Tensor& out, const FillRow& fill_row) {
+  constexpr int kA = Winograd<M>::kAlpha;
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const TileGrid<M> grid(p);
+  at::Tensor planes = at::empty({p.c, grid.plane}, out.options().dtype(acc));
+  T* pp = planes.mutable_data_ptr<T>();
+  const EvenBlocks blocks(grid.tiles, tiles_per_block(p, kA, sizeof(T)), p.groups);
+  const int64_t tasks = p.groups * blocks.count, most = blocks.max_size();
+  const bool spread = spread_tasks(tasks);
+  // Each thread's transformed input and GEMM output, one block from the large-block cache for all threads: fresh
+  // pages per call were 7 % of conv3_2's forward in page faults.
+  const int64_t threads = spread ? at::get_num_threads() : 1;
+  const int64_t v_size = kA * kA * p.c_g * most, m_size = kA * kA * p.k_g * most, tile_size = M * M * grid.cols_t;
+  const at::Tensor work = empty_large({threads, v_size + m_size + tile_size}, out.options().dtype(acc),
+                                      at::MemoryFormat::Contiguous);
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  for (int64_t n = 0; n < images; ++n) {
+    if (!fill_planes<T, M>(p, grid, pp, [&](int64_t c, int64_t ih, T* dst) { fill_row(n, c, ih, dst); })) {
+      return false;
+    }
+    run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
+      // Uninitialised: every element is written before it is read.
+      T* const v = work.data_ptr<T>() + (spread ? at::get_thread_num() : 0) * work.size(1);
+      T* const m = v + v_size;
+      T* const tile = m + m_size;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t group = task % p.groups, b = task / p.groups;
+        const int64_t t0 = blocks.begin(b), count = blocks.size(b);
+        run_input_transform<T, M>(grid, pp + group * p.c_g * grid.plane, p.c_g, t0, count, v);
+        for (int xi = 0; xi < kA * kA; ++xi) {
+          mm_into(matrix(m + xi * p.k_g * count, p.k_g, count, acc), u[group][xi],
+                  matrix(v + xi * p.c_g * count, p.c_g, count, acc), true);
+        }
+        output_transform<scalar_t, T, M>(grid, p, m, p.k_g, t0, count, n, group * p.k_g, bias, relu, op, os,
+                                         tile);
+      }
+    });
+  }
+  return true;
+}
+
+// m of F(m x m, 3 x 3): FCNKERN_WINOGRAD_TILE = 2 or 4, default 2.
+int winograd_tile() {
+  const char* v = std::getenv("FCNKERN_WINOGRAD_TILE");
+  const std::string_view tile = v != nullptr ? v : "2";
+  TORCH_CHECK(tile == "2" || tile == "4", "FCNKERN_WINOGRAD_TILE must be 2 or 4, got '", tile, "'");
+  return tile == "4" ? 4 : 2;
+}
+
+template <typename Body>
+void with_tile(const Body& body) {
+  if (winograd_tile() == 4) {
+    body(std::integral_constant<int, 4>{});
+  } else {
+    body(std::integral_constant<int, 2>{});
+  }
+}
+
+}  // namespace
+
+bool use_winograd(const ConvGeometry& g, bool backward) {
+  const char* v = std::getenv("FCNKERN_CONV_WINOGRAD");  // "0": never; "all": every geometry it can compute
+  const std::string_view mode = v != nullptr ? v : "";
+  if (mode == "0") return false;
+  const bool computable = g.r == 3 && g.s == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
+                          g.dil_w == 1 && (!backward || (g.pad_h <= 2 && g.pad_w <= 2));
+  if (mode == "all") return computable;
+  return computable && g.c_g >= 64 && g.k_g >= 64;
+}
+
+bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& y, const ConvGeometry& g, bool relu) {
+  bool done = false;
+  const WinogradProblem p{g.c, g.k, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.pad_h, g.pad_w};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_winograd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor bias_acc =
+        bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
+    const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+    with_tile([&](auto tile) {
+      constexpr int kM = decltype(tile)::value;
+      const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, false);
+      const auto fill_row = [&](int64_t n, int64_t c, int64_t ih, acc_t* dst) {
+        const scalar_t* src = xp + n * xs[0] + c * xs[1] + ih * xs[2];
+        for (int64_t iw = 0; iw < g.w; ++iw) dst[iw] = static_cast<acc_t>(src[iw * xs[3]]);
+      };
+      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, bp, relu, y, fill_row);
+    });
+  });
+  return done;
+}
+
+bool winograd_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& weight, const at::Tensor& dx,
+                    const ConvGeometry& g, bool relu) {
+  bool done = false;
+  // The transposed convolution as a convolution of dy' (K channels of OH x OW) into C channels of H x W.
+  const WinogradProblem p{g.k, g.c, g.groups, g.k_g, g.c_g, g.oh, g.ow, g.h, g.w, 2 - g.pad_h, 2 - g.pad_w};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_winograd_dgrad", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+    const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+    with_tile([&](auto tile) {
+      constexpr int kM = decltype(tile)::value;
+      const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, true);
+      const auto fill_row = [&](int64_t n, int64_t k, int64_t oh, acc_t* dst) {  // dy * (y > 0)
+        const scalar_t* gr = gp + n * gs[0] + k * gs[1] + oh * gs[2];
+        const scalar_t* yr = yp + n * ys[0] + k * ys[1] + oh * ys[2];
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+          const acc_t v = static_cast<acc_t>(gr[ow * gs[3]]);
+          dst[ow] = (!relu || static_cast<acc_t>(yr[ow * ys[3]]) > acc_t(0)) ? v : acc_t(0);
+        }
+      };
+      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, nullptr, false, dx, fill_row);
+    });
+  });
+  return done;
+}
+
+}  // namespace fcnkern

@@ -1,0 +1,28 @@
+// Winograd F(m x m, 3 x 3) convolutions for the CPU's stride-1 3 x 3 layers (VGG's conv1_2 .. conv5_3), forward and
+// dgrad. Declared here, defined in conv_relu_winograd_cpu.cpp, called from conv_relu_cpu.cpp.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+
+#include "conv_relu.h"
+
+namespace fcnkern {
+
+// Whether the CPU kernel takes the Winograd path for this geometry: its forward, or (backward) its dx.
+bool use_winograd(const ConvGeometry& g, bool backward);
+
+// y = act(conv(x, weight) + bias) for a geometry use_winograd(g, false) accepts; y any strides, x's dtype.
+// Returns false, y partly written, where x or the weight holds inf or NaN: the transforms would turn an inf into
+// NaN (inf - inf) where the direct form keeps it, so the caller computes such a call with the direct kernels.
+bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& y, const ConvGeometry& g, bool relu);
+
+// dx = conv_transpose(grad * (y > 0 if relu), weight) for a geometry use_winograd(g, true) accepts: the stride-1
+// transposed convolution is a 3 x 3 convolution of the masked gradient with the flipped, transposed weight and
+// padding 2 - pad. dx any strides, x's dtype. Returns false like winograd_forward (non-finite dy' or weight).
+bool winograd_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& weight, const at::Tensor& dx,
+                    const ConvGeometry& g, bool relu);
+
+}  // namespace fcnkern
