@@ -1,7 +1,8 @@
 // CPU kernels of the fused Conv2d + ReLU (fcnkern.conv2d_relu): blocked im2col + the BLAS GEMM ATen links.
 //
-// 3 x 3, stride 1, dilation 1, >= 64 channels per group in and out (VGG's conv1_2 .. conv5_3): Winograd F(2 x 2, 3 x 3)
-// for the forward and for dx (conv_relu_winograd_cpu.cpp), 2.25x fewer multiplications; dW and db by the paths below.
+// 3 x 3, stride 1, dilation 1, >= 64 channels per group in and out (VGG's conv1_2 .. conv5_3): Winograd, 2.25x fewer
+// multiplications (conv_relu_winograd_cpu.cpp): F(2 x 2, 3 x 3) for the forward and dx, F(3 x 3, 2 x 2) for dW.
+// What follows is for every other geometry, and for the non-finite inputs Winograd declines.
 // Forward, stride 1 with >= 32 channels per group: shifted GEMMs over a padded copy, no im2col (forward_shifted).
 // Otherwise, per (image, group, block of output pixels): gather the block's im2col columns (J = C/G * R * S rows,
 // one column per pixel) into a thread-local buffer sized to stay in L2, multiply by the group's weight (K/G x J)
@@ -551,7 +552,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = empty_like_format(x, {g.n, g.k, g.oh, g.ow}, x.scalar_type());
   maybe_poison(y);
   if (y.numel() == 0) return y;
-  if (use_winograd(g, false) && winograd_forward(x, weight, bias, y, g, relu)) return y;
+  if (use_winograd(g, WinogradPass::kForward) && winograd_forward(x, weight, bias, y, g, relu)) return y;
   const auto acc = acc_type_of(x);
   const at::Tensor w_acc =
       use_shifted(g, false) ? at::Tensor() : weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
@@ -566,28 +567,13 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return y;
 }
 
-// Gradients for x, weight and bias where output_mask says so; a zero-size tensor where it does not.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Tensor& grad, const at::Tensor& y,
-                                                                   const at::Tensor& x, const at::Tensor& weight,
-                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                                                   at::IntArrayRef dilation, int64_t groups,
-                                                                   bool relu, std::array<bool, 3> output_mask) {
-  // The GEMMs below are ATen calls on the (possibly grad-requiring) inputs; this op's autograd is its own.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
-  check_args(x, weight, g);
-  check_bwd_args(grad, y, x, g);
+// The direct kernels' backward (shifted GEMMs, or im2col + GEMMs + col2im) for the gradients output_mask asks for;
+// a zero-size tensor for the others.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_bwd(const at::Tensor& grad, const at::Tensor& y,
+                                                          const at::Tensor& x, const at::Tensor& weight,
+                                                          const ConvGeometry& g, bool relu,
+                                                          std::array<bool, 3> output_mask) {
   const auto [need_x, need_w, need_b] = output_mask;
-  // dx by Winograd where it applies (it declines non-finite inputs), the rest by the paths below.
-  if (need_x && y.numel() > 0 && use_winograd(g, true)) {
-    at::Tensor dx = empty_like_format(x, x.sizes(), x.scalar_type());
-    maybe_poison(dx);
-    if (winograd_dgrad(grad, y, weight, dx, g, relu)) {
-      auto [none, dw, db] = conv2d_relu_bwd_cpu(grad, y, x, weight, stride, padding, dilation, groups, relu,
-                                                {false, need_w, need_b});
-      return {dx, dw, db};
-    }
-  }
   const auto acc = acc_type_of(x);
   if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
@@ -617,6 +603,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   if (need_w) dw = dw_parts->total().reshape(weight.sizes()).to(weight.scalar_type());
   if (need_b) db = (threads == 1 ? db_parts[0] : db_parts.sum(0)).to(x.scalar_type());
   return {dx, dw, db};
+}
+
+// Gradients for x, weight and bias where output_mask says so; a zero-size tensor where it does not. Winograd
+// (conv_relu_winograd_cpu.cpp) computes dx and dW + db where it applies; what it declines (non-finite inputs) and
+// every other geometry goes to the direct kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Tensor& grad, const at::Tensor& y,
+                                                                   const at::Tensor& x, const at::Tensor& weight,
+                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                   at::IntArrayRef dilation, int64_t groups,
+                                                                   bool relu, std::array<bool, 3> output_mask) {
+  // The GEMMs below are ATen calls on the (possibly grad-requiring) inputs; this op's autograd is its own.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
+  check_args(x, weight, g);
+  check_bwd_args(grad, y, x, g);
+  const auto [need_x, need_w, need_b] = output_mask;
+  const bool winograd_x = need_x && use_winograd(g, WinogradPass::kDgrad);
+  const bool winograd_w = (need_w || need_b) && use_winograd(g, WinogradPass::kWgrad);
+  if (y.numel() == 0 || !(winograd_x || winograd_w)) return direct_bwd(grad, y, x, weight, g, relu, output_mask);
+  at::Tensor dx, dw, db;
+  if (winograd_x) {
+    dx = empty_like_format(x, x.sizes(), x.scalar_type());
+    maybe_poison(dx);
+    if (!winograd_dgrad(grad, y, weight, dx, g, relu)) dx = at::Tensor();
+  }
+  if (winograd_w && winograd_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db)) {
+    if (need_w) dw = dw.to(weight.scalar_type());
+    if (need_b) db = db.to(x.scalar_type());
+  }
+  const std::array<bool, 3> left = {need_x && !dx.defined(), need_w && !dw.defined(), need_b && !db.defined()};
+  if (left[0] || left[1] || left[2]) {
+    auto [rx, rw, rb] = direct_bwd(grad, y, x, weight, g, relu, left);
+    if (left[0]) dx = rx;
+    if (left[1]) dw = rw;
+    if (left[2]) db = rb;
+  }
+  const at::Tensor none = at::empty({0}, x.options());
+  return {need_x ? dx : none, need_w ? dw : none, need_b ? db : none};
 }
 
 TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {

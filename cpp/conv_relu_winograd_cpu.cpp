@@ -28,9 +28,12 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
+#include <numeric>
+#include <optional>
 #include <string_view>
 #include <type_traits>
 
@@ -67,6 +70,15 @@ struct Winograd<4> {
                                       {0, 0, 1}};
   static constexpr double kAT[4][6] = {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+};
+
+// F(3 x 3, 2 x 2), the weight gradient's: per 2 x 2 tile of output pixels, the correlation of the tile's 4 x 4
+// input patch d with its 2 x 2 block of dy' gives a 3 x 3 contribution to dW, A^T [(G dy' G^T) . (B^T d B)] A.
+// The products sum over tiles (a GEMM over tiles per transform element), and A^T . A is applied once at the end.
+struct WinogradWgrad {
+  static constexpr double kBT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, -1, 0, 1}};
+  static constexpr double kG[4][2] = {{1, 0}, {0.5, 0.5}, {0.5, -0.5}, {0, 1}};
+  static constexpr double kAT[3][4] = {{1, 1, 1, 0}, {0, 1, -1, 0}, {0, 1, 1, 1}};
 };
 
 // sum_c Mat[r][c] * v[c] with the coefficients as compile-time constants: zero terms vanish, +-1 cost no multiply
@@ -146,12 +158,20 @@ struct WinogradProblem {
 // Output tiles of m x m, and the zero-padded input plane they read: m * tiles + 2 rows and columns. Each plane row
 // is stored phase-major, column x at (x % m) * phase + x / m with phase = tiles per row + 1 slots, so that the
 // transforms' taps at columns m * t + j are unit-stride runs over t (a stride-m gather vectorises poorly).
+// A block of tiles reads only the band of plane rows under its tile rows, which its task fills itself: no plane of
+// the whole image is ever allocated (those were the size of the input and their fresh pages' faults were 18 % of
+// conv2_2's weight gradient).
 template <int M>
 struct TileGrid {
-  int64_t rows_t, cols_t, tiles, plane_rows, phase, plane_cols, plane;
+  int64_t rows_t, cols_t, tiles, plane_rows, phase, plane_cols;
   explicit TileGrid(const WinogradProblem& p)
       : rows_t((p.oh + M - 1) / M), cols_t((p.ow + M - 1) / M), tiles(rows_t * cols_t), plane_rows(M * rows_t + 2),
-        phase(cols_t + 1), plane_cols(M * phase), plane(plane_rows * plane_cols) {}
+        phase(cols_t + 1), plane_cols(M * phase) {}
+  // The band of tiles [t0, t0 + count): its first tile row and its plane rows (m per tile row, + 2 below).
+  int64_t first_row(int64_t t0) const { return t0 / cols_t; }
+  int64_t band_rows(int64_t t0, int64_t count) const {
+    return M * ((t0 + count - 1) / cols_t - t0 / cols_t + 1) + 2;
+  }
   // Calls fn(q, tile_row, first_tile_col, len) for the runs of tiles [t0, t0 + count) that lie in one tile row.
   template <typename Fn>
   void for_each_run(int64_t t0, int64_t count, Fn&& fn) const {
@@ -161,6 +181,8 @@ struct TileGrid {
       q += len;
     }
   }
+  // The most plane rows a block of `count` tiles can span.
+  int64_t max_band_rows(int64_t count) const { return M * ((count + cols_t - 2) / cols_t + 1) + 2; }
 };
 
 // Tiles per block: the block's transformed input and output (alpha^2 x (C/G + K/G) x tiles) at about
@@ -216,51 +238,77 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_
   return u;
 }
 
-// The padded planes of one image: channel c's plane row a holds input row a - pad_h, shifted right by pad_w, zeros
-// around it, phase-major (see TileGrid). fill_row(c, ih, dst) writes the w values of input row ih of channel c.
-// Returns whether every value is finite (see winograd_conv).
-template <typename T, int M, typename FillRow>
-bool fill_planes(const WinogradProblem& p, const TileGrid<M>& grid, T* planes, const FillRow& fill_row) {
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, p.c, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<T[]> line(new T[p.w]);
-    bool bad = false;
-    for (int64_t c = begin; c < end; ++c) {
-      T* plane = planes + c * grid.plane;
-      for (int64_t a = 0; a < grid.plane_rows; ++a) {
-        T* row = plane + a * grid.plane_cols;
-        std::fill(row, row + grid.plane_cols, T(0));
-        const int64_t ih = a - p.pad_h;
-        if (ih < 0 || ih >= p.h) continue;
-        fill_row(c, ih, line.get());
-        for (int64_t iw = 0; iw < p.w; ++iw) bad |= !(line[iw] - line[iw] == T(0));  // inf - inf and NaN: NaN
-        for (int64_t phase = 0; phase < M; ++phase) {
-          // columns x = pad_w + iw with x % M == phase: iw = first, first + M, ...
-          const int64_t first = ((phase - p.pad_w) % M + M) % M;
-          T* dst = row + phase * grid.phase + (p.pad_w + first) / M;
-          for (int64_t iw = first, i = 0; iw < p.w; iw += M, ++i) dst[i] = line[iw];
-        }
-      }
-    }
-    if (bad) finite = false;
-  });
-  return finite;
+// One input row `line` (w values) into plane row `row`, phase-major (see TileGrid), shifted right by pad_w; the
+// rest of the row is zero. Returns whether a value was inf or NaN (see winograd_conv).
+template <typename T, int M>
+inline __attribute__((always_inline)) bool scatter_row(const T* line, int64_t w, int64_t pad_w, T* row,
+                                                       int64_t phase, int64_t plane_cols) {
+  bool bad = false;
+  for (int64_t iw = 0; iw < w; ++iw) bad |= !(line[iw] - line[iw] == T(0));  // inf - inf and NaN: NaN
+  std::fill(row, row + plane_cols, T(0));
+  for (int64_t ph = 0; ph < M; ++ph) {
+    // columns x = pad_w + iw with x % M == ph: iw = first, first + M, ...
+    const int64_t first = ((ph - pad_w) % M + M) % M;
+    T* dst = row + ph * phase + (pad_w + first) / M;
+    const int64_t n = first < w ? (w - first + M - 1) / M : 0;
+    for (int64_t i = 0; i < n; ++i) dst[i] = line[first + M * i];
+  }
+  return bad;
 }
 
-// V[xi][c][q] for the tiles [t0, t0 + count) of `channels` planes (group's first at `planes`), B^T d B per tile,
-// vectorised across the tiles of each run within a tile row.
-template <typename T, int M>
-inline __attribute__((always_inline)) void input_transform(const TileGrid<M>& grid, const T* planes, int64_t channels,
+FCNK_MULTIVERSION bool scatter_row_f2(const float* line, int64_t w, int64_t pad_w, float* row, int64_t phase,
+                                      int64_t plane_cols) {
+  return scatter_row<float, 2>(line, w, pad_w, row, phase, plane_cols);
+}
+FCNK_MULTIVERSION bool scatter_row_f4(const float* line, int64_t w, int64_t pad_w, float* row, int64_t phase,
+                                      int64_t plane_cols) {
+  return scatter_row<float, 4>(line, w, pad_w, row, phase, plane_cols);
+}
+
+// The band of plane rows [m * first_row, + rows) of channels c0 .. c0 + channels - 1 (channel stride rows x
+// plane_cols): plane row a holds input row a - pad_h, zeros around it. fill_row(c, ih, dst) writes the w values of
+// input row ih of channel c into `line`. Returns whether every value was finite.
+template <typename T, int M, typename FillRow>
+bool fill_band(const WinogradProblem& p, const TileGrid<M>& grid, int64_t first_row, int64_t rows, int64_t c0,
+               int64_t channels, T* band, T* line, const FillRow& fill_row) {
+  bool bad = false;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = band + (c * rows + i) * grid.plane_cols;
+      const int64_t ih = M * first_row + i - p.pad_h;
+      if (ih < 0 || ih >= p.h) {
+        std::fill(row, row + grid.plane_cols, T(0));
+        continue;
+      }
+      fill_row(c0 + c, ih, line);
+      if constexpr (std::is_same_v<T, float> && M == 2) {
+        bad |= scatter_row_f2(line, p.w, p.pad_w, row, grid.phase, grid.plane_cols);
+      } else if constexpr (std::is_same_v<T, float> && M == 4) {
+        bad |= scatter_row_f4(line, p.w, p.pad_w, row, grid.phase, grid.plane_cols);
+      } else {
+        bad |= scatter_row<T, M>(line, p.w, p.pad_w, row, grid.phase, grid.plane_cols);
+      }
+    }
+  }
+  return !bad;
+}
+
+// V[xi][c][q] for the tiles [t0, t0 + count) of `channels` planes' band (fill_band's, from tile row
+// grid.first_row(t0)), Mat d Mat^T per tile (B^T d B; the wgrad's G dy' G^T), vectorised across the tiles of each
+// run within a tile row.
+template <typename T, int M, const auto& Mat>
+inline __attribute__((always_inline)) void input_transform(const TileGrid<M>& grid, const T* band, int64_t channels,
                                                            int64_t t0, int64_t count, T* v) {
+  const int64_t first = grid.first_row(t0), stride = grid.band_rows(t0, count) * grid.plane_cols;
   // Plain loops, no lambda: a lambda would be compiled outside the caller's target clone, without AVX-512.
   for (int64_t c = 0; c < channels; ++c) {
-    const T* plane = planes + c * grid.plane;
+    const T* plane = band + c * stride;
     for (int64_t q = 0; q < count;) {
       const int64_t t = t0 + q, row = t / grid.cols_t, col = t % grid.cols_t;
       const int64_t len = std::min(grid.cols_t - col, count - q);
       // plane column M * (col + lane) + j: phase j % M, slot col + lane + j / M
-      const T* tile = plane + M * row * grid.plane_cols + col;
-      apply_2d<T, Winograd<M>::kBT, M>(tile, grid.plane_cols, grid.phase, 1, v + c * count + q, channels * count, len);
+      const T* tile = plane + M * (row - first) * grid.plane_cols + col;
+      apply_2d<T, Mat, M>(tile, grid.plane_cols, grid.phase, 1, v + c * count + q, channels * count, len);
       q += len;
     }
   }
@@ -280,11 +328,19 @@ inline __attribute__((always_inline)) void output_tile(const T* m, int64_t rows,
 // other types run the templates as built.
 FCNK_MULTIVERSION void input_transform_f2(const TileGrid<2>& grid, const float* planes, int64_t channels, int64_t t0,
                                           int64_t count, float* v) {
-  input_transform<float, 2>(grid, planes, channels, t0, count, v);
+  input_transform<float, 2, Winograd<2>::kBT>(grid, planes, channels, t0, count, v);
 }
 FCNK_MULTIVERSION void input_transform_f4(const TileGrid<4>& grid, const float* planes, int64_t channels, int64_t t0,
                                           int64_t count, float* v) {
-  input_transform<float, 4>(grid, planes, channels, t0, count, v);
+  input_transform<float, 4, Winograd<4>::kBT>(grid, planes, channels, t0, count, v);
+}
+FCNK_MULTIVERSION void wgrad_x_transform_f(const TileGrid<2>& grid, const float* planes, int64_t channels, int64_t t0,
+                                           int64_t count, float* v) {
+  input_transform<float, 2, WinogradWgrad::kBT>(grid, planes, channels, t0, count, v);
+}
+FCNK_MULTIVERSION void wgrad_dy_transform_f(const TileGrid<2>& grid, const float* planes, int64_t channels, int64_t t0,
+                                            int64_t count, float* v) {
+  input_transform<float, 2, WinogradWgrad::kG>(grid, planes, channels, t0, count, v);
 }
 FCNK_MULTIVERSION void output_tile_f2(const float* m, int64_t rows, int64_t r, int64_t count, int64_t q, int64_t len,
                                       float* tile, int64_t stride) {
@@ -295,14 +351,21 @@ FCNK_MULTIVERSION void output_tile_f4(const float* m, int64_t rows, int64_t r, i
   output_tile<float, 4>(m, rows, r, count, q, len, tile, stride);
 }
 
-template <typename T, int M>
+template <const auto& A, const auto& B>
+constexpr bool kSameTable = static_cast<const void*>(&A) == static_cast<const void*>(&B);
+
+template <typename T, int M, const auto& Mat>
 void run_input_transform(const TileGrid<M>& grid, const T* planes, int64_t channels, int64_t t0, int64_t count, T* v) {
-  if constexpr (std::is_same_v<T, float> && M == 2) {
+  if constexpr (std::is_same_v<T, float> && kSameTable<Mat, Winograd<2>::kBT>) {
     input_transform_f2(grid, planes, channels, t0, count, v);
-  } else if constexpr (std::is_same_v<T, float> && M == 4) {
+  } else if constexpr (std::is_same_v<T, float> && kSameTable<Mat, Winograd<4>::kBT>) {
     input_transform_f4(grid, planes, channels, t0, count, v);
+  } else if constexpr (std::is_same_v<T, float> && kSameTable<Mat, WinogradWgrad::kBT>) {
+    wgrad_x_transform_f(grid, planes, channels, t0, count, v);
+  } else if constexpr (std::is_same_v<T, float> && kSameTable<Mat, WinogradWgrad::kG>) {
+    wgrad_dy_transform_f(grid, planes, channels, t0, count, v);
   } else {
-    input_transform<T, M>(grid, planes, channels, t0, count, v);
+    input_transform<T, M, Mat>(grid, planes, channels, t0, count, v);
   }
 }
 
@@ -347,53 +410,191 @@ void output_transform(const TileGrid<M>& grid, const WinogradProblem& p, const T
   }
 }
 
-// The whole convolution, image by image: planes filled in parallel over channels, then (group, block of tiles)
-// tasks, each transforming its input, running the alpha^2 GEMMs and storing its output. Returns false, the output
-// partly written, where an input plane holds a non-finite value: the transforms' sums would turn an inf into
-// inf - inf = NaN where the direct form gives inf, so such a call is left to the direct kernels.
+// Each thread's scratch: per-task buffers at fixed offsets, one block of the large-block cache for all threads
+// (fresh pages per call were 7 % of conv3_2's forward in page faults).
+struct ThreadScratch {
+  at::Tensor work;
+  bool spread;
+  ThreadScratch(int64_t tasks, int64_t per_thread, const at::TensorOptions& options)
+      : spread(spread_tasks(tasks)) {
+    const int64_t threads = spread ? at::get_num_threads() : 1;
+    work = empty_large({threads, per_thread}, options, at::MemoryFormat::Contiguous);
+  }
+  template <typename T>
+  T* mine() const {  // uninitialised: every element is written before it is read
+    return work.data_ptr<T>() + (spread ? at::get_thread_num() : 0) * work.size(1);
+  }
+};
+
+// The whole convolution: (image, group, block of tiles) tasks, each filling its band of the input planes,
+// transforming it, running the alpha^2 GEMMs and storing its output. Returns false, the output partly written,
+// where an input value is inf or NaN: the transforms' sums would turn an inf into inf - inf = NaN where the direct
+// form gives inf, so such a call is left to the direct kernels.
 template <typename scalar_t, typename T, int M, typename FillRow>
 bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u, const T* bias, bool relu,
                    const at::Tensor& out, const FillRow& fill_row) {
   constexpr int kA = Winograd<M>::kAlpha;
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const TileGrid<M> grid(p);
-  at::Tensor planes = at::empty({p.c, grid.plane}, out.options().dtype(acc));
-  T* pp = planes.mutable_data_ptr<T>();
-  const EvenBlocks blocks(grid.tiles, tiles_per_block(p, kA, sizeof(T)), p.groups);
-  const int64_t tasks = p.groups * blocks.count, most = blocks.max_size();
-  const bool spread = spread_tasks(tasks);
-  // Each thread's transformed input and GEMM output, one block from the large-block cache for all threads: fresh
-  // pages per call were 7 % of conv3_2's forward in page faults.
-  const int64_t threads = spread ? at::get_num_threads() : 1;
+  const EvenBlocks blocks(grid.tiles, tiles_per_block(p, kA, sizeof(T)), images * p.groups);
+  const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kA * kA * p.c_g * most, m_size = kA * kA * p.k_g * most, tile_size = M * M * grid.cols_t;
-  const at::Tensor work = empty_large({threads, v_size + m_size + tile_size}, out.options().dtype(acc),
-                                      at::MemoryFormat::Contiguous);
+  const int64_t band_size = p.c_g * grid.max_band_rows(most) * grid.plane_cols;
+  const ThreadScratch scratch(tasks, v_size + m_size + tile_size + band_size + p.w, out.options().dtype(acc));
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  for (int64_t n = 0; n < images; ++n) {
-    if (!fill_planes<T, M>(p, grid, pp, [&](int64_t c, int64_t ih, T* dst) { fill_row(n, c, ih, dst); })) {
-      return false;
+  std::atomic<bool> finite{true};
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    T* const v = scratch.mine<T>();
+    T *const m = v + v_size, *const tile = m + m_size, *const band = tile + tile_size, *const line = band + band_size;
+    for (int64_t task = begin; task < end && finite; ++task) {
+      const int64_t n = task / per_image, group = task % p.groups, b = task % per_image / p.groups;
+      const int64_t t0 = blocks.begin(b), count = blocks.size(b);
+      if (!fill_band<T, M>(p, grid, grid.first_row(t0), grid.band_rows(t0, count), group * p.c_g, p.c_g, band, line,
+                           [&](int64_t c, int64_t ih, T* dst) { fill_row(n, c, ih, dst); })) {
+        finite = false;
+        break;
+      }
+      run_input_transform<T, M, Winograd<M>::kBT>(grid, band, p.c_g, t0, count, v);
+      for (int xi = 0; xi < kA * kA; ++xi) {
+        mm_into(matrix(m + xi * p.k_g * count, p.k_g, count, acc), u[group][xi],
+                matrix(v + xi * p.c_g * count, p.c_g, count, acc), true);
+      }
+      output_transform<scalar_t, T, M>(grid, p, m, p.k_g, t0, count, n, group * p.k_g, bias, relu, op, os, tile);
     }
-    run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
-      // Uninitialised: every element is written before it is read.
-      T* const v = work.data_ptr<T>() + (spread ? at::get_thread_num() : 0) * work.size(1);
-      T* const m = v + v_size;
-      T* const tile = m + m_size;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t group = task % p.groups, b = task / p.groups;
-        const int64_t t0 = blocks.begin(b), count = blocks.size(b);
-        run_input_transform<T, M>(grid, pp + group * p.c_g * grid.plane, p.c_g, t0, count, v);
-        for (int xi = 0; xi < kA * kA; ++xi) {
-          mm_into(matrix(m + xi * p.k_g * count, p.k_g, count, acc), u[group][xi],
-                  matrix(v + xi * p.c_g * count, p.c_g, count, acc), true);
+  });
+  return finite;
+}
+
+// dW (K x C/G x 3 x 3) and db (K) in T by F(3 x 3, 2 x 2) over the forward's 2 x 2 output tiles: per (image,
+// group, block of tiles), bands of dy' and x, both transforms and 16 GEMMs dW_xi += DY'_xi @ V_xi^T into
+// per-thread accumulators (summed in thread order: deterministic), A^T . A at the end. db sums dy' rows, one
+// channel per thread. Returns false where x or dy' holds a non-finite value (see winograd_conv).
+template <typename T, typename XRows, typename DyRows>
+bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, bool need_b, const XRows& x_rows,
+                         const DyRows& dy_rows, const at::TensorOptions& options, at::Tensor& dw, at::Tensor& db) {
+  constexpr int kA = 4, kXi = kA * kA;
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  at::Tensor db_acc = need_b ? at::zeros({p.k}, options.dtype(acc)) : at::Tensor();
+  if (need_b) {
+    T* dbp = db_acc.mutable_data_ptr<T>();
+    at::parallel_for(0, p.k, 1, [&](int64_t begin, int64_t end) {
+      const std::unique_ptr<T[]> line(new T[p.ow]);
+      for (int64_t k = begin; k < end; ++k) {
+        for (int64_t n = 0; n < images; ++n) {
+          for (int64_t oh = 0; oh < p.oh; ++oh) {
+            dy_rows(n, k, oh, line.get());
+            dbp[k] = std::accumulate(line.get(), line.get() + p.ow, dbp[k]);
+          }
         }
-        output_transform<scalar_t, T, M>(grid, p, m, p.k_g, t0, count, n, group * p.k_g, bias, relu, op, os,
-                                         tile);
       }
     });
   }
+  if (!need_w) {
+    db = db_acc;
+    return true;
+  }
+  const TileGrid<2> grid(p);
+  const WinogradProblem dy_problem{p.k, p.k, p.groups, p.k_g, p.k_g, p.oh, p.ow, p.oh, p.ow, 0, 0};
+  const EvenBlocks blocks(grid.tiles, tiles_per_block(p, kA, sizeof(T)), images * p.groups);
+  const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
+  const int64_t v_size = kXi * p.c_g * most, d_size = kXi * p.k_g * most, rows = grid.max_band_rows(most);
+  const int64_t x_band = p.c_g * rows * grid.plane_cols, dy_band = p.k_g * rows * grid.plane_cols;
+  const ThreadScratch scratch(tasks, v_size + d_size + x_band + dy_band + std::max(p.w, p.ow), options.dtype(acc));
+  LazyParts parts(at::empty({scratch.work.size(0), p.groups, kXi, p.k_g, p.c_g}, options.dtype(acc)));
+  std::atomic<bool> finite{true};
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    const int64_t tid = scratch.spread ? at::get_thread_num() : 0;
+    T* const v = scratch.mine<T>();
+    T *const d = v + v_size, *const xb = d + d_size, *const dyb = xb + x_band, *const line = dyb + dy_band;
+    for (int64_t task = begin; task < end && finite; ++task) {
+      const int64_t n = task / per_image, group = task % p.groups, b = task % per_image / p.groups;
+      const int64_t t0 = blocks.begin(b), count = blocks.size(b);
+      const int64_t first = grid.first_row(t0), band_rows = grid.band_rows(t0, count);
+      const bool ok =
+          fill_band<T, 2>(dy_problem, grid, first, band_rows, group * p.k_g, p.k_g, dyb, line,
+                          [&](int64_t k, int64_t oh, T* dst) { dy_rows(n, k, oh, dst); }) &&
+          fill_band<T, 2>(p, grid, first, band_rows, group * p.c_g, p.c_g, xb, line,
+                          [&](int64_t c, int64_t ih, T* dst) { x_rows(n, c, ih, dst); });
+      if (!ok) {
+        finite = false;
+        break;
+      }
+      run_input_transform<T, 2, WinogradWgrad::kBT>(grid, xb, p.c_g, t0, count, v);
+      run_input_transform<T, 2, WinogradWgrad::kG>(grid, dyb, p.k_g, t0, count, d);
+      parts.accumulate(tid, group, [&](const at::Tensor& slot, bool overwrite) {
+        for (int xi = 0; xi < kXi; ++xi) {
+          mm_into(slot[xi], matrix(d + xi * p.k_g * count, p.k_g, count, acc),
+                  matrix(v + xi * p.c_g * count, p.c_g, count, acc).t(), overwrite);
+        }
+      });
+    }
+  });
+  if (!finite) return false;
+  const at::Tensor total = parts.total().contiguous();  // groups x 16 x K/G x C/G
+  const int64_t pairs = p.k_g * p.c_g;
+  at::Tensor by_tap = at::empty({9, pairs}, options.dtype(acc));
+  dw = at::empty({p.k, p.c_g, 3, 3}, options.dtype(acc));
+  for (int64_t group = 0; group < p.groups; ++group) {
+    apply_2d<T, WinogradWgrad::kAT, 1>(total.const_data_ptr<T>() + group * kXi * pairs, kA * pairs, 0, pairs,
+                                       by_tap.mutable_data_ptr<T>(), pairs, pairs);
+    transpose_into(by_tap.const_data_ptr<T>(), 9, pairs, dw.mutable_data_ptr<T>() + group * pairs * 9);
+  }
+  db = db_acc;
   return true;
 }
+
+// The fp32 unit-stride rows (NCHW fp32, the common case) as vectorised clones: the generic strided loops below do
+// not vectorise, and in the masked one GCC branched on the ReLU mask, whose mispredictions made the row fills a
+// third of conv3_2's weight gradient.
+FCNK_MULTIVERSION void copy_row_f(const float* src, int64_t width, float* dst) { std::copy(src, src + width, dst); }
+FCNK_MULTIVERSION void masked_row_f(const float* grad, const float* y, int64_t width, float* dst) {
+  for (int64_t i = 0; i < width; ++i) dst[i] = y[i] > 0.f ? grad[i] : 0.f;
+}
+
+// Rows of x in the accumulation type, and rows of dy' = dy * (y > 0) (dy where relu is false): the bands' sources.
+template <typename scalar_t, typename acc_t>
+struct InputRows {
+  const scalar_t* data;
+  std::array<int64_t, 4> strides;
+  int64_t width;
+  explicit InputRows(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()), strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)},
+        width(t.size(3)) {}
+  const scalar_t* row(int64_t n, int64_t c, int64_t r) const {
+    return data + n * strides[0] + c * strides[1] + r * strides[2];
+  }
+  bool dense_float() const {
+    return std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && strides[3] == 1;
+  }
+  void operator()(int64_t n, int64_t c, int64_t r, acc_t* dst) const {
+    const scalar_t* src = row(n, c, r);
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (strides[3] == 1) return copy_row_f(src, width, dst);
+    }
+    for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<acc_t>(src[i * strides[3]]);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct MaskedGradRows {
+  InputRows<scalar_t, acc_t> grad, y;
+  bool relu;
+  MaskedGradRows(const at::Tensor& grad_out, const at::Tensor& out, bool relu_mask)
+      : grad(grad_out), y(out), relu(relu_mask) {}
+  void operator()(int64_t n, int64_t k, int64_t r, acc_t* dst) const {
+    if (!relu) return grad(n, k, r, dst);
+    const scalar_t *gr = grad.row(n, k, r), *yr = y.row(n, k, r);
+    if (grad.dense_float() && y.dense_float()) {
+      return masked_row_f(reinterpret_cast<const float*>(gr), reinterpret_cast<const float*>(yr), grad.width,
+                          reinterpret_cast<float*>(dst));
+    }
+    for (int64_t i = 0; i < grad.width; ++i) {
+      const acc_t v = static_cast<acc_t>(gr[i * grad.strides[3]]);
+      dst[i] = static_cast<acc_t>(yr[i * y.strides[3]]) > acc_t(0) ? v : acc_t(0);
+    }
+  }
+};
 
 // m of F(m x m, 3 x 3): FCNKERN_WINOGRAD_TILE = 2 or 4, default 2.
 int winograd_tile() {
@@ -414,12 +615,17 @@ void with_tile(const Body& body) {
 
 }  // namespace
 
-bool use_winograd(const ConvGeometry& g, bool backward) {
-  const char* v = std::getenv("FCNKERN_CONV_WINOGRAD");  // "0": never; "all": every geometry it can compute
+bool use_winograd(const ConvGeometry& g, WinogradPass pass) {
+  // FCNKERN_CONV_WINOGRAD: "0" never; "fwd" the forward only; "dx" the forward and dx; "all" every pass on every
+  // geometry it can compute (the tests reach small shapes so). Read per call, for A/B measurements in one process.
+  const char* v = std::getenv("FCNKERN_CONV_WINOGRAD");
   const std::string_view mode = v != nullptr ? v : "";
-  if (mode == "0") return false;
+  if (mode == "0" || (mode == "fwd" && pass != WinogradPass::kForward) ||
+      (mode == "dx" && pass == WinogradPass::kWgrad)) {
+    return false;
+  }
   const bool computable = g.r == 3 && g.s == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
-                          g.dil_w == 1 && (!backward || (g.pad_h <= 2 && g.pad_w <= 2));
+                          g.dil_w == 1 && (pass != WinogradPass::kDgrad || (g.pad_h <= 2 && g.pad_w <= 2));
   if (mode == "all") return computable;
   return computable && g.c_g >= 64 && g.k_g >= 64;
 }
@@ -433,16 +639,11 @@ bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::
     const at::Tensor bias_acc =
         bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
     const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
     with_tile([&](auto tile) {
       constexpr int kM = decltype(tile)::value;
       const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, false);
-      const auto fill_row = [&](int64_t n, int64_t c, int64_t ih, acc_t* dst) {
-        const scalar_t* src = xp + n * xs[0] + c * xs[1] + ih * xs[2];
-        for (int64_t iw = 0; iw < g.w; ++iw) dst[iw] = static_cast<acc_t>(src[iw * xs[3]]);
-      };
-      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, bp, relu, y, fill_row);
+      done = u.defined() &&
+             winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, bp, relu, y, InputRows<scalar_t, acc_t>(x));
     });
   });
   return done;
@@ -455,22 +656,24 @@ bool winograd_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tenso
   const WinogradProblem p{g.k, g.c, g.groups, g.k_g, g.c_g, g.oh, g.ow, g.h, g.w, 2 - g.pad_h, 2 - g.pad_w};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_winograd_dgrad", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
-    const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-    const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
     with_tile([&](auto tile) {
       constexpr int kM = decltype(tile)::value;
       const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, true);
-      const auto fill_row = [&](int64_t n, int64_t k, int64_t oh, acc_t* dst) {  // dy * (y > 0)
-        const scalar_t* gr = gp + n * gs[0] + k * gs[1] + oh * gs[2];
-        const scalar_t* yr = yp + n * ys[0] + k * ys[1] + oh * ys[2];
-        for (int64_t ow = 0; ow < g.ow; ++ow) {
-          const acc_t v = static_cast<acc_t>(gr[ow * gs[3]]);
-          dst[ow] = (!relu || static_cast<acc_t>(yr[ow * ys[3]]) > acc_t(0)) ? v : acc_t(0);
-        }
-      };
-      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, nullptr, false, dx, fill_row);
+      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, nullptr, false, dx,
+                                                                MaskedGradRows<scalar_t, acc_t>(grad, y, relu));
     });
+  });
+  return done;
+}
+
+bool winograd_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g,
+                    bool relu, bool need_w, bool need_b, at::Tensor& dw, at::Tensor& db) {
+  const WinogradProblem p{g.c, g.k, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.pad_h, g.pad_w};
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_winograd_wgrad", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    done = winograd_wgrad_impl<acc_t>(p, g.n, need_w, need_b, InputRows<scalar_t, acc_t>(x),
+                                      MaskedGradRows<scalar_t, acc_t>(grad, y, relu), x.options(), dw, db);
   });
   return done;
 }

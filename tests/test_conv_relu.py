@@ -214,9 +214,9 @@ def test_cpu_winograd_forced_on_small_shapes(monkeypatch, case, dtype, layout, t
 @pytest.mark.parametrize("where", ["x", "weight", "grad"])
 def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch, where):
     """inf in, inf out where PyTorch has it: Winograd's transforms would make inf - inf = NaN of an inf in x, the
-    weight or dy, so such calls go to the direct kernels (NaN and inf where PyTorch has them, forward and dx). dx
-    is compared where y has no NaN: PyTorch's ReLU backward passes the gradient of a NaN output, the kernels'
-    mask (y > 0) does not."""
+    weight or dy, so such calls go to the direct kernels (NaN and inf where PyTorch has them: y, dx, dW). The
+    gradients are compared where y has no NaN: PyTorch's ReLU backward passes the gradient of a NaN output, the
+    kernels' mask (y > 0) does not."""
     require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_WINOGRAD", "all")
     (x, weight, bias), geometry = _inputs(CASES[9], torch.float32, "cpu", "non-finite")
@@ -231,11 +231,13 @@ def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch
         upstream.view(-1)[live[[0, -1]]] = torch.tensor([float("inf"), float("-inf")])
     results = []
     for fn in (lambda *a: conv2d_relu(*a, backend="cpu", **geometry), lambda *a: _reference(*a, **geometry)):
-        leaf = x.clone().requires_grad_()
-        y = fn(leaf, weight, bias)
-        (dx,) = torch.autograd.grad(y, [leaf], upstream)
-        results.append((y.detach(), dx))
-    compared = results if where != "weight" else [r[:1] for r in results]
+        leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        y = fn(*leaves, bias)
+        results.append((y.detach(), *torch.autograd.grad(y, leaves, upstream)))
+    # y for all; dx and dW where y has no NaN (the ReLU-mask difference above); not dW of an inf dy, which the
+    # direct kernels' im2col GEMM multiplies by the padding's zeros (inf * 0 = NaN where PyTorch skips them).
+    keep = {"x": 3, "weight": 1, "grad": 2}[where]
+    compared = [r[:keep] for r in results]
     assert any((~ref.isfinite()).any() for ref in compared[1])
     for ours, ref in zip(*compared, strict=True):
         assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.isinf(), ref.isinf())
