@@ -197,28 +197,36 @@ int64_t tiles_per_block(const WinogradProblem& p, int alpha, int64_t elem_bytes)
 
 // U = G g G^T per (output channel, input channel) as groups x alpha^2 x K/G x C/G, computed in double from a
 // K x C/G x 3 x 3 weight. `flip_transpose`: the dgrad's weight, g'[c][k] = rot180(g[k][c]) within each group.
-// Undefined where the weight holds a non-finite value (see winograd_conv).
-template <typename T, int M>
+// Undefined where the weight holds a non-finite value (see winograd_conv). The weight is read as it is (a double
+// copy and an isfinite pass, and U's fresh pages, were a fifth of conv5_1's forward, a 512 x 512 weight on a
+// 44 x 44 map); U comes from the large-block cache.
+template <typename T, int M, typename scalar_t>
 at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_transpose) {
   using Wg = Winograd<M>;
   constexpr int kA = Wg::kAlpha;
-  const at::Tensor w = weight.to(at::kDouble).contiguous();
-  if (!at::isfinite(w).all().item<bool>()) return at::Tensor();
+  const at::Tensor w = weight.contiguous();
   const int64_t k_g = weight.size(0) / groups, c_g = weight.size(1);
   const int64_t outs = flip_transpose ? c_g : k_g, ins = flip_transpose ? k_g : c_g;
-  at::Tensor u = at::empty({groups, kA * kA, outs, ins}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
-  const double* wp = w.const_data_ptr<double>();
+  at::Tensor u = empty_large({groups, kA * kA, outs, ins}, weight.options().dtype(c10::CppTypeToScalarType<T>::value),
+                             at::MemoryFormat::Contiguous);
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
   T* up = u.mutable_data_ptr<T>();
+  std::atomic<bool> finite{true};
   at::parallel_for(0, groups * outs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t go = begin; go < end; ++go) {
       const int64_t group = go / outs, o = go % outs;
       for (int64_t i = 0; i < ins; ++i) {
         const int64_t kk = flip_transpose ? i : o, cc = flip_transpose ? o : i;
-        const double* g = wp + ((group * k_g + kk) * c_g + cc) * 9;
+        const scalar_t* g = wp + ((group * k_g + kk) * c_g + cc) * 9;
         double tap[3][3];
+        bool bad = false;
         for (int r = 0; r < 3; ++r) {
-          for (int s = 0; s < 3; ++s) tap[r][s] = flip_transpose ? g[(2 - r) * 3 + (2 - s)] : g[r * 3 + s];
+          for (int s = 0; s < 3; ++s) {
+            tap[r][s] = static_cast<double>(flip_transpose ? g[(2 - r) * 3 + (2 - s)] : g[r * 3 + s]);
+            bad |= !(tap[r][s] - tap[r][s] == 0.0);  // inf - inf and NaN: NaN
+          }
         }
+        if (bad) finite = false;
         double half[kA][3];  // G g
         for (int a = 0; a < kA; ++a) {
           for (int s = 0; s < 3; ++s) {
@@ -235,7 +243,7 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_
       }
     }
   });
-  return u;
+  return finite ? u : at::Tensor();
 }
 
 // One input row `line` (w values) into plane row `row`, phase-major (see TileGrid), shifted right by pad_w; the
@@ -641,7 +649,7 @@ bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::
     const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
     with_tile([&](auto tile) {
       constexpr int kM = decltype(tile)::value;
-      const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, false);
+      const at::Tensor u = transform_weight<acc_t, kM, scalar_t>(weight, g.groups, false);
       done = u.defined() &&
              winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, bp, relu, y, InputRows<scalar_t, acc_t>(x));
     });
@@ -658,7 +666,7 @@ bool winograd_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tenso
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     with_tile([&](auto tile) {
       constexpr int kM = decltype(tile)::value;
-      const at::Tensor u = transform_weight<acc_t, kM>(weight, g.groups, true);
+      const at::Tensor u = transform_weight<acc_t, kM, scalar_t>(weight, g.groups, true);
       done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, nullptr, false, dx,
                                                                 MaskedGradRows<scalar_t, acc_t>(grad, y, relu));
     });
