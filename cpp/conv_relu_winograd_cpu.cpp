@@ -635,7 +635,10 @@ bool use_winograd(const ConvGeometry& g, WinogradPass pass) {
   const bool computable = g.r == 3 && g.s == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
                           g.dil_w == 1 && (pass != WinogradPass::kDgrad || (g.pad_h <= 2 && g.pad_w <= 2));
   if (mode == "all") return computable;
-  return computable && g.c_g >= 64 && g.k_g >= 64;
+  // Below 64 channels the GEMMs are too short to repay the transforms. Thin or small maps (the skipped
+  // background's frame strips, 1-4 pixels wide, see fcnkern/background.py) waste most of each 2 x 2 tile and pay
+  // the weight transform per piece: the direct kernels keep them.
+  return computable && g.c_g >= 64 && g.k_g >= 64 && std::min(g.oh, g.ow) >= 8 && g.oh * g.ow >= 1024;
 }
 
 bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

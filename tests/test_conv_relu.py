@@ -176,10 +176,10 @@ def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, l
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_deep_layer_takes_its_default_paths(dtype):
-    """A 256 -> 256 channel 3x3 layer on a 10 x 30 map: the CPU kernel's own choice (Winograd forward and dx,
-    shifted GEMMs for dW) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
+    """A 256 -> 256 channel 3x3 layer on a 24 x 48 map: the CPU kernel's own choice (Winograd forward, dx and dW)
+    without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
     require_backend("cpu")
-    case = (1, 256, 10, 30, 256, 3, 1, 1, 1, 1)
+    case = (1, 256, 24, 48, 256, 3, 1, 1, 1, 1)
     tensors, geometry = _inputs(case, dtype, "cpu")
     _check("cpu", "cpu", dtype, tensors, geometry)
     if dtype == torch.float32:  # the default really is Winograd: its sums differ from the direct kernels' in the ulps
