@@ -1,26 +1,27 @@
-// Winograd F(m x m, 3 x 3) for the CPU's stride-1 3 x 3 convolutions (Lavin & Gray, "Fast Algorithms for
-// Convolutional Neural Networks", 2016): forward (bias + ReLU in the output transform) and dgrad.
+// Winograd convolution for the CPU's stride-1 3 x 3 layers (Lavin & Gray, "Fast Algorithms for Convolutional
+// Neural Networks", 2016): F(m x m, 3 x 3) for the forward (bias + ReLU in the output transform) and for dx,
+// F(3 x 3, 2 x 2) for dW.
 //
-// Why: from 256 channels on, VGG's 3 x 3 layers are compute-bound, and both oneDNN's direct convolution (eager
-// PyTorch) and this library's shifted GEMMs run near the FMA peak of the CPU, so the only way past eager is fewer
-// multiplications. F(m x m, 3 x 3) computes an m x m output tile from an (m + 2) x (m + 2) input tile with
-// (m + 2)^2 products instead of 9 m^2: 2.25x fewer for m = 2, 4x for m = 4, the products being (m + 2)^2 GEMMs
-// over channels per block of tiles.
+// Why: VGG's 3 x 3 layers are compute-bound, and both oneDNN's direct convolution (eager PyTorch) and this
+// library's shifted GEMMs ran near the FMA peak of the CPU, so the only way past eager is fewer multiplications.
+// F(m x m, 3 x 3) computes an m x m output tile from an (m + 2) x (m + 2) input tile with (m + 2)^2 products instead
+// of 9 m^2: 2.25x fewer for m = 2, 4x for m = 4, the products being (m + 2)^2 GEMMs over channels per block of tiles.
 //
 // Per (image, group, block of output tiles), with alpha = m + 2:
 //   V[xi][c][t] = (B^T d_{c,t} B)[xi]       input transform of the tile's alpha x alpha patch of the padded input
 //   M[xi]       = U[xi] @ V[xi]              alpha^2 GEMMs, K/G x C/G times C/G x tiles (U = G g G^T, per call)
 //   y_{k,t}     = A^T M_{k,t} A              output transform, then bias, ReLU, conversion and a strided store
-// The input is first copied into a zero-padded plane per channel (m * tiles + 2 rows and columns), so the
-// transforms need no bounds tests: a tile past the output's edge reads zeros there and its extra outputs are not
-// stored.
+// Each task first copies the band of input rows under its tiles into zero-padded plane rows (m * tiles + 2
+// columns), so the transforms need no bounds tests: a tile past the output's edge reads zeros there and its extra
+// outputs are not stored.
 //
-// dgrad: at stride 1, dx = conv_transpose(dy', W) is a 3 x 3 convolution of dy' = dy * (y > 0) with the weight
+// dx: at stride 1, dx = conv_transpose(dy', W) is a 3 x 3 convolution of dy' = dy * (y > 0) with the weight
 // flipped in both spatial axes and its two channel axes swapped, at padding 2 - pad; the same code computes it.
+// dW: per 2 x 2 output tile, the correlation of the 4 x 4 input patch with the tile's dy' (WinogradWgrad).
 //
 // Numerics: the transforms' constants are exact in binary for m = 2 (0.5, +-1) and the products are summed over
-// channels by the GEMM as in a direct convolution, so fp32 results stay within a few ulps of the direct form's
-// error; m = 4's constants (1/6, 1/24, 4, 8) cost about a decimal digit (measured in tests/test_conv_relu.py).
+// channels by the GEMM as in a direct convolution: fp32 errors measured at ~1.5x PyTorch's. m = 4's constants
+// (1/6, 1/24, 4, 8) cost about a decimal digit (~10x PyTorch's), which is one reason it is not the default.
 #include "conv_relu_winograd_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -604,7 +605,8 @@ struct MaskedGradRows {
   }
 };
 
-// m of F(m x m, 3 x 3): FCNKERN_WINOGRAD_TILE = 2 or 4, default 2.
+// m of F(m x m, 3 x 3): FCNKERN_WINOGRAD_TILE = 2 or 4, default 2. m = 4 measured slower on the 2-core Zen 5 but
+// for 128 channels (conv4_2 forward 89 vs 57 ms): its 36 GEMMs per block get few tiles within the cache budget.
 int winograd_tile() {
   const char* v = std::getenv("FCNKERN_WINOGRAD_TILE");
   const std::string_view tile = v != nullptr ? v : "2";
