@@ -52,7 +52,7 @@ struct Winograd;
 
 template <>
 struct Winograd<2> {
-  static constexpr int kM = 2, kAlpha = 4;
+  static constexpr int kAlpha = 4;
   static constexpr double kBT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   static constexpr double kAT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
@@ -60,7 +60,7 @@ struct Winograd<2> {
 
 template <>
 struct Winograd<4> {
-  static constexpr int kM = 4, kAlpha = 6;
+  static constexpr int kAlpha = 6;
   static constexpr double kBT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                                        {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
   static constexpr double kG[6][3] = {{1.0 / 4, 0, 0},
@@ -164,10 +164,10 @@ struct WinogradProblem {
 // conv2_2's weight gradient).
 template <int M>
 struct TileGrid {
-  int64_t rows_t, cols_t, tiles, plane_rows, phase, plane_cols;
+  int64_t rows_t, cols_t, tiles, phase, plane_cols;
   explicit TileGrid(const WinogradProblem& p)
-      : rows_t((p.oh + M - 1) / M), cols_t((p.ow + M - 1) / M), tiles(rows_t * cols_t), plane_rows(M * rows_t + 2),
-        phase(cols_t + 1), plane_cols(M * phase) {}
+      : rows_t((p.oh + M - 1) / M), cols_t((p.ow + M - 1) / M), tiles(rows_t * cols_t), phase(cols_t + 1),
+        plane_cols(M * phase) {}
   // The band of tiles [t0, t0 + count): its first tile row and its plane rows (m per tile row, + 2 below).
   int64_t first_row(int64_t t0) const { return t0 / cols_t; }
   int64_t band_rows(int64_t t0, int64_t count) const {
@@ -185,6 +185,12 @@ struct TileGrid {
   // The most plane rows a block of `count` tiles can span.
   int64_t max_band_rows(int64_t count) const { return M * ((count + cols_t - 2) / cols_t + 1) + 2; }
 };
+
+// Whether v is inf or NaN, branch-free so that the loops over rows vectorise: inf - inf and NaN - NaN are NaN.
+template <typename T>
+inline __attribute__((always_inline)) bool non_finite(T v) {
+  return !(v - v == T(0));
+}
 
 // Tiles per block: the block's transformed input and output (alpha^2 x (C/G + K/G) x tiles) at about
 // FCNKERN_WINOGRAD_BLOCK_KB (default 8192 KiB: L3-resident, with GEMMs over 128-256 tiles where oneDNN's matmul
@@ -224,7 +230,7 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_
         for (int r = 0; r < 3; ++r) {
           for (int s = 0; s < 3; ++s) {
             tap[r][s] = static_cast<double>(flip_transpose ? g[(2 - r) * 3 + (2 - s)] : g[r * 3 + s]);
-            bad |= !(tap[r][s] - tap[r][s] == 0.0);  // inf - inf and NaN: NaN
+            bad |= non_finite(tap[r][s]);
           }
         }
         if (bad) finite = false;
@@ -253,7 +259,7 @@ template <typename T, int M>
 inline __attribute__((always_inline)) bool scatter_row(const T* line, int64_t w, int64_t pad_w, T* row,
                                                        int64_t phase, int64_t plane_cols) {
   bool bad = false;
-  for (int64_t iw = 0; iw < w; ++iw) bad |= !(line[iw] - line[iw] == T(0));  // inf - inf and NaN: NaN
+  for (int64_t iw = 0; iw < w; ++iw) bad |= non_finite(line[iw]);
   std::fill(row, row + plane_cols, T(0));
   for (int64_t ph = 0; ph < M; ++ph) {
     // columns x = pad_w + iw with x % M == ph: iw = first, first + M, ...

@@ -1,5 +1,6 @@
-// Winograd F(m x m, 3 x 3) convolutions for the CPU's stride-1 3 x 3 layers (VGG's conv1_2 .. conv5_3), forward and
-// dgrad. Declared here, defined in conv_relu_winograd_cpu.cpp, called from conv_relu_cpu.cpp.
+// Winograd convolutions for the CPU's stride-1 3 x 3 layers (VGG's conv1_2 .. conv5_3): F(m x m, 3 x 3) for the
+// forward and dx, F(3 x 3, 2 x 2) for dW and db. Declared here, defined in conv_relu_winograd_cpu.cpp, called from
+// conv_relu_cpu.cpp.
 #pragma once
 
 #include <torch/types.h>
