@@ -394,7 +394,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           const scalar_t* yr = yk + oh * ys[2];
           for (int64_t ow = 0; ow < g.ow; ++ow) {
             const acc_t v = static_cast<acc_t>(gr[ow * gs[3]]);
-            d[ow] = (!relu || static_cast<acc_t>(yr[ow * ys[3]]) > acc_t(0)) ? v : acc_t(0);
+            d[ow] = (relu && static_cast<acc_t>(yr[ow * ys[3]]) <= acc_t(0)) ? acc_t(0) : v;
             sum += d[ow];
           }
           std::fill(d + g.ow, d + wp, acc_t(0));
@@ -491,7 +491,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
               acc_t* d = dst + q;
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t v = static_cast<acc_t>(gr[i * gs[3]]);
-                d[i] = (!relu || static_cast<acc_t>(yr[i * ys[3]]) > acc_t(0)) ? v : acc_t(0);
+                d[i] = (relu && static_cast<acc_t>(yr[i * ys[3]]) <= acc_t(0)) ? acc_t(0) : v;
               }
             });
           }

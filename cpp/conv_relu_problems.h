@@ -152,7 +152,7 @@ FCNK_HD inline acc_of<T> masked_grad(const T* dy, const T* y, bool relu, GradOff
   const acc_of<T> g = to_acc(dy[valid ? a.dy + b.dy : 0]);
   if (!relu) return valid ? g : acc_of<T>(0);
   const acc_of<T> out = to_acc(y[valid ? a.y + b.y : 0]);
-  return valid && out > acc_of<T>(0) ? g : acc_of<T>(0);
+  return valid && !(out <= acc_of<T>(0)) ? g : acc_of<T>(0);
 }
 
 // Forward: GEMM rows are output pixels (n, oh, ow), columns one group's output channels, reduction j = (c, r, s).

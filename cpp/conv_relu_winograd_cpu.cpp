@@ -564,7 +564,7 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
 // third of conv3_2's weight gradient.
 FCNK_MULTIVERSION void copy_row_f(const float* src, int64_t width, float* dst) { std::copy(src, src + width, dst); }
 FCNK_MULTIVERSION void masked_row_f(const float* grad, const float* y, int64_t width, float* dst) {
-  for (int64_t i = 0; i < width; ++i) dst[i] = y[i] > 0.f ? grad[i] : 0.f;
+  for (int64_t i = 0; i < width; ++i) dst[i] = y[i] <= 0.f ? 0.f : grad[i];
 }
 
 // Rows of x in the accumulation type, and rows of dy' = dy * (y > 0) (dy where relu is false): the bands' sources.
@@ -606,7 +606,7 @@ struct MaskedGradRows {
     }
     for (int64_t i = 0; i < grad.width; ++i) {
       const acc_t v = static_cast<acc_t>(gr[i * grad.strides[3]]);
-      dst[i] = static_cast<acc_t>(yr[i * y.strides[3]]) > acc_t(0) ? v : acc_t(0);
+      dst[i] = static_cast<acc_t>(yr[i * y.strides[3]]) <= acc_t(0) ? acc_t(0) : v;
     }
   }
 };

@@ -2,7 +2,7 @@
 
 Ops (each with a ``backend=`` argument; see :mod:`fcnkern.backend` for how one is chosen):
 
-- :func:`conv2d_relu`: fused Conv2d + ReLU, forward and backward (triton, cpu and torch backends so far).
+- :func:`conv2d_relu`: fused Conv2d + ReLU, forward and backward.
 - :func:`pixelwise_cross_entropy`: fused softmax cross-entropy over N x C x H x W logits, FCN's loss.
 - :func:`upsample_crop`, :func:`bilinear_upsample_crop`: FCN's upsampling with its crop (learned and fixed
   bilinear).

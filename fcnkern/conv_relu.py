@@ -5,7 +5,7 @@ fc7 and the score layers as 1x1 convs).
 ``F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``; ``relu=False`` gives the plain conv
 through the same kernels (FCN's score layers).
 
-Kernels (see kernels/conv_relu.py and cpp/conv_relu_cpu.cpp):
+Kernels (see kernels/conv_relu.py and cpp/):
 
 - ``triton``: implicit GEMMs over channels_last activations and a K x R x S x C weight (tensors in another layout
   are copied into these on entry, and the results back into x's format), bias and ReLU in the forward's epilogue;
@@ -14,12 +14,16 @@ Kernels (see kernels/conv_relu.py and cpp/conv_relu_cpu.cpp):
 - ``cuda`` (cpp/conv_relu_cuda.cu): one gather-GEMM core for the forward, dgrad and wgrad implicit GEMMs (operands
   gathered through strides into shared-memory tiles, WMMA tensor cores for fp16/bf16, CUDA cores in fp32/fp64), the
   ReLU mask applied while loading the gradient, wgrad's pixel reduction split into a workspace summed afterwards.
-- ``cpu``: blocked im2col + the BLAS GEMM ATen links, bias and ReLU applied to each output block while it is in
-  cache; the backward masks each gradient block once and feeds it to both gradient GEMMs.
+- ``cpu`` (cpp/conv_relu_cpu.cpp, cpp/conv_relu_winograd_cpu.cpp): Winograd F(2x2, 3x3) for the forward and dx
+  and F(3x3, 2x2) for dW of 3x3 stride-1 layers with at least 64 channels per group (VGG's conv1_2..conv5_3);
+  shifted GEMMs on the unpadded input for other wide stride-1 layers; otherwise blocked im2col + the BLAS GEMM
+  ATen links. Bias and ReLU are applied to each output block while it is in cache; the backward masks each
+  gradient block once and feeds it to both gradient GEMMs.
 - ``torch``: the reference, ``F.relu(F.conv2d(...))``.
 
 The output keeps x's memory format (NCHW or channels_last). The backward saves x, weight and the output (the mask
-is ``output > 0``, exactly PyTorch's rule: an output of exactly 0 passes no gradient).
+is PyTorch's threshold_backward rule: an output <= 0 passes no gradient, so an output of exactly 0 passes
+none and a NaN output passes its gradient).
 """
 
 from __future__ import annotations
@@ -356,7 +360,7 @@ _triton_bwd.register_fake(_fake_bwd)
 def _reference_bwd(grad, y, x, weight, stride, padding, dilation, groups, relu, output_mask):
     """The backward op's (dx, dweight, dbias), all three, in differentiable PyTorch ops (its double backward: see
     fcnkern.second_order); x and weight must require grad."""
-    g = torch.where(y > 0, grad, torch.zeros_like(grad)) if relu else grad
+    g = torch.where(y <= 0, torch.zeros_like(grad), grad) if relu else grad
     dx, dw = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding, dilation, groups), (x, weight), g,
                                  create_graph=True)  # fmt: skip
     return dx, dw, g.sum((0, 2, 3))

@@ -13,7 +13,7 @@ block), so each operand row is one contiguous load and the pipeliner sees every 
 channels per group (an RGB first layer) would waste most of every 16-deep ``tl.dot`` on padding; they flatten
 j = (c, r, s) into one axis instead (FLAT_K) and decode (c, r, s) per element.
 
-Backward: the ReLU mask is applied where the output gradient is loaded (``where(y > 0, dy, 0)``, y being the saved
+Backward: the ReLU mask is applied where the output gradient is loaded (``where(y <= 0, 0, dy)``, y being the saved
 output), so the masked gradient is never written out.
 
 - dgrad, per group: dX[m', c] = sum over (k, r, s) of dY'[n, k, oh, ow] W[k, c, r, s] with m' = (n, ih, iw) input
@@ -150,11 +150,12 @@ def conv_fwd_kernel(
 
 @triton.jit
 def _masked_grad(g_ptr, y_ptr, g_off, y_off, mask, RELU: tl.constexpr):
-    """The output gradient with the ReLU mask applied on load: 0 where the saved output is not > 0."""
+    """The output gradient with the ReLU mask applied on load: 0 where the saved output is <= 0 (a NaN output
+    passes its gradient, as PyTorch's threshold_backward does)."""
     g = tl.load(g_ptr + g_off, mask=mask, other=0.0)
     if RELU:
         y = tl.load(y_ptr + y_off, mask=mask, other=0.0)
-        g = tl.where(y > 0, g, tl.zeros_like(g))
+        g = tl.where(y <= 0, tl.zeros_like(g), g)
     return g
 
 

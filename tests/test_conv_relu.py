@@ -214,9 +214,7 @@ def test_cpu_winograd_forced_on_small_shapes(monkeypatch, case, dtype, layout, t
 @pytest.mark.parametrize("where", ["x", "weight", "grad"])
 def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch, where):
     """inf in, inf out where PyTorch has it: Winograd's transforms would make inf - inf = NaN of an inf in x, the
-    weight or dy, so such calls go to the direct kernels (NaN and inf where PyTorch has them: y, dx, dW). The
-    gradients are compared where y has no NaN: PyTorch's ReLU backward passes the gradient of a NaN output, the
-    kernels' mask (y > 0) does not."""
+    weight or dy, so such calls go to the direct kernels (NaN and inf where PyTorch has them: y, dx, dW)."""
     require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_WINOGRAD", "all")
     (x, weight, bias), geometry = _inputs(CASES[9], torch.float32, "cpu", "non-finite")
@@ -234,9 +232,9 @@ def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch
         leaves = [t.clone().requires_grad_() for t in (x, weight)]
         y = fn(*leaves, bias)
         results.append((y.detach(), *torch.autograd.grad(y, leaves, upstream)))
-    # y for all; dx and dW where y has no NaN (the ReLU-mask difference above); not dW of an inf dy, which the
-    # direct kernels' im2col GEMM multiplies by the padding's zeros (inf * 0 = NaN where PyTorch skips them).
-    keep = {"x": 3, "weight": 1, "grad": 2}[where]
+    # Not dW of an inf dy, which the direct kernels' im2col GEMM multiplies by the padding's zeros (inf * 0 = NaN
+    # where PyTorch skips them).
+    keep = {"x": 3, "weight": 3, "grad": 2}[where]
     compared = [r[:keep] for r in results]
     assert any((~ref.isfinite()).any() for ref in compared[1])
     for ours, ref in zip(*compared, strict=True):
@@ -247,7 +245,7 @@ def test_cpu_winograd_leaves_non_finite_inputs_to_the_direct_kernels(monkeypatch
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_relu_boundary_outputs_of_exactly_zero_pass_no_gradient(device, backend):
-    """A pre-activation of exactly 0 gets gradient 0, as in PyTorch (the mask is y > 0)."""
+    """A pre-activation of exactly 0 gets gradient 0, as in PyTorch (whose mask is y <= 0 -> 0)."""
     g = generator("boundary")
     x = torch.randn(2, 4, 6, 6, generator=g).to(device)
     weight = torch.randn(6, 4, 3, 3, generator=g).to(device)
@@ -268,16 +266,44 @@ def test_relu_boundary_outputs_of_exactly_zero_pass_no_gradient(device, backend)
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=_case_id)
 def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
-    """NaN in, NaN out where PyTorch has it: a ReLU written as max(v, 0) turns NaN into 0 (the Triton kernel's
-    tl.maximum did), which would hide a diverging network behind finite activations."""
+    """NaN in, NaN out where PyTorch has it, forward and backward. A ReLU written as max(v, 0) turns NaN into 0 (the
+    Triton kernel's tl.maximum did), which would hide a diverging network behind finite activations. In the backward,
+    PyTorch's threshold_backward passes the gradient of a NaN output (NaN <= 0 is false); a mask written y > 0 blocked
+    it, and gave a finite but different dx next to the NaN (every backend did before this test compared gradients)."""
     (x, weight, bias), geometry = _inputs(case, torch.float32, device, "nan")
     x = x.clone()
     x[0, 0, 1, 1], x[-1, -1, 2, 3] = float("nan"), float("inf")
-    ours = conv2d_relu(x, weight, bias, backend=backend, **geometry)
-    ref = _reference(x, weight, bias, **geometry)
-    assert ref.isnan().any() and torch.equal(ours.isnan(), ref.isnan())
-    finite = ref.isfinite()
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-4)
+    ours = _run(lambda *a: conv2d_relu(*a, backend=backend, **geometry), (x, weight, bias), 5)
+    ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
+    assert ref[0].isnan().any()
+    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [{}, {"FCNKERN_CONV_SHIFTED": "all"}, {"FCNKERN_CONV_WINOGRAD": "all"}],
+    ids=["default", "shifted", "winograd"],
+)
+def test_cpu_nan_outputs_pass_their_gradient_on_every_path(monkeypatch, path):
+    """A NaN bias makes a whole output channel NaN from finite x, weight and dy, so every CPU backward path (im2col,
+    shifted GEMMs, Winograd, which declines only non-finite x, weight or dy) runs with NaN outputs: each must pass
+    their gradient as PyTorch does, leaving dx, dW and the other channels' db finite."""
+    require_backend("cpu")
+    for name, value in path.items():
+        monkeypatch.setenv(name, value)
+    (x, weight, bias), geometry = _inputs(CASES[9], torch.float32, "cpu", "nan-bias")
+    bias = bias.clone()
+    bias[3] = float("nan")
+    ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
+    ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
+    assert ref[0][:, 3].isnan().all() and ref[1][0].isfinite().all()
+    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

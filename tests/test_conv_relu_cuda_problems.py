@@ -144,8 +144,31 @@ def test_gathers_match_pytorch(problems, case, relu):
         torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
     # The bias gradient kernel sums the same masked gradient.
-    masked = upstream * (y > 0) if relu else upstream
+    masked = upstream * ~(y <= 0) if relu else upstream
     torch.testing.assert_close(masked.sum((0, 2, 3)), ref_db, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strided", [True, False])
+def test_gathers_pass_the_gradient_of_nan_outputs(problems, strided):
+    """PyTorch's ReLU backward passes the gradient of a NaN output (NaN <= 0 is false). A NaN bias makes channel 1
+    NaN from finite x and weight: dgrad's and wgrad's masked loads must pass its gradient, so dx and dW stay finite
+    and equal PyTorch's."""
+    g = generator("cuda-problems-nan", strided)
+    x = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    bias[1] = float("nan")
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    xr, wr = (t.clone().requires_grad_() for t in (x, weight))
+    ref = F.relu(F.conv2d(xr, wr, bias, 1, 1))
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), upstream)
+    y = problems.forward(x, weight, bias, *args, True)
+    assert torch.equal(y.isnan(), ref.isnan()) and y[:, 1].isnan().all()
+    dx, dw = problems.backward(upstream, y, x, weight, *args, True, 2, strided)
+    assert ref_dx.isfinite().all() and ref_dw.isfinite().all()
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
 
 
 def test_coordinate_bound(problems):
