@@ -53,7 +53,7 @@ ext_modules, cmdclass = extension_modules()
 setup(
     packages=["fcnkern", "fcnkern.kernels", "fcnkern.csrc"],
     package_dir={"fcnkern.kernels": "kernels", "fcnkern.csrc": "cpp"},
-    package_data={"fcnkern.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"fcnkern.csrc": ["*.cpp", "*.cu", "*.h", "*.inc"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -3,7 +3,9 @@ run. Baselines: eager ``F.relu(F.conv2d(...))`` (oneDNN / cuDNN conv, then a sep
 own fused ``torch.ops.mkldnn._convolution_pointwise(..., "relu")`` (forward only: it has no autograd formula).
 
 Shapes follow the network from conv1_1 (padding 100: a 698 x 698 output) down to fc6 (7 x 7 on 22 x 22) and fc7 /
-score_fr (1 x 1). Batch 1, as in the paper's training. Peak memory is in each result's extra_info.
+score_fr (1 x 1). Batch 1, as in the paper's training. Peak memory is in each result's extra_info. The narrow layers
+are the main job's default network (``fcnkern train``: FCN-8s at width 1/8 on 64 x 64 scenes, batch 8), whose few
+channels per layer take other kernels.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ FCN8S_LAYERS = {
     "fc7": (4096, 4096, 16, 1, 0, True),
     "score_fr": (4096, 21, 16, 1, 0, False),
 }
+# The same network at width 1/8 on a 64 x 64 input (the main job's default), batch 8: conv1_1 .. conv5_1.
+NARROW_LAYERS = {
+    "conv1_1": (3, 8, 64, 3, 100, True),
+    "conv1_2": (8, 8, 262, 3, 1, True),
+    "conv2_1": (8, 16, 131, 3, 1, True),
+    "conv2_2": (16, 16, 131, 3, 1, True),
+    "conv3_1": (16, 32, 66, 3, 1, True),
+    "conv3_2": (32, 32, 66, 3, 1, True),
+    "conv4_1": (32, 64, 33, 3, 1, True),
+    "conv4_2": (64, 64, 33, 3, 1, True),
+    "conv5_1": (64, 64, 17, 3, 1, True),
+}
+NARROW_BATCH = 8
 
 
 def _impls():
@@ -56,12 +71,12 @@ def _fn(impl: str, weight, bias, padding, relu):
     return lambda x: F.relu(F.conv2d(x, weight, bias, 1, padding)) if relu else F.conv2d(x, weight, bias, 1, padding)
 
 
-def _layer_step(layer: str, device: str, impl: str, mode: str):
-    """One synchronised call of ``impl`` on FCN-8s's ``layer``: the forward (no grad) or forward + backward."""
-    cin, cout, size, k, padding, relu = FCN8S_LAYERS[layer]
+def _layer_step(layer: str, device: str, impl: str, mode: str, layers: dict = FCN8S_LAYERS, batch: int = 1):
+    """One synchronised call of ``impl`` on ``layers[layer]``: the forward (no grad) or forward + backward."""
+    cin, cout, size, k, padding, relu = layers[layer]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, cin, size, size, generator=g).to(device, dtype)
+    x = torch.randn(batch, cin, size, size, generator=g).to(device, dtype)
     weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
     bias = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
     if mode == "fwd":
@@ -108,4 +123,19 @@ def test_fcn8s_layer_interleaved(benchmark, layer, device, mode):
     impls = ["fcnkern-cpu"] if device == "cpu" else ["fcnkern-triton", "fcnkern-cuda"]
     steps = {impl: _layer_step(layer, device, impl, mode) for impl in [*impls, "eager"]}
     benchmark.group = f"conv+relu {device} {layer} {mode} interleaved"
+    run_interleaved(benchmark, steps, baseline="eager")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+@pytest.mark.parametrize("layer", list(NARROW_LAYERS))
+def test_narrow_layer_interleaved(benchmark, layer, device, mode):
+    """The main job's width-1/8 layers, batch 8, interleaved with eager as above: on the CPU these take the
+    register-blocked direct kernels (8-64 channels), not the GEMMs of the full-width network."""
+    impls = ["fcnkern-cpu"] if device == "cpu" else ["fcnkern-triton", "fcnkern-cuda"]
+    steps = {impl: _layer_step(layer, device, impl, mode, NARROW_LAYERS, NARROW_BATCH) for impl in [*impls, "eager"]}
+    benchmark.group = f"conv+relu {device} narrow {layer} {mode} interleaved"
     run_interleaved(benchmark, steps, baseline="eager")

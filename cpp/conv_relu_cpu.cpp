@@ -1,16 +1,21 @@
 // CPU kernels of the fused Conv2d + ReLU (fcnkern.conv2d_relu): blocked im2col + the BLAS GEMM ATen links.
 //
-// 3 x 3, stride 1, dilation 1, >= 64 channels per group in and out (VGG's conv1_2 .. conv5_3): Winograd, 2.25x fewer
-// multiplications (conv_relu_winograd_cpu.cpp): F(2 x 2, 3 x 3) for the forward and dx, F(3 x 3, 2 x 2) for dW.
+// 3 x 3, stride 1, dilation 1, >= 64 channels per group in and out (VGG's conv1_2 .. conv5_3) and at least 1e8
+// multiply-adds per tap: Winograd, 2.25x fewer multiplications (conv_relu_winograd_cpu.cpp): F(2 x 2, 3 x 3) for the
+// forward and dx, F(3 x 3, 2 x 2) for dW.
+// Stride 1, dilation 1, a kernel larger than 1 x 1, at most 64 channels reduced: register-blocked direct
+// convolution (conv_relu_blocked_cpu.cpp) for the forward, dx and dW, where GEMMs over so few channels run far
+// below the FMA peak.
 // What follows is for every other geometry, and for the non-finite inputs Winograd declines.
-// Forward, stride 1 with >= 32 channels per group: shifted GEMMs over a padded copy, no im2col (forward_shifted).
+// Forward, stride 1: shifted GEMMs over a padded copy, no im2col (forward_shifted), for 1 x 1 kernels with >= 32
+// channels per group and larger ones with >= 256 on maps of >= 1024 pixels (use_shifted).
 // Otherwise, per (image, group, block of output pixels): gather the block's im2col columns (J = C/G * R * S rows,
 // one column per pixel) into a thread-local buffer sized to stay in L2, multiply by the group's weight (K/G x J)
 // into a thread-local output block, then add the bias, apply the ReLU and store in the output's dtype and memory
 // format while the block is still in cache: the pre-ReLU tensor never exists in memory.
 //
-// Backward, stride 1 with >= 256 channels per group in and out, or a 1 x 1 kernel: shifted GEMMs again
-// (backward_shifted), no im2col or col2im.
+// Backward, stride 1 with a 1 x 1 kernel, or >= 256 channels per group in and out on maps of >= 2048 pixels: shifted
+// GEMMs again (backward_shifted), no im2col or col2im.
 // Otherwise, per (image, group, band of whole output rows): load the output-gradient block once through the ReLU
 // mask of the saved output (dy * (y > 0), in fp32), and feed that one block to both gradient GEMMs: dW += dY' cols^T
 // (per-thread accumulators, summed at the end) and dcols = W^T dY', scattered back into dx (col2im). Bands of
@@ -33,7 +38,9 @@
 
 #include "common.h"
 #include "conv_relu.h"
+#include "conv_relu_blocked_cpu.h"
 #include "conv_relu_winograd_cpu.h"
+#include "cpu_rows.h"
 #include "cpu_tasks.h"
 
 namespace fcnkern {
@@ -95,7 +102,15 @@ void im2col(const scalar_t* x, const int64_t* xs, const ConvGeometry& g, int64_t
       const int64_t a = std::clamp(lo, ow0, end), b = std::clamp(hi, a, end);
       std::fill(dst + ow0, dst + a, acc_t(0));
       const scalar_t* src = xc + ih * xs[2];
-      for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<acc_t>(src[ow * step]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (step == 1) {
+          std::copy(src + a, src + b, dst + a);
+        } else {
+          for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * step];
+        }
+      } else {
+        for (int64_t ow = a; ow < b; ++ow) dst[ow] = static_cast<acc_t>(src[ow * step]);
+      }
       std::fill(dst + b, dst + end, acc_t(0));
     });
   }
@@ -116,6 +131,9 @@ void col2im_add(const acc_t* dcols, const ConvGeometry& g, int64_t group, int64_
       const int64_t a = std::clamp(lo, ow0, ow0 + len), b = std::clamp(hi, a, ow0 + len);
       const acc_t* src = in + q - ow0;
       acc_t* dst = dc + ih * g.w;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (g.stride_w == 1) return add_row_f(src + a, b - a, dst + a);
+      }
       for (int64_t ow = a; ow < b; ++ow) dst[ow * g.stride_w] += src[ow];
     });
   }
@@ -135,23 +153,28 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
   const acc_t* bp = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
   const int64_t tasks = g.n * g.groups * blocks;
-  run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cols(g.j * block), out(g.k_g * block);
+  const ThreadScratch scratch(spread_tasks(tasks), (g.j + g.k_g) * block, x.options().dtype(acc));
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    acc_t* const cols = scratch.mine<acc_t>();
+    acc_t* const out = cols + g.j * block;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task % blocks, group = (task / blocks) % g.groups, n = task / (blocks * g.groups);
       const int64_t p0 = b * block, count = std::min(block, pixels - p0);
-      im2col(xp, xs, g, n, group, p0, count, cols.data());
-      auto out_m = matrix(out.data(), g.k_g, count, acc);
-      mm_into(out_m, w_acc[group], matrix(cols.data(), g.j, count, acc), true);
+      im2col(xp, xs, g, n, group, p0, count, cols);
+      auto out_m = matrix(out, g.k_g, count, acc);
+      mm_into(out_m, w_acc[group], matrix(cols, g.j, count, acc), true);
       // Epilogue while the block is in cache: bias, ReLU, conversion, strided store (any memory format).
       for (int64_t kk = 0; kk < g.k_g; ++kk) {
         const int64_t k = group * g.k_g + kk;
         const acc_t add = bp != nullptr ? bp[k] : acc_t(0);
-        const acc_t* src = out.data() + kk * count;
+        const acc_t* src = out + kk * count;
         scalar_t* dst = yp + n * ys[0] + k * ys[1];
         for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
           scalar_t* row = dst + oh * ys[2] + ow0 * ys[3];
           const acc_t* in = src + q;
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+            if (ys[3] == 1) return bias_relu_row_f(in, add, relu, len, row);
+          }
           if (relu) {
             for (int64_t i = 0; i < len; ++i) row[i * ys[3]] = static_cast<scalar_t>(std::max(in[i] + add, acc_t(0)));
           } else {
@@ -181,13 +204,18 @@ bool use_shifted(const ConvGeometry& g, bool backward) {
   if (mode == "0" || (backward && mode == "fwd")) return false;
   const bool eligible = g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 &&
                         g.oh * (g.w + 2 * g.pad_w) >= 256;
-  // The backward's nine GEMMs per gradient reduce over C/G (dgrad) and K/G x C/G tiles (wgrad): with fewer than 256
-  // channels they lose to im2col's one deep GEMM and cost more memory (FCN-8s layers at 500 x 500, fwd + bwd:
-  // conv2_1 1.08-1.25x the time, conv3_1 1.02-1.06x; conv4_2 0.93-0.96x, conv5_1 0.90-0.91x). A 1 x 1 kernel has
-  // one GEMM per gradient either way, and the shifted one skips im2col's copy and col2im's scatter: FCN's score
-  // layers (21 outputs) 0.62-0.78x the time (score_fr 6.0 -> 3.8 ms, score_pool4 1.9 -> 1.3, score_pool3 3.1 -> 2.4).
-  if (backward && mode != "all") return eligible && ((g.c_g >= 256 && g.k_g >= 256) || g.r * g.s == 1);
-  return eligible;
+  if (mode == "all" || !eligible) return eligible;
+  // A 1 x 1 kernel has one GEMM per gradient either way, and the shifted one skips im2col's copy and col2im's
+  // scatter: FCN's score layers (21 outputs) 0.62-0.78x the time (score_fr 6.0 -> 3.8 ms, score_pool4 1.9 -> 1.3,
+  // score_pool3 3.1 -> 2.4).
+  if (g.r * g.s == 1) return true;
+  // Larger kernels: r x s GEMMs reducing over C/G (forward, dgrad) or K/G x C/G tiles (wgrad) against im2col's one
+  // deep GEMM. Since Winograd took the large 3 x 3 layers, the shifted ones won only from 256 channels on maps of
+  // 1024 pixels (2-core Zen 5, fp32, forward, 1 x 256 x 33^2: 3.9 vs 4.7 ms) and lost below (32-128 channels at
+  // 17^2-66^2: 1.1-3.6x im2col's time; 256 at 29^2: 3.9 vs 3.1). Their backward lost at 1 x 512 x 29^2 (40 vs 27
+  // ms) and 1 x 256 x 33^2, tied at 44^2 and won at 500 x 500's 88^2 (conv4_2, 0.93-0.96x).
+  if (backward) return g.c_g >= 256 && g.k_g >= 256 && g.oh * g.ow >= 2048;
+  return g.c_g >= 256 && g.oh * g.ow >= 1024;
 }
 
 // The wide grid of the shifted GEMMs: the input padded to hp x wp (one spare row, so that the last block's taps
@@ -282,7 +310,15 @@ void store_output(const acc_t* src, int64_t stride, int64_t rows, int64_t k0, in
       const int64_t p = q0 + q, oh = p / wp, ow0 = p % wp, len = std::min(wp - ow0, count - q);
       const acc_t* in = src + r * stride + q;
       scalar_t* row = dst + oh * ys[2];
-      for (int64_t i = 0, stop = std::max<int64_t>(0, std::min(len, g.ow - ow0)); i < stop; ++i) {
+      const int64_t stop = std::max<int64_t>(0, std::min(len, g.ow - ow0));
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        if (ys[3] == 1) {
+          bias_relu_row_f(in, add, relu, stop, row + ow0);
+          q += len;
+          continue;
+        }
+      }
+      for (int64_t i = 0; i < stop; ++i) {
         const acc_t v = in[i] + add;
         row[(ow0 + i) * ys[3]] = static_cast<scalar_t>(relu ? std::max(v, acc_t(0)) : v);
       }
@@ -305,17 +341,18 @@ void forward_shifted(const at::Tensor& x, const at::Tensor& weight, const std::o
   const at::Tensor w_taps = grid.taps<acc_t>(weight);
   const EvenBlocks blocks(wide, grid.block(g.k_g, g.c_g), g.n * g.groups);
   const int64_t tasks = g.n * g.groups * blocks.count;
-  run_tasks(tasks, spread_tasks(tasks), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(g.k_g * blocks.max_size());
+  const ThreadScratch scratch(spread_tasks(tasks), g.k_g * blocks.max_size(), x.options().dtype(acc));
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    acc_t* const out = scratch.mine<acc_t>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task % blocks.count, group = (task / blocks.count) % g.groups;
       const int64_t n = task / (blocks.count * g.groups), q0 = blocks.begin(b), count = blocks.size(b);
-      auto out_m = matrix(out.data(), g.k_g, count, acc);
+      auto out_m = matrix(out, g.k_g, count, acc);
       const at::Tensor xg = xp[n].narrow(0, group * g.c_g, g.c_g);
       for (int64_t rs = 0; rs < taps; ++rs) {
         mm_into(out_m, w_taps[group][rs], xg.narrow(1, q0 + grid.offset(rs), count), rs == 0);
       }
-      store_output<scalar_t, acc_t>(out.data(), count, g.k_g, group * g.k_g, n, q0, count, bp, relu, y, g, wp);
+      store_output<scalar_t, acc_t>(out, count, g.k_g, group * g.k_g, n, q0, count, bp, relu, y, g, wp);
     }
   });
 }
@@ -361,6 +398,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const int64_t threads = spread ? at::get_num_threads() : 1;
   std::optional<LazyParts> dw_parts;
   if (need_w) dw_parts.emplace(at::empty({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc)));
+  const ThreadScratch scratch(spread, need_x ? g.c_g * x_cut.max_size() : 0, x.options().dtype(acc));
 
   // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
   // only the columns inside the input are stored, each dx element exactly once.
@@ -374,6 +412,13 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
         const int64_t z = std::clamp<int64_t>(g.pad_w + g.w - col, a, len);
         const acc_t* in = src + r * stride + q;
         scalar_t* row = dst + ih * xs[2] + (col - g.pad_w) * xs[3];
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+          if (xs[3] == 1) {
+            copy_row_f(in + a, z - a, row + a);
+            q += len;
+            continue;
+          }
+        }
         for (int64_t i = a; i < z; ++i) row[i * xs[3]] = static_cast<scalar_t>(in[i]);
         q += len;
       }
@@ -412,7 +457,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
     }
     run_tasks(tasks, spread, [&](int64_t begin, int64_t end) {
       const int64_t tid = spread ? at::get_thread_num() : 0;
-      std::vector<acc_t> out(need_x ? g.c_g * x_cut.max_size() : 0);
+      acc_t* const out = scratch.mine<acc_t>();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t group = task % g.groups, b = task / g.groups;
         const at::Tensor dy_g = dy_wide.narrow(0, group * g.k_g, g.k_g);
@@ -428,11 +473,11 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
           continue;
         }
         const int64_t p0 = g.pad_h * wp + x_cut.begin(b - w_blocks), count = x_cut.size(b - w_blocks);
-        auto out_m = matrix(out.data(), g.c_g, count, acc);
+        auto out_m = matrix(out, g.c_g, count, acc);
         for (int64_t rs = 0; rs < taps; ++rs) {
           mm_into(out_m, w_taps_t[group][rs], dy_g.narrow(1, margin + p0 - grid.offset(rs), count), rs == 0);
         }
-        store_dx(n, out.data(), count, g.c_g, group * g.c_g, p0, count);
+        store_dx(n, out, count, g.c_g, group * g.c_g, p0, count);
       }
     });
   }
@@ -466,13 +511,15 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   const at::Tensor w_t = need_x ? gemm_left(w_acc.transpose(1, 2), g.n * g.oh * g.ow) : at::Tensor();
 
   // Images write disjoint parts of dx, so one phase covers the bands of one parity in every image.
+  const int64_t max_count = band_rows * g.ow;
+  const ThreadScratch scratch(spread, (g.j + g.k_g) * max_count, x.options().dtype(acc));
   {
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t per_image = g.groups * ((bands - parity + 1) / 2);
       run_tasks(g.n * per_image, spread, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
-        const int64_t max_count = band_rows * g.ow;
-        std::vector<acc_t> cols(g.j * max_count), dy(g.k_g * max_count);
+        acc_t* const cols = scratch.mine<acc_t>();
+        acc_t* const dy = cols + g.j * max_count;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / per_image, in_image = task % per_image;
           acc_t* dx_img = need_x ? dx_acc.mutable_data_ptr<acc_t>() + n * g.c * g.h * g.w : nullptr;
@@ -484,29 +531,33 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
             const int64_t k = group * g.k_g + kk;
             const scalar_t* gk = gp + n * gs[0] + k * gs[1];
             const scalar_t* yk = yp + n * ys[0] + k * ys[1];
-            acc_t* dst = dy.data() + kk * count;
+            acc_t* dst = dy + kk * count;
             for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
               const scalar_t* gr = gk + oh * gs[2] + ow0 * gs[3];
               const scalar_t* yr = yk + oh * ys[2] + ow0 * ys[3];
               acc_t* d = dst + q;
+              if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+                if (gs[3] == 1 && !relu) return copy_row_f(gr, len, d);
+                if (gs[3] == 1 && ys[3] == 1) return masked_row_f(gr, yr, len, d);
+              }
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t v = static_cast<acc_t>(gr[i * gs[3]]);
                 d[i] = (relu && static_cast<acc_t>(yr[i * ys[3]]) <= acc_t(0)) ? acc_t(0) : v;
               }
             });
           }
-          auto dy_m = matrix(dy.data(), g.k_g, count, acc);
+          auto dy_m = matrix(dy, g.k_g, count, acc);
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
           if (need_w) {
-            im2col(xp, xs, g, n, group, p0, count, cols.data());
+            im2col(xp, xs, g, n, group, p0, count, cols);
             dw_parts->accumulate(tid, group, [&](const at::Tensor& slot, bool overwrite) {
-              mm_into(slot, dy_m, matrix(cols.data(), g.j, count, acc).t(), overwrite);
+              mm_into(slot, dy_m, matrix(cols, g.j, count, acc).t(), overwrite);
             });
           }
           if (need_x) {
-            auto dcols = matrix(cols.data(), g.j, count, acc);
+            auto dcols = matrix(cols, g.j, count, acc);
             mm_into(dcols, w_t[group], dy_m, true);
-            col2im_add(cols.data(), g, group, p0, count, dx_img);
+            col2im_add(cols, g, group, p0, count, dx_img);
           }
         }
       });
@@ -553,6 +604,10 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   maybe_poison(y);
   if (y.numel() == 0) return y;
   if (use_winograd(g, WinogradPass::kForward) && winograd_forward(x, weight, bias, y, g, relu)) return y;
+  if (x.scalar_type() != at::kDouble && use_blocked(g, BlockedPass::kForward)) {
+    blocked_forward(x, weight, bias, y, g, relu);
+    return y;
+  }
   const auto acc = acc_type_of(x);
   const at::Tensor w_acc =
       use_shifted(g, false) ? at::Tensor() : weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
@@ -620,15 +675,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   check_bwd_args(grad, y, x, g);
   const auto [need_x, need_w, need_b] = output_mask;
   const bool winograd_x = need_x && use_winograd(g, WinogradPass::kDgrad);
+  const bool blocked_x =
+      need_x && !winograd_x && x.scalar_type() != at::kDouble && use_blocked(g, BlockedPass::kDgrad);
   const bool winograd_w = (need_w || need_b) && use_winograd(g, WinogradPass::kWgrad);
-  if (y.numel() == 0 || !(winograd_x || winograd_w)) return direct_bwd(grad, y, x, weight, g, relu, output_mask);
+  const bool blocked_w = (need_w || need_b) && !winograd_w && x.scalar_type() != at::kDouble &&
+                         use_blocked(g, BlockedPass::kWgrad);
+  if (y.numel() == 0 || !(winograd_x || blocked_x || winograd_w || blocked_w)) {
+    return direct_bwd(grad, y, x, weight, g, relu, output_mask);
+  }
   at::Tensor dx, dw, db;
-  if (winograd_x) {
+  if (winograd_x || blocked_x) {
     dx = empty_like_format(x, x.sizes(), x.scalar_type());
     maybe_poison(dx);
-    if (!winograd_dgrad(grad, y, weight, dx, g, relu)) dx = at::Tensor();
   }
-  if (winograd_w && winograd_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db)) {
+  if (winograd_x && !winograd_dgrad(grad, y, weight, dx, g, relu)) dx = at::Tensor();
+  if (blocked_x) blocked_dgrad(grad, y, weight, dx, g, relu);
+  if ((winograd_w && winograd_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db)) || blocked_w) {
+    if (blocked_w) blocked_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db);
     if (need_w) dw = dw.to(weight.scalar_type());
     if (need_b) db = db.to(x.scalar_type());
   }

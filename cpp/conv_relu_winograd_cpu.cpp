@@ -40,6 +40,7 @@
 
 #include "common.h"
 #include "cpu_math.h"
+#include "cpu_rows.h"
 #include "cpu_tasks.h"
 #include "large_block_cache.h"
 
@@ -425,22 +426,6 @@ void output_transform(const TileGrid<M>& grid, const WinogradProblem& p, const T
   }
 }
 
-// Each thread's scratch: per-task buffers at fixed offsets, one block of the large-block cache for all threads
-// (fresh pages per call were 7 % of conv3_2's forward in page faults).
-struct ThreadScratch {
-  at::Tensor work;
-  bool spread;
-  ThreadScratch(int64_t tasks, int64_t per_thread, const at::TensorOptions& options)
-      : spread(spread_tasks(tasks)) {
-    const int64_t threads = spread ? at::get_num_threads() : 1;
-    work = empty_large({threads, per_thread}, options, at::MemoryFormat::Contiguous);
-  }
-  template <typename T>
-  T* mine() const {  // uninitialised: every element is written before it is read
-    return work.data_ptr<T>() + (spread ? at::get_thread_num() : 0) * work.size(1);
-  }
-};
-
 // The whole convolution: (image, group, block of tiles) tasks, each filling its band of the input planes,
 // transforming it, running the alpha^2 GEMMs and storing its output. Returns false, the output partly written,
 // where an input value is inf or NaN: the transforms' sums would turn an inf into inf - inf = NaN where the direct
@@ -455,7 +440,7 @@ bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u
   const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kA * kA * p.c_g * most, m_size = kA * kA * p.k_g * most, tile_size = M * M * grid.cols_t;
   const int64_t band_size = p.c_g * grid.max_band_rows(most) * grid.plane_cols;
-  const ThreadScratch scratch(tasks, v_size + m_size + tile_size + band_size + p.w, out.options().dtype(acc));
+  const ThreadScratch scratch(spread_tasks(tasks), v_size + m_size + tile_size + band_size + p.w, out.options().dtype(acc));
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   std::atomic<bool> finite{true};
@@ -515,7 +500,7 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
   const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kXi * p.c_g * most, d_size = kXi * p.k_g * most, rows = grid.max_band_rows(most);
   const int64_t x_band = p.c_g * rows * grid.plane_cols, dy_band = p.k_g * rows * grid.plane_cols;
-  const ThreadScratch scratch(tasks, v_size + d_size + x_band + dy_band + std::max(p.w, p.ow), options.dtype(acc));
+  const ThreadScratch scratch(spread_tasks(tasks), v_size + d_size + x_band + dy_band + std::max(p.w, p.ow), options.dtype(acc));
   LazyParts parts(at::empty({scratch.work.size(0), p.groups, kXi, p.k_g, p.c_g}, options.dtype(acc)));
   std::atomic<bool> finite{true};
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
@@ -557,14 +542,6 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
   }
   db = db_acc;
   return true;
-}
-
-// The fp32 unit-stride rows (NCHW fp32, the common case) as vectorised clones: the generic strided loops below do
-// not vectorise, and in the masked one GCC branched on the ReLU mask, whose mispredictions made the row fills a
-// third of conv3_2's weight gradient.
-FCNK_MULTIVERSION void copy_row_f(const float* src, int64_t width, float* dst) { std::copy(src, src + width, dst); }
-FCNK_MULTIVERSION void masked_row_f(const float* grad, const float* y, int64_t width, float* dst) {
-  for (int64_t i = 0; i < width; ++i) dst[i] = y[i] <= 0.f ? 0.f : grad[i];
 }
 
 // Rows of x in the accumulation type, and rows of dy' = dy * (y > 0) (dy where relu is false): the bands' sources.
@@ -645,8 +622,13 @@ bool use_winograd(const ConvGeometry& g, WinogradPass pass) {
   if (mode == "all") return computable;
   // Below 64 channels the GEMMs are too short to repay the transforms. Thin or small maps (the skipped
   // background's frame strips, 1-4 pixels wide, see fcnkern/background.py) waste most of each 2 x 2 tile and pay
-  // the weight transform per piece: the direct kernels keep them.
-  return computable && g.c_g >= 64 && g.k_g >= 64 && std::min(g.oh, g.ow) >= 8 && g.oh * g.ow >= 1024;
+  // the weight transform per piece: the direct kernels keep them. So do calls of under 1e8 multiply-adds per tap,
+  // whose few tile blocks leave the 16 GEMMs small and the threads short of tasks (2-core Zen 5, fp32, forward +
+  // backward, Winograd against im2col: 64 channels at 1 x 66^2 8.4 vs 5.4 ms, 8 x 33^2 8.1 vs 7.7; 128 channels
+  // at 1 x 66^2 17.1 vs 12.8; from 128 channels at 8 x 33^2, 1.4e8, it wins: 20.1 vs 23.4).
+  const int64_t work = g.n * g.oh * g.ow * g.groups * g.c_g * g.k_g;
+  return computable && g.c_g >= 64 && g.k_g >= 64 && std::min(g.oh, g.ow) >= 8 && g.oh * g.ow >= 1024 &&
+         work >= 100'000'000;
 }
 
 bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -68,9 +68,9 @@ LargeBlockCache& large_block_cache() {
 }
 
 namespace {
-at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options) {
+at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options, size_t min_bytes) {
   const size_t bytes = static_cast<size_t>(layout.numel()) * layout.element_size();
-  if (bytes < LargeBlockCache::kMinBytes) return at::Tensor();
+  if (bytes < min_bytes) return at::Tensor();
   const size_t rounded = LargeBlockCache::round(bytes);
   void* ptr = large_block_cache().take(rounded);
   if (ptr == nullptr) return at::Tensor();
@@ -83,13 +83,22 @@ at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options
 // N x C x H x W output is otherwise first-touched page by page on every call; measured at 8x21x512x512 fp32:
 // allocate+fill 36 ms vs 10 ms into a resident buffer, and with huge pages but no reuse the time swung 44-142 ms.
 at::Tensor empty_like_large(const at::Tensor& t) {
-  at::Tensor out = from_cache(at::empty_like(t, t.options().device(at::kMeta)), t.options());
+  at::Tensor out = from_cache(at::empty_like(t, t.options().device(at::kMeta)), t.options(), LargeBlockCache::kMinBytes);
   return out.defined() ? out : at::empty_like(t);
 }
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
-  at::Tensor out = from_cache(at::empty(sizes, options.device(at::kMeta).memory_format(format)), options);
+  at::Tensor out =
+      from_cache(at::empty(sizes, options.device(at::kMeta).memory_format(format)), options, LargeBlockCache::kMinBytes);
   return out.defined() ? out : at::empty(sizes, options.memory_format(format));
+}
+
+// Kernel scratch of a few hundred KiB and up, freed at the end of the call: glibc serves such blocks by growing the
+// heap and trims it again on free, so each call page-faulted its scratch afresh (a sixth of a 64-channel im2col
+// forward). Rounded to whole 2 MiB blocks; the layers of a network share a few such sizes.
+at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = from_cache(at::empty(sizes, options.device(at::kMeta)), options, kScratchMinBytes);
+  return out.defined() ? out : at::empty(sizes, options);
 }
 
 }  // namespace fcnkern

@@ -41,5 +41,8 @@ LargeBlockCache& large_block_cache();
 at::Tensor empty_like_large(const at::Tensor& t);
 // at::empty(sizes, options) in the given memory format, likewise.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
+// A contiguous work buffer from the cache from kScratchMinBytes up (kernel scratch, freed when the call ends).
+constexpr size_t kScratchMinBytes = size_t(256) << 10;
+at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace fcnkern

@@ -17,6 +17,8 @@ CPP_SOURCES = (
     "upsample_learned_cpu.cpp",
     "conv_relu_cpu.cpp",
     "conv_relu_winograd_cpu.cpp",
+    "conv_relu_blocked_cpu.cpp",
+    "cpu_rows.cpp",
     "upsample_ce_cpu.cpp",
 )
 CUDA_SOURCES = ("cross_entropy_cuda.cu", "upsample_cuda.cu", "upsample_ce_cuda.cu", "conv_relu_cuda.cu")

@@ -14,11 +14,12 @@ Kernels (see kernels/conv_relu.py and cpp/):
 - ``cuda`` (cpp/conv_relu_cuda.cu): one gather-GEMM core for the forward, dgrad and wgrad implicit GEMMs (operands
   gathered through strides into shared-memory tiles, WMMA tensor cores for fp16/bf16, CUDA cores in fp32/fp64), the
   ReLU mask applied while loading the gradient, wgrad's pixel reduction split into a workspace summed afterwards.
-- ``cpu`` (cpp/conv_relu_cpu.cpp, cpp/conv_relu_winograd_cpu.cpp): Winograd F(2x2, 3x3) for the forward and dx
-  and F(3x3, 2x2) for dW of 3x3 stride-1 layers with at least 64 channels per group (VGG's conv1_2..conv5_3);
-  shifted GEMMs on the unpadded input for other wide stride-1 layers; otherwise blocked im2col + the BLAS GEMM
-  ATen links. Bias and ReLU are applied to each output block while it is in cache; the backward masks each
-  gradient block once and feeds it to both gradient GEMMs.
+- ``cpu`` (cpp/conv_relu_cpu.cpp, cpp/conv_relu_winograd_cpu.cpp, cpp/conv_relu_blocked_cpu.cpp): Winograd
+  F(2x2, 3x3) for the forward and dx and F(3x3, 2x2) for dW of large 3x3 stride-1 layers with at least 64 channels
+  per group (VGG's conv1_2..conv5_3); register-blocked direct convolution (FMA micro-kernels, forward, dx and dW)
+  for stride-1 layers reducing over at most 64 channels (narrow networks); shifted GEMMs for 1x1 and very deep
+  stride-1 layers; otherwise blocked im2col + the BLAS GEMM ATen links. Bias and ReLU are applied to each output
+  block while it is in cache; the backward masks each gradient block once as it loads it.
 - ``torch``: the reference, ``F.relu(F.conv2d(...))``.
 
 The output keeps x's memory format (NCHW or channels_last). The backward saves x, weight and the output (the mask

@@ -166,9 +166,11 @@ def test_triton_index_plan_widens_past_32_bit_offsets():
 @pytest.mark.parametrize("case", CASES[9:], ids=_case_id)
 def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, layout):
     """The CPU's shifted-GEMM backward, which it takes by itself from 256 channels per group (VGG's conv3_2 to
-    conv5_3), forced onto the small stride-1 cases with FCNKERN_CONV_SHIFTED=all."""
+    conv5_3), forced onto the small stride-1 cases with FCNKERN_CONV_SHIFTED=all (and the register-blocked kernels,
+    which would take these small layers first, off)."""
     require_backend("cpu")
     monkeypatch.setenv("FCNKERN_CONV_SHIFTED", "all")
+    monkeypatch.setenv("FCNKERN_CONV_BLOCKED", "0")
     (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout)
     x, weight = _layout(x, weight, layout)
     _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
@@ -176,10 +178,10 @@ def test_cpu_shifted_backward_forced_on_small_shapes(monkeypatch, case, dtype, l
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_deep_layer_takes_its_default_paths(dtype):
-    """A 256 -> 256 channel 3x3 layer on a 24 x 48 map: the CPU kernel's own choice (Winograd forward, dx and dW)
-    without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
+    """A 256 -> 256 channel 3x3 layer on a 32 x 56 map: the CPU kernel's own choice (Winograd forward, dx and dW,
+    from 1e8 multiply-adds per tap) without any forcing. CPU only: the Triton interpreter would spend minutes on it."""
     require_backend("cpu")
-    case = (1, 256, 24, 48, 256, 3, 1, 1, 1, 1)
+    case = (1, 256, 32, 56, 256, 3, 1, 1, 1, 1)
     tensors, geometry = _inputs(case, dtype, "cpu")
     _check("cpu", "cpu", dtype, tensors, geometry)
     if dtype == torch.float32:  # the default really is Winograd: its sums differ from the direct kernels' in the ulps
@@ -189,6 +191,52 @@ def test_cpu_deep_layer_takes_its_default_paths(dtype):
         y = conv2d_relu(*tensors, backend="cpu", **geometry)
         assert not torch.equal(y, y_direct)
         torch.testing.assert_close(y, y_direct, rtol=1e-4, atol=1e-5)
+
+
+# Stride 1, dilation 1 (what the register-blocked kernels compute): RGB with padding 100 (dx then declines: its
+# padding would be negative), a VGG layer, 7 x 7 to one pixel, 1 x 1, 2 groups, a tiny map, 37 channels on a prime map,
+# an even kernel, and rows wider than one 48-column step.
+BLOCKED_CASES = [*(CASES[i] for i in (0, 1, 2, 3, 6, 8, 9, 11)), (1, 5, 7, 61, 9, 3, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("path", ["blocked", "im2col"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=_case_id)
+def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
+    """The CPU's two kernels for small stride-1 layers, each forced onto every such case: the register-blocked
+    forward, dx and dW (which it takes by itself up to 64 channels, 3 x 3 and larger), and im2col + GEMM (which it
+    takes for the rest)."""
+    require_backend("cpu")
+    env = {"FCNKERN_CONV_BLOCKED": "all"} if path == "blocked" else {"FCNKERN_CONV_BLOCKED": "0"}
+    if path == "im2col":
+        env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "stride1-paths")
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
+
+
+def test_cpu_small_layer_takes_the_blocked_kernels_by_default():
+    """A 1/8-width VGG layer (16 -> 16 channels, 3 x 3): by default the CPU kernel runs it register-blocked, forward
+    and backward, bit for bit what FCNKERN_CONV_BLOCKED=all gives, and not what im2col + GEMM gives (whose dx sums in
+    another order)."""
+    require_backend("cpu")
+    tensors, _ = _inputs((2, 16, 20, 24, 16, 3, 1, 1, 1, 1), torch.float32, "cpu", "blocked-default")
+    runs = {}
+    for name, env in (
+        ("default", {}),
+        ("blocked", {"FCNKERN_CONV_BLOCKED": "all"}),
+        ("im2col", {"FCNKERN_CONV_BLOCKED": "0"}),
+    ):
+        with mock.patch.dict(os.environ, env):
+            out, grads = _run(lambda *a: conv2d_relu(*a, padding=1, backend="cpu"), tensors, 3)
+        runs[name] = (out, *grads)
+    assert all(torch.equal(a, b) for a, b in zip(runs["default"], runs["blocked"], strict=True))
+    assert not torch.equal(runs["default"][1], runs["im2col"][1])
+    for a, b in zip(runs["default"], runs["im2col"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # 3x3, stride 1, dilation 1 (what Winograd computes): a VGG layer, 2 groups, a map smaller than a tile with prime
@@ -284,13 +332,18 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
 
 @pytest.mark.parametrize(
     "path",
-    [{}, {"FCNKERN_CONV_SHIFTED": "all"}, {"FCNKERN_CONV_WINOGRAD": "all"}],
-    ids=["default", "shifted", "winograd"],
+    [
+        {"FCNKERN_CONV_BLOCKED": "0"},
+        {"FCNKERN_CONV_SHIFTED": "all", "FCNKERN_CONV_BLOCKED": "0"},
+        {"FCNKERN_CONV_WINOGRAD": "all"},
+        {"FCNKERN_CONV_BLOCKED": "all"},
+    ],
+    ids=["im2col", "shifted", "winograd", "blocked"],
 )
 def test_cpu_nan_outputs_pass_their_gradient_on_every_path(monkeypatch, path):
     """A NaN bias makes a whole output channel NaN from finite x, weight and dy, so every CPU backward path (im2col,
-    shifted GEMMs, Winograd, which declines only non-finite x, weight or dy) runs with NaN outputs: each must pass
-    their gradient as PyTorch does, leaving dx, dW and the other channels' db finite."""
+    shifted GEMMs, Winograd, which declines only non-finite x, weight or dy, register-blocked) runs with NaN outputs:
+    each must pass their gradient as PyTorch does, leaving dx, dW and the other channels' db finite."""
     require_backend("cpu")
     for name, value in path.items():
         monkeypatch.setenv(name, value)
@@ -402,7 +455,7 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
     _check("cpu", backend, torch.float32, tensors, geometry)
 
 
-@pytest.mark.parametrize("shifted", ["default", "all", "winograd"])
+@pytest.mark.parametrize("shifted", ["default", "all", "winograd", "blocked"])
 @given(
     n=st.integers(1, 2),
     c_g=st.integers(32, 40),
@@ -417,7 +470,8 @@ def test_property_random_geometries(n, c_g, k_g, groups, h, w, k, stride, paddin
 def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h, w, k, padding, dilation):
     """Stride 1 with >= 32 channels per group: where the CPU kernel switches between im2col and shifted GEMMs (at
     256 wide output columns), over random maps, kernels, paddings and dilations; "all" takes the shifted backward
-    too, "winograd" the Winograd forward and dx wherever they apply (3 x 3, dilation 1)."""
+    too, "winograd" the Winograd forward and dx wherever they apply (3 x 3, dilation 1), "blocked" the
+    register-blocked forward, dx and dW wherever they apply (dilation 1; dx with padding < kernel)."""
     require_backend("cpu")
     assume(min(conv_relu.conv_output_size(s, k, 1, padding, dilation) for s in (h, w)) >= 1)
     case = (n, c_g * groups, h, w, k_g * groups, k, 1, padding, dilation, groups)
@@ -425,6 +479,7 @@ def test_property_random_stride1_geometries_cpu(shifted, n, c_g, k_g, groups, h,
     # not monkeypatch: Hypothesis runs many examples per function-scoped fixture
     env = {"FCNKERN_CONV_SHIFTED": "all" if shifted == "all" else "1"}
     env["FCNKERN_CONV_WINOGRAD"] = "all" if shifted == "winograd" else "0"
+    env["FCNKERN_CONV_BLOCKED"] = "all" if shifted == "blocked" else "0"
     with mock.patch.dict(os.environ, env):
         _check("cpu", "cpu", torch.float32, tensors, geometry)
 

@@ -1,0 +1,371 @@
+// Register-blocked direct convolution for the CPU's small stride-1 layers: see conv_relu_blocked_cpu.h.
+//
+// Layout: each task, (image, group, block of output rows), copies the input rows its outputs read into fp32 planes
+// zero-padded to wp = w + 2 pad_w columns, one plane per input channel. On that "wide" grid output (oh, ow) is
+// column q = oh * wp + ow and reads tap (i, j) at column q + i * wp + j, so a run of wide columns spanning several
+// rows is one unit-stride stream per tap (only the s - 1 pad columns of each row are computed and dropped), which
+// keeps the vectors full on maps as narrow as 17 columns. The micro-kernel (conv_relu_blocked_kernel.inc) holds
+// 8 output channels x 48 columns (AVX-512) in registers through the whole (c, i, j) reduction; the weights are packed
+// per block of 8 output channels as [c][i][j][8] so that each tap's eight broadcasts are adjacent.
+//
+// dx at stride 1 and dilation 1 is the same convolution: input dy' = dy * (y > 0) (K/G channels of the output map),
+// weight W'[c][k][i][j] = W[k][c][r-1-i][s-1-j], padding r-1-pad_h, s-1-pad_w; so dx reuses the engine with a
+// masked-gradient row source.
+#include "conv_relu_blocked_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_rows.h"
+#include "cpu_tasks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FCNK_BLOCKED_KERNELS 1
+// Two builds of the micro-kernel, AVX-512 and AVX2 + FMA, chosen at run time. fp-contract=fast makes a * b + c one
+// FMA (ISO C++ mode leaves them separate: half the rate).
+namespace fcnkern::blocked_avx512 {
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kLanes = 16;
+#include "conv_relu_blocked_kernel.inc"
+#pragma GCC pop_options
+}  // namespace fcnkern::blocked_avx512
+namespace fcnkern::blocked_avx2 {
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kLanes = 8;
+#include "conv_relu_blocked_kernel.inc"
+#pragma GCC pop_options
+}  // namespace fcnkern::blocked_avx2
+#endif
+
+namespace fcnkern {
+namespace {
+
+using BlockFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                         int64_t);
+using WgradFn = void (*)(const float*, int64_t, const float*, const int64_t*, int64_t, float*, int64_t);
+struct Kernel {
+  BlockFn block = nullptr;
+  WgradFn wgrad = nullptr;
+  int64_t channels = 0;  // output channels per block
+  int64_t chunk = 0;     // wide columns per step
+  int64_t lanes = 0;     // floats per vector
+};
+constexpr int64_t kWgradRows = 4, kWgradTaps = 3;  // the wgrad micro-kernel's tile (both builds)
+
+const Kernel& kernel() {
+  static const Kernel k = [] {
+#ifdef FCNK_BLOCKED_KERNELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      return Kernel{blocked_avx512::block, blocked_avx512::wgrad_block, blocked_avx512::kBlock,
+                    blocked_avx512::kChunk, blocked_avx512::kLanes};
+    }
+    if (__builtin_cpu_supports("x86-64-v3")) {
+      return Kernel{blocked_avx2::block, blocked_avx2::wgrad_block, blocked_avx2::kBlock, blocked_avx2::kChunk,
+                    blocked_avx2::kLanes};
+    }
+#endif
+    return Kernel{};
+  }();
+  return k;
+}
+
+// One stride-1, dilation-1 convolution on the wide grid: `in_c` channels per group of an h x w map in, `out_c` per
+// group of an oh x ow map out.
+struct Problem {
+  int64_t images, groups, in_c, out_c, h, w, oh, ow, r, s, pad_h, pad_w;
+  int64_t wp() const { return w + 2 * pad_w; }
+};
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Output rows per task: the input planes (plus extra_channels rows of the output map: wgrad's dy') at about 256 KiB,
+// L2-resident with the output block, then fewer rows until every thread has two tasks or more.
+int64_t rows_per_task(const Problem& p, int64_t extra_channels = 0) {
+  const int64_t budget = int64_t(256) << 10;
+  int64_t rows = std::clamp<int64_t>(budget / (4 * (p.in_c + extra_channels) * p.wp()) - (p.r - 1), 1, p.oh);
+  const int64_t want = 2 * at::get_num_threads();
+  while (rows > 1 && p.images * p.groups * ((p.oh + rows - 1) / rows) < want) rows = (rows + 1) / 2;
+  return rows;
+}
+
+// Weights packed per block of kernel().channels outputs: [group][block][c][i][j][o], zero past out_c. at(g, o, c, i,
+// j) gives the weight of output o, input c, tap (i, j) of group g.
+template <typename At>
+at::Tensor pack_weights(const Problem& p, const at::TensorOptions& options, const At& at) {
+  const int64_t kb = kernel().channels, blocks = (p.out_c + kb - 1) / kb;
+  at::Tensor packed = at::zeros({p.groups, blocks, p.in_c, p.r, p.s, kb}, options.dtype(at::kFloat));
+  float* dst = packed.mutable_data_ptr<float>();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int64_t o = 0; o < p.out_c; ++o) {
+      for (int64_t c = 0; c < p.in_c; ++c) {
+        for (int64_t i = 0; i < p.r; ++i) {
+          for (int64_t j = 0; j < p.s; ++j) {
+            dst[((((g * blocks + o / kb) * p.in_c + c) * p.r + i) * p.s + j) * kb + o % kb] = at(g, o, c, i, j);
+          }
+        }
+      }
+    }
+  }
+  return packed;
+}
+
+// The input rows [oh0, oh0 + plane_rows) - pad_h of the group's channels, zero-padded to wp columns, one plane of
+// plane_len floats per channel (zero past its rows).
+template <typename FillRow>
+void stage_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, int64_t plane_rows, float* planes,
+                  int64_t plane_len, const FillRow& fill_row) {
+  const int64_t wp = p.wp();
+  for (int64_t c = 0; c < p.in_c; ++c) {
+    float* plane = planes + c * plane_len;
+    for (int64_t t = 0; t < plane_rows; ++t) {
+      float* dst = plane + t * wp;
+      const int64_t ih = oh0 + t - p.pad_h;
+      if (ih < 0 || ih >= p.h) {
+        std::fill(dst, dst + wp, 0.f);
+        continue;
+      }
+      std::fill(dst, dst + p.pad_w, 0.f);
+      fill_row(n, group * p.in_c + c, ih, dst + p.pad_w);
+      std::fill(dst + p.pad_w + p.w, dst + wp, 0.f);
+    }
+    std::fill(plane + plane_rows * wp, plane + plane_len, 0.f);
+  }
+}
+
+// The engine: fill_row(n, c, ih, dst) writes the w values of input row ih of channel c (of the whole tensor) of image
+// n into dst as float; store_row(n, o, oh, src) stores the ow values at src as output row oh of channel o.
+template <typename FillRow, typename StoreRow>
+void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, const StoreRow& store_row) {
+  const Kernel& kern = kernel();
+  const int64_t wp = p.wp(), rows = rows_per_task(p), bands = (p.oh + rows - 1) / rows;
+  const int64_t columns_max = round_up(rows * wp, kern.chunk);
+  const int64_t plane_len = round_up(columns_max + (p.r - 1) * wp + p.s - 1, 16);
+  const int64_t blocks = (p.out_c + kern.channels - 1) / kern.channels;
+  const int64_t tasks = p.images * p.groups * bands;
+  const ThreadScratch scratch(spread_tasks(tasks), p.in_c * plane_len + kern.channels * columns_max,
+                              packed.options());
+  const float* wpk = packed.const_data_ptr<float>();
+  const int64_t block_size = p.in_c * p.r * p.s * kern.channels;
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    float* const planes = scratch.mine<float>();
+    float* const out = planes + p.in_c * plane_len;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (p.groups * bands), group = task / bands % p.groups, band = task % bands;
+      const int64_t oh0 = band * rows, count = std::min(rows, p.oh - oh0);
+      const int64_t plane_rows = count + p.r - 1, columns = count * wp;
+      stage_planes(p, n, group, oh0, plane_rows, planes, plane_len, fill_row);
+      for (int64_t b = 0; b < blocks; ++b) {
+        kern.block(planes, plane_len, p.in_c, wpk + (group * blocks + b) * block_size, p.r, p.s, wp, columns, out,
+                   columns_max);
+        for (int64_t o = 0; o < kern.channels && b * kern.channels + o < p.out_c; ++o) {
+          for (int64_t t = 0; t < count; ++t) {
+            store_row(n, group * p.out_c + b * kern.channels + o, oh0 + t, out + o * columns_max + t * wp);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Rows of a 4-d tensor as float (x, or dy' = dy masked by y > 0), and stores of float rows into one.
+template <typename scalar_t>
+struct Rows {
+  scalar_t* data;
+  int64_t s0, s1, s2, s3, width;
+  explicit Rows(const at::Tensor& t)
+      : data(const_cast<scalar_t*>(t.const_data_ptr<scalar_t>())), s0(t.stride(0)), s1(t.stride(1)),
+        s2(t.stride(2)), s3(t.stride(3)), width(t.size(3)) {}
+  scalar_t* row(int64_t n, int64_t c, int64_t r) const { return data + n * s0 + c * s1 + r * s2; }
+  bool dense_float() const { return std::is_same_v<scalar_t, float> && s3 == 1; }
+};
+
+template <typename scalar_t>
+void read_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, float* dst) {
+  const scalar_t* src = t.row(n, c, r);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (t.s3 == 1) return copy_row_f(src, t.width, dst);
+  }
+  for (int64_t i = 0; i < t.width; ++i) dst[i] = static_cast<float>(src[i * t.s3]);
+}
+
+template <typename scalar_t>
+void read_masked_row(const Rows<scalar_t>& grad, const Rows<scalar_t>& y, bool relu, int64_t n, int64_t c,
+                     int64_t r, float* dst) {
+  if (!relu) return read_row(grad, n, c, r, dst);
+  const scalar_t *g = grad.row(n, c, r), *v = y.row(n, c, r);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (grad.s3 == 1 && y.s3 == 1) return masked_row_f(g, v, grad.width, dst);
+  }
+  for (int64_t i = 0; i < grad.width; ++i) {
+    dst[i] = static_cast<float>(v[i * y.s3]) <= 0.f ? 0.f : static_cast<float>(g[i * grad.s3]);
+  }
+}
+
+template <typename scalar_t>
+void write_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, const float* src, float add, bool relu) {
+  scalar_t* dst = t.row(n, c, r);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (t.s3 == 1) return bias_relu_row_f(src, add, relu, t.width, dst);
+  }
+  for (int64_t i = 0; i < t.width; ++i) {
+    const float v = src[i] + add;
+    dst[i * t.s3] = static_cast<scalar_t>(relu ? std::max(v, 0.f) : v);
+  }
+}
+
+// dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
+// on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
+// each row), then for each input channel, block of 4 output channels and group of 3 taps one micro-kernel call over
+// all the task's columns. Per-thread partial sums, added in thread order at the end.
+template <typename scalar_t>
+void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
+           const at::Tensor& dw, const at::Tensor& db) {
+  const Kernel& kern = kernel();
+  const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
+  const int64_t wp = p.wp(), k_pad = round_up(g.k_g, kWgradRows);
+  const int64_t rows = rows_per_task(p, k_pad), bands = (g.oh + rows - 1) / rows;
+  const int64_t columns_max = round_up(rows * wp, kern.lanes);
+  const int64_t plane_len = round_up(columns_max + (g.r - 1) * wp + g.s - 1, 16);
+  const int64_t taps = g.r * g.s, tap_groups = (taps + kWgradTaps - 1) / kWgradTaps;
+  std::vector<int64_t> offsets(tap_groups * kWgradTaps, 0);  // past the last tap: a dummy tap whose sums are dropped
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = (t / g.s) * wp + t % g.s;
+  const int64_t tasks = g.n * g.groups * bands;
+  const ThreadScratch scratch(spread_tasks(tasks), g.c_g * plane_len + k_pad * columns_max, x.options().dtype(at::kFloat));
+  const int64_t threads = scratch.spread ? at::get_num_threads() : 1;
+  // [thread][group][k_pad][c_g][tap_groups * 3][lanes], then [thread][K]
+  const int64_t lanes = kern.lanes, part_w = g.groups * k_pad * g.c_g * tap_groups * kWgradTaps * lanes;
+  at::Tensor parts = at::zeros({threads, part_w + g.k}, x.options().dtype(at::kFloat));
+  const Rows<scalar_t> xin(x), dyr(grad), yr(y);
+  run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    float* const planes = scratch.mine<float>();
+    float* const dyw = planes + g.c_g * plane_len;
+    float* const part = parts.mutable_data_ptr<float>() + (scratch.spread ? at::get_thread_num() : 0) * (part_w + g.k);
+    float* const db_part = part + part_w;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
+      const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);
+      const int64_t columns = round_up(count * wp, kern.lanes);
+      stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len,
+                   [&](int64_t nn, int64_t c, int64_t ih, float* dst) { read_row(xin, nn, c, ih, dst); });
+      for (int64_t kk = 0; kk < k_pad; ++kk) {
+        float* row = dyw + kk * columns_max;
+        if (kk >= g.k_g) {
+          std::fill(row, row + columns, 0.f);
+          continue;
+        }
+        const int64_t k = group * g.k_g + kk;
+        for (int64_t t = 0; t < count; ++t) {
+          read_masked_row(dyr, yr, relu, n, k, oh0 + t, row + t * wp);
+          std::fill(row + t * wp + g.ow, row + (t + 1) * wp, 0.f);
+        }
+        std::fill(row + count * wp, row + columns, 0.f);
+        double sum = 0;  // a row of a 700-wide map in one float sum would lose ~1e-5 of it
+        for (int64_t q = 0; q < count * wp; ++q) sum += row[q];
+        db_part[k] += static_cast<float>(sum);
+      }
+      const int64_t per_k = g.c_g * tap_groups * kWgradTaps * lanes;
+      for (int64_t c = 0; c < g.c_g; ++c) {
+        for (int64_t kb = 0; kb < k_pad; kb += kWgradRows) {
+          for (int64_t tg = 0; tg < tap_groups; ++tg) {
+            float* sums = part + (group * k_pad + kb) * per_k + (c * tap_groups + tg) * kWgradTaps * lanes;
+            kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, offsets.data() + tg * kWgradTaps,
+                       columns, sums, per_k);
+          }
+        }
+      }
+    }
+  });
+  const at::Tensor total = parts.sum(0);
+  if (dw.defined()) {
+    const at::Tensor w_parts = total.narrow(0, 0, part_w)
+                                   .view({g.groups, k_pad, g.c_g, tap_groups * kWgradTaps, lanes})
+                                   .sum(4)
+                                   .narrow(1, 0, g.k_g)
+                                   .narrow(3, 0, taps);
+    dw.copy_(w_parts.reshape({g.k, g.c_g, g.r, g.s}));
+  }
+  if (db.defined()) db.copy_(total.narrow(0, part_w, g.k));
+}
+
+}  // namespace
+
+bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
+  // FCNKERN_CONV_BLOCKED: "0" never; "fwd" the forward only; "all" both passes on every geometry they can compute
+  // (the tests reach them so). Read per call, for A/B measurements in one process.
+  const char* v = std::getenv("FCNKERN_CONV_BLOCKED");
+  const std::string_view mode = v != nullptr ? v : "";
+  if (mode == "0" || (mode == "fwd" && pass != BlockedPass::kForward) || kernel().block == nullptr) return false;
+  const bool computable = g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 &&
+                          (pass != BlockedPass::kDgrad || (g.pad_h < g.r && g.pad_w < g.s));
+  if (mode == "all") return computable;
+  // Up to 64 channels reduced (x's per group forward, dy's for dx) the weights of a block of outputs stay in L1 and a
+  // task's input rows in L2; there it ran at 1.0-1.6x oneDNN's convolution where im2col + GEMM ran at 0.55-0.85x
+  // (2-core Zen 5, fp32, forward, VGG 3 x 3 layers at 1/8 width). From 128 channels on its blocks hold few rows and
+  // it lost to im2col (1 x 256 x 29^2: 3.2 vs 3.1 ms; 1 x 512 x 29^2: 16.5 vs 12.5).
+  // dW likewise from 8 to 64 channels in and up to 64 out (forward + backward at 1/8 width: 0.66-1.0x im2col's
+  // time). An RGB layer's dW is a 27-deep reduction that im2col's one GEMM does better (conv1_1, 8 x 3 x 64^2 with
+  // padding 100, forward + backward: 13.4 vs 5.9 ms). A 1 x 1 kernel keeps the shifted GEMMs, which have no taps to
+  // share.
+  if (g.r * g.s == 1) return false;
+  if (pass == BlockedPass::kWgrad) return computable && g.c_g >= 8 && g.c_g <= 64 && g.k_g <= 64;
+  return computable && (pass == BlockedPass::kForward ? g.c_g : g.k_g) <= 64;
+}
+
+void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& y, const ConvGeometry& g, bool relu) {
+  const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* wd = w.const_data_ptr<float>();
+  const float* bd = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const at::Tensor packed = pack_weights(p, x.options(), [&](int64_t grp, int64_t o, int64_t c, int64_t i, int64_t j) {
+    return wd[(((grp * g.k_g + o) * g.c_g + c) * g.r + i) * g.s + j];
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked", [&] {
+    const Rows<scalar_t> in(x), out(y);
+    run(
+        p, packed, [&](int64_t n, int64_t c, int64_t ih, float* dst) { read_row(in, n, c, ih, dst); },
+        [&](int64_t n, int64_t k, int64_t oh, const float* src) {
+          write_row(out, n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
+        });
+  });
+}
+
+void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& weight, const at::Tensor& dx,
+                  const ConvGeometry& g, bool relu) {
+  const Problem p{g.n, g.groups, g.k_g, g.c_g, g.oh, g.ow, g.h, g.w, g.r, g.s, g.r - 1 - g.pad_h, g.s - 1 - g.pad_w};
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float* wd = w.const_data_ptr<float>();
+  // dx's output c reads dy' channel k through W[k][c] flipped in both axes.
+  const at::Tensor packed = pack_weights(p, dx.options(), [&](int64_t grp, int64_t c, int64_t k, int64_t i, int64_t j) {
+    return wd[(((grp * g.k_g + k) * g.c_g + c) * g.r + (g.r - 1 - i)) * g.s + (g.s - 1 - j)];
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_blocked_dgrad", [&] {
+    const Rows<scalar_t> dy(grad), out(y), din(dx);
+    run(
+        p, packed, [&](int64_t n, int64_t k, int64_t r, float* dst) { read_masked_row(dy, out, relu, n, k, r, dst); },
+        [&](int64_t n, int64_t c, int64_t ih, const float* src) { write_row(din, n, c, ih, src, 0.f, false); });
+  });
+}
+
+void blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g, bool relu,
+                   bool need_w, bool need_b, at::Tensor& dw, at::Tensor& db) {
+  dw = need_w ? at::empty({g.k, g.c_g, g.r, g.s}, x.options().dtype(at::kFloat)) : at::Tensor();
+  db = need_b ? at::empty({g.k}, x.options().dtype(at::kFloat)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked_wgrad",
+                                  [&] { wgrad<scalar_t>(g, grad, y, x, relu, dw, db); });
+}
+
+}  // namespace fcnkern

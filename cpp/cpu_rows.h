@@ -1,0 +1,20 @@
+// Unit-stride fp32 row loops of the CPU convolution kernels, compiled once per ISA level (target_clones in
+// cpu_rows.cpp). The kernels' generic loops take runtime strides and any dtype; GCC vectorises neither those nor,
+// at the extension's baseline ISA, templates and lambdas, so the common case (NCHW fp32 rows) comes here.
+#pragma once
+
+#include <cstdint>
+
+namespace fcnkern {
+
+// dst[i] = src[i]
+void copy_row_f(const float* src, int64_t width, float* dst);
+// dst[i] = grad[i], or 0 where y[i] <= 0: PyTorch's ReLU backward (a NaN output passes its gradient). Written as a
+// select: a branch on the mask was mispredicted enough to make these fills a third of a weight gradient.
+void masked_row_f(const float* grad, const float* y, int64_t width, float* dst);
+// dst[i] += src[i]
+void add_row_f(const float* src, int64_t width, float* dst);
+// dst[i] = src[i] + add, then max(., 0) if relu (NaN stays NaN, as torch.relu keeps it)
+void bias_relu_row_f(const float* src, float add, bool relu, int64_t width, float* dst);
+
+}  // namespace fcnkern
