@@ -60,20 +60,22 @@ struct Kernel {
   int64_t channels = 0;  // output channels per block
   int64_t chunk = 0;     // wide columns per step
   int64_t lanes = 0;     // floats per vector
+  int64_t wgrad_rows = 0;  // output channels per wgrad call (x kWgradTaps taps)
 };
-constexpr int64_t kWgradRows = 4, kWgradTaps = 3;  // the wgrad micro-kernel's tile (both builds)
+constexpr int64_t kWgradTaps = 3;  // the wgrad micro-kernel's taps per call (both builds)
 
 const Kernel& kernel() {
   static const Kernel k = [] {
 #ifdef FCNK_BLOCKED_KERNELS
+    static_assert(blocked_avx512::kWgradTaps == kWgradTaps && blocked_avx2::kWgradTaps == kWgradTaps);
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) {
       return Kernel{blocked_avx512::block, blocked_avx512::wgrad_block, blocked_avx512::kBlock,
-                    blocked_avx512::kChunk, blocked_avx512::kLanes};
+                    blocked_avx512::kChunk, blocked_avx512::kLanes, blocked_avx512::kWgradRows};
     }
     if (__builtin_cpu_supports("x86-64-v3")) {
       return Kernel{blocked_avx2::block, blocked_avx2::wgrad_block, blocked_avx2::kBlock, blocked_avx2::kChunk,
-                    blocked_avx2::kLanes};
+                    blocked_avx2::kLanes, blocked_avx2::kWgradRows};
     }
 #endif
     return Kernel{};
@@ -227,14 +229,15 @@ void write_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, const f
 
 // dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
 // on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
-// each row), then for each input channel, block of 4 output channels and group of 3 taps one micro-kernel call over
+// each row), then for each input channel, block of 8 output channels (4 with AVX2) and group of 3 taps one
+// micro-kernel call over
 // all the task's columns. Per-thread partial sums, added in thread order at the end.
 template <typename scalar_t>
 void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
   const Kernel& kern = kernel();
   const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
-  const int64_t wp = p.wp(), k_pad = round_up(g.k_g, kWgradRows);
+  const int64_t wp = p.wp(), k_pad = round_up(g.k_g, kern.wgrad_rows);
   const int64_t rows = rows_per_task(p, k_pad), bands = (g.oh + rows - 1) / rows;
   const int64_t columns_max = round_up(rows * wp, kern.lanes);
   const int64_t plane_len = round_up(columns_max + (g.r - 1) * wp + g.s - 1, 16);
@@ -277,7 +280,7 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
       }
       const int64_t per_k = g.c_g * tap_groups * kWgradTaps * lanes;
       for (int64_t c = 0; c < g.c_g; ++c) {
-        for (int64_t kb = 0; kb < k_pad; kb += kWgradRows) {
+        for (int64_t kb = 0; kb < k_pad; kb += kern.wgrad_rows) {
           for (int64_t tg = 0; tg < tap_groups; ++tg) {
             float* sums = part + (group * k_pad + kb) * per_k + (c * tap_groups + tg) * kWgradTaps * lanes;
             kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, offsets.data() + tg * kWgradTaps,

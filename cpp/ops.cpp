@@ -130,8 +130,8 @@ TORCH_LIBRARY_IMPL(fcnkern, CPU, m) {
 
 // The module says how it was built and manages the CPU block cache; operators are reached through torch.ops.fcnkern.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("empty_cache", [] { return fcnkern::large_block_cache().clear(); },
-        "Free the CPU kernels' cached large output blocks; returns the bytes released.");
+  m.def("empty_cache", [] { return fcnkern::large_block_cache().clear() + fcnkern::release_scratch(); },
+        "Free the CPU kernels' cached large output blocks and scratch block; returns the bytes released.");
   m.def("cached_bytes", [] { return fcnkern::large_block_cache().cached_bytes(); });
   m.def("cpu_gemm_library", [] { return std::string(fcnkern::gemm_library_name()); },
         "Which library the CPU kernels' fp32 GEMMs use: 'onednn' or 'mkl' (FCNKERN_CPU_GEMM; see cpu_tasks.h).");

@@ -118,8 +118,8 @@ def load() -> ExtensionStatus:
 
 
 def empty_cache() -> int:
-    """Return the CPU kernels' cached large output blocks to the OS (see cpp/large_block_cache.h); returns the
-    number of bytes released (0 when the extension is not loaded)."""
+    """Return the CPU kernels' cached large output blocks and their kept scratch block to the OS (see
+    cpp/large_block_cache.h); returns the number of bytes released (0 when the extension is not loaded)."""
     if _status is None or _status.module is None:
         return 0
     return int(_status.module.empty_cache())
