@@ -45,6 +45,10 @@ NARROW_LAYERS = {
     "conv5_1": (64, 64, 17, 3, 1, True),
 }
 NARROW_BATCH = 8
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 
 
 def _impls():
@@ -112,30 +116,26 @@ def test_fcn8s_layer(benchmark, layer, device, impl, mode):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer", list(FCN8S_LAYERS))
 def test_fcn8s_layer_interleaved(benchmark, layer, device, mode):
     """fcnkern's kernels against eager F.relu(F.conv2d), alternating round by round (see
     fcnkern.benchmarking.run_interleaved): the per-layer speed-ups without the drift of a shared machine."""
+    _run_interleaved(benchmark, layer, device, mode, FCN8S_LAYERS, 1, f"conv+relu {device} {layer} {mode} interleaved")
+
+
+def _run_interleaved(benchmark, layer, device, mode, layers, batch, group):
     impls = ["fcnkern-cpu"] if device == "cpu" else ["fcnkern-triton", "fcnkern-cuda"]
-    steps = {impl: _layer_step(layer, device, impl, mode) for impl in [*impls, "eager"]}
-    benchmark.group = f"conv+relu {device} {layer} {mode} interleaved"
+    steps = {impl: _layer_step(layer, device, impl, mode, layers, batch) for impl in [*impls, "eager"]}
+    benchmark.group = group
     run_interleaved(benchmark, steps, baseline="eager")
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer", list(NARROW_LAYERS))
 def test_narrow_layer_interleaved(benchmark, layer, device, mode):
     """The main job's width-1/8 layers, batch 8, interleaved with eager as above: on the CPU these take the
     register-blocked direct kernels (8-64 channels), not the GEMMs of the full-width network."""
-    impls = ["fcnkern-cpu"] if device == "cpu" else ["fcnkern-triton", "fcnkern-cuda"]
-    steps = {impl: _layer_step(layer, device, impl, mode, NARROW_LAYERS, NARROW_BATCH) for impl in [*impls, "eager"]}
-    benchmark.group = f"conv+relu {device} narrow {layer} {mode} interleaved"
-    run_interleaved(benchmark, steps, baseline="eager")
+    group = f"conv+relu {device} narrow {layer} {mode} interleaved"
+    _run_interleaved(benchmark, layer, device, mode, NARROW_LAYERS, NARROW_BATCH, group)
