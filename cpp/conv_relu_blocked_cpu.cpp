@@ -102,10 +102,10 @@ int64_t rows_per_task(const Problem& p, int64_t extra_channels = 0) {
   return rows;
 }
 
-// Weights packed per block of kernel().channels outputs: [group][block][c][i][j][o], zero past out_c. at(g, o, c, i,
-// j) gives the weight of output o, input c, tap (i, j) of group g.
-template <typename At>
-at::Tensor pack_weights(const Problem& p, const at::TensorOptions& options, const At& at) {
+// Weights packed per block of kernel().channels outputs: [group][block][c][i][j][o], zero past out_c.
+// weight_of(g, o, c, i, j) gives the weight of output o, input c, tap (i, j) of group g.
+template <typename WeightOf>
+at::Tensor pack_weights(const Problem& p, const at::TensorOptions& options, const WeightOf& weight_of) {
   const int64_t kb = kernel().channels, blocks = (p.out_c + kb - 1) / kb;
   at::Tensor packed = at::zeros({p.groups, blocks, p.in_c, p.r, p.s, kb}, options.dtype(at::kFloat));
   float* dst = packed.mutable_data_ptr<float>();
@@ -114,7 +114,7 @@ at::Tensor pack_weights(const Problem& p, const at::TensorOptions& options, cons
       for (int64_t c = 0; c < p.in_c; ++c) {
         for (int64_t i = 0; i < p.r; ++i) {
           for (int64_t j = 0; j < p.s; ++j) {
-            dst[((((g * blocks + o / kb) * p.in_c + c) * p.r + i) * p.s + j) * kb + o % kb] = at(g, o, c, i, j);
+            dst[((((g * blocks + o / kb) * p.in_c + c) * p.r + i) * p.s + j) * kb + o % kb] = weight_of(g, o, c, i, j);
           }
         }
       }
@@ -181,7 +181,8 @@ void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, co
   });
 }
 
-// Rows of a 4-d tensor as float (x, or dy' = dy masked by y > 0), and stores of float rows into one.
+// Rows of a 4-d tensor read as float (x, or dy' = dy masked by y > 0), and float rows stored into one (y, dx: ours,
+// hence the const_cast; inputs are only read).
 template <typename scalar_t>
 struct Rows {
   scalar_t* data;
@@ -190,7 +191,6 @@ struct Rows {
       : data(const_cast<scalar_t*>(t.const_data_ptr<scalar_t>())), s0(t.stride(0)), s1(t.stride(1)),
         s2(t.stride(2)), s3(t.stride(3)), width(t.size(3)) {}
   scalar_t* row(int64_t n, int64_t c, int64_t r) const { return data + n * s0 + c * s1 + r * s2; }
-  bool dense_float() const { return std::is_same_v<scalar_t, float> && s3 == 1; }
 };
 
 template <typename scalar_t>
@@ -230,8 +230,8 @@ void write_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, const f
 // dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
 // on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
 // each row), then for each input channel, block of 8 output channels (4 with AVX2) and group of 3 taps one
-// micro-kernel call over
-// all the task's columns. Per-thread partial sums, added in thread order at the end.
+// micro-kernel call over all the task's columns. Per-thread partial sums (one vector per weight), kept in the
+// thread's scratch and added in thread order at the end.
 template <typename scalar_t>
 void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
@@ -245,17 +245,20 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
   std::vector<int64_t> offsets(tap_groups * kWgradTaps, 0);  // past the last tap: a dummy tap whose sums are dropped
   for (int64_t t = 0; t < taps; ++t) offsets[t] = (t / g.s) * wp + t % g.s;
   const int64_t tasks = g.n * g.groups * bands;
-  const ThreadScratch scratch(spread_tasks(tasks), g.c_g * plane_len + k_pad * columns_max, x.options().dtype(at::kFloat));
-  const int64_t threads = scratch.spread ? at::get_num_threads() : 1;
-  // [thread][group][k_pad][c_g][tap_groups * 3][lanes], then [thread][K]
+  // Per thread: its partial sums, [group][k_pad][c_g][tap_groups * 3][lanes] then [K], zeroed here (a thread that
+  // gets no task adds nothing), then the x planes and the dy' rows.
   const int64_t lanes = kern.lanes, part_w = g.groups * k_pad * g.c_g * tap_groups * kWgradTaps * lanes;
-  at::Tensor parts = at::zeros({threads, part_w + g.k}, x.options().dtype(at::kFloat));
+  const int64_t parts_size = part_w + g.k;
+  const ThreadScratch scratch(spread_tasks(tasks), parts_size + g.c_g * plane_len + k_pad * columns_max,
+                              x.options().dtype(at::kFloat));
+  const at::Tensor parts = scratch.work.narrow(1, 0, parts_size);
+  parts.zero_();
   const Rows<scalar_t> xin(x), dyr(grad), yr(y);
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
-    float* const planes = scratch.mine<float>();
-    float* const dyw = planes + g.c_g * plane_len;
-    float* const part = parts.mutable_data_ptr<float>() + (scratch.spread ? at::get_thread_num() : 0) * (part_w + g.k);
+    float* const part = scratch.mine<float>();
     float* const db_part = part + part_w;
+    float* const planes = part + parts_size;
+    float* const dyw = planes + g.c_g * plane_len;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);

@@ -440,7 +440,8 @@ bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u
   const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kA * kA * p.c_g * most, m_size = kA * kA * p.k_g * most, tile_size = M * M * grid.cols_t;
   const int64_t band_size = p.c_g * grid.max_band_rows(most) * grid.plane_cols;
-  const ThreadScratch scratch(spread_tasks(tasks), v_size + m_size + tile_size + band_size + p.w, out.options().dtype(acc));
+  const ThreadScratch scratch(spread_tasks(tasks), v_size + m_size + tile_size + band_size + p.w,
+                              out.options().dtype(acc));
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   std::atomic<bool> finite{true};
@@ -500,7 +501,8 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
   const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kXi * p.c_g * most, d_size = kXi * p.k_g * most, rows = grid.max_band_rows(most);
   const int64_t x_band = p.c_g * rows * grid.plane_cols, dy_band = p.k_g * rows * grid.plane_cols;
-  const ThreadScratch scratch(spread_tasks(tasks), v_size + d_size + x_band + dy_band + std::max(p.w, p.ow), options.dtype(acc));
+  const ThreadScratch scratch(spread_tasks(tasks), v_size + d_size + x_band + dy_band + std::max(p.w, p.ow),
+                              options.dtype(acc));
   LazyParts parts(at::empty({scratch.work.size(0), p.groups, kXi, p.k_g, p.c_g}, options.dtype(acc)));
   std::atomic<bool> finite{true};
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {

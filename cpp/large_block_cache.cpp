@@ -68,9 +68,9 @@ LargeBlockCache& large_block_cache() {
 }
 
 namespace {
-at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options, size_t min_bytes) {
+at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(layout.numel()) * layout.element_size();
-  if (bytes < min_bytes) return at::Tensor();
+  if (bytes < LargeBlockCache::kMinBytes) return at::Tensor();
   const size_t rounded = LargeBlockCache::round(bytes);
   void* ptr = large_block_cache().take(rounded);
   if (ptr == nullptr) return at::Tensor();
@@ -83,13 +83,12 @@ at::Tensor from_cache(const at::Tensor& layout, const at::TensorOptions& options
 // N x C x H x W output is otherwise first-touched page by page on every call; measured at 8x21x512x512 fp32:
 // allocate+fill 36 ms vs 10 ms into a resident buffer, and with huge pages but no reuse the time swung 44-142 ms.
 at::Tensor empty_like_large(const at::Tensor& t) {
-  at::Tensor out = from_cache(at::empty_like(t, t.options().device(at::kMeta)), t.options(), LargeBlockCache::kMinBytes);
+  at::Tensor out = from_cache(at::empty_like(t, t.options().device(at::kMeta)), t.options());
   return out.defined() ? out : at::empty_like(t);
 }
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
-  at::Tensor out =
-      from_cache(at::empty(sizes, options.device(at::kMeta).memory_format(format)), options, LargeBlockCache::kMinBytes);
+  at::Tensor out = from_cache(at::empty(sizes, options.device(at::kMeta).memory_format(format)), options);
   return out.defined() ? out : at::empty(sizes, options.memory_format(format));
 }
 
@@ -97,7 +96,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, 
 // by growing the heap and trimmed it again on free, so every call page-faulted its scratch afresh (a sixth of a
 // 64-channel im2col forward); from the block cache, each size a network's layers asked for stayed cached at once
 // (a training step's peak rose by 70 MB). One block instead, grown to the largest request and lent to one call at
-// a time: another call while it is lent (a second thread) gets at::empty's.
+// a time: another call while it is lent (a second thread) gets at::empty's. Kept only within FCNKERN_CPU_CACHE_MB.
 namespace {
 struct ScratchBlock {
   std::mutex mutex;
@@ -134,8 +133,13 @@ at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options
   return at::from_blob(
       ptr, layout.sizes(), layout.strides(),
       [](void*) {
-        std::lock_guard<std::mutex> lock(scratch_block().mutex);
-        scratch_block().lent = false;
+        ScratchBlock& held = scratch_block();
+        std::lock_guard<std::mutex> lock(held.mutex);
+        held.lent = false;
+        if (held.bytes > capacity_bytes()) {  // FCNKERN_CPU_CACHE_MB bounds this block too (0: none kept)
+          std::free(held.ptr);
+          held.ptr = nullptr, held.bytes = 0;
+        }
       },
       options);
 }

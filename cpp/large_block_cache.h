@@ -41,8 +41,8 @@ LargeBlockCache& large_block_cache();
 at::Tensor empty_like_large(const at::Tensor& t);
 // at::empty(sizes, options) in the given memory format, likewise.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
-// A contiguous work buffer for one kernel call (freed when the call ends): from kScratchMinBytes up, one kept block,
-// grown to the largest request; at::empty's below that or while another call holds it.
+// A contiguous work buffer for one kernel call (freed when the call ends): from kScratchMinBytes up, one kept block
+// (within FCNKERN_CPU_CACHE_MB), grown to the largest request; at::empty's below that or while another call holds it.
 constexpr size_t kScratchMinBytes = size_t(256) << 10;
 at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options);
 // Frees that block unless a call holds it; returns the bytes released.

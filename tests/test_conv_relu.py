@@ -3,6 +3,7 @@ over FCN's geometries and odd ones; ReLU boundary; gradcheck; Hypothesis; memory
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import warnings
 from unittest import mock
@@ -23,6 +24,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
+import fcnkern
 from fcnkern import BackendUnavailableError, conv2d_relu, conv_relu
 from fcnkern.nn import Conv2dReLU
 
@@ -237,6 +239,33 @@ def test_cpu_small_layer_takes_the_blocked_kernels_by_default():
     assert not torch.equal(runs["default"][1], runs["im2col"][1])
     for a, b in zip(runs["default"], runs["im2col"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_concurrent_calls_get_their_own_scratch():
+    """The CPU kernels lend one kept scratch block to one call at a time (a second concurrent call gets a fresh
+    buffer): Python threads running convolutions at once get exactly the results of running them one by one. Each
+    geometry takes another path by default (the environment is the process's, so no forcing): register-blocked,
+    im2col (stride 2), shifted GEMMs (1 x 1) and Winograd."""
+    require_backend("cpu")
+    cases = [
+        (2, 16, 40, 44, 16, 3, 1, 1, 1, 1),
+        (2, 16, 40, 44, 16, 3, 2, 1, 1, 1),
+        (1, 64, 40, 40, 21, 1, 1, 0, 1, 1),
+        (1, 256, 32, 56, 256, 3, 1, 1, 1, 1),
+    ]
+    jobs = [_inputs(case, torch.float32, "cpu", "concurrent") for case in cases]
+
+    def run(job):
+        tensors, geometry = job
+        return [_run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 5) for _ in range(4)]
+
+    alone = [run(job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    for ours, ref in zip(together, alone, strict=True):
+        for (out, grads), (ref_out, ref_grads) in zip(ours, ref, strict=True):
+            assert torch.equal(out, ref_out) and all(map(torch.equal, grads, ref_grads))
+    assert fcnkern.empty_cache() >= 0
 
 
 # 3x3, stride 1, dilation 1 (what Winograd computes): a VGG layer, 2 groups, a map smaller than a tile with prime
