@@ -1,7 +1,7 @@
 """The CPU backend's GEMM library (oneDNN or MKL, FCNKERN_CPU_GEMM): each path gives PyTorch's results on the conv and
 learned-upsampling kernels, on shapes where oneDNN really is used (inner dimensions of 128 and more, the shifted
-3x3 path from 256 channels); a bad setting is a clear error. Each library runs in its own process, since the choice
-is read once per process."""
+3x3 path, forced); a bad setting is a clear error. Each library runs in its own process, since the choice is read
+once per process. The register-blocked conv kernels, which use no GEMM, are off here."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(
 
 _PARITY = textwrap.dedent(
     """
-    import torch, torch.nn.functional as F, fcnkern
+    import os, torch, torch.nn.functional as F, fcnkern
     torch.manual_seed(0)
+    os.environ["FCNKERN_CONV_BLOCKED"] = "0"
     print(fcnkern.cpu_gemm_library())
 
     def check(ours, ref, inputs):
@@ -37,6 +38,7 @@ _PARITY = textwrap.dedent(
             assert err < 2e-5, err
 
     for cin, cout, k, hw in ((160, 130, 3, 21), (256, 256, 3, 13), (300, 140, 1, 17), (7, 140, 5, 23)):
+        os.environ["FCNKERN_CONV_SHIFTED"] = "all" if cin == 256 else ""
         x = torch.randn(2, cin, hw, hw + 2, dtype=torch.float64).float().requires_grad_()
         w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).requires_grad_()
         b = torch.randn(cout).requires_grad_()
@@ -74,7 +76,11 @@ def test_each_library_matches_pytorch(library, in_place):
 
 
 def test_bad_setting_is_a_clear_error():
-    code = "import torch, fcnkern; fcnkern.conv2d_relu(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), backend='cpu')"
+    # stride 2: im2col + GEMM (a stride-1 layer this small takes the register-blocked kernels, no GEMM)
+    code = (
+        "import torch, fcnkern; "
+        "fcnkern.conv2d_relu(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=2, backend='cpu')"
+    )
     result = _run(code, "blas")
     assert result.returncode != 0
     assert "FCNKERN_CPU_GEMM must be 'mkl' or 'onednn', got 'blas'" in result.stderr
