@@ -18,12 +18,13 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <string_view>
 #include <type_traits>
 #include <vector>
 
-#include "cpu_rows.h"
+#include "cpu_row_sources.h"
 #include "cpu_tasks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -181,51 +182,26 @@ void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, co
   });
 }
 
-// Rows of a 4-d tensor read as float (x, or dy' = dy masked by y > 0), and float rows stored into one (y, dx: ours,
-// hence the const_cast; inputs are only read).
+// Stores float rows into a 4-d tensor (y, dx: any strides, any dtype), adding `add` and applying the ReLU on the way.
 template <typename scalar_t>
-struct Rows {
+struct OutputRows {
   scalar_t* data;
-  int64_t s0, s1, s2, s3, width;
-  explicit Rows(const at::Tensor& t)
-      : data(const_cast<scalar_t*>(t.const_data_ptr<scalar_t>())), s0(t.stride(0)), s1(t.stride(1)),
-        s2(t.stride(2)), s3(t.stride(3)), width(t.size(3)) {}
-  scalar_t* row(int64_t n, int64_t c, int64_t r) const { return data + n * s0 + c * s1 + r * s2; }
+  std::array<int64_t, 4> strides;
+  int64_t width;
+  explicit OutputRows(const at::Tensor& t)
+      : data(t.mutable_data_ptr<scalar_t>()), strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)},
+        width(t.size(3)) {}
+  void operator()(int64_t n, int64_t c, int64_t r, const float* src, float add, bool relu) const {
+    scalar_t* dst = data + n * strides[0] + c * strides[1] + r * strides[2];
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (strides[3] == 1) return bias_relu_row_f(src, add, relu, width, dst);
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      const float v = src[i] + add;
+      dst[i * strides[3]] = static_cast<scalar_t>(relu ? std::max(v, 0.f) : v);
+    }
+  }
 };
-
-template <typename scalar_t>
-void read_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, float* dst) {
-  const scalar_t* src = t.row(n, c, r);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (t.s3 == 1) return copy_row_f(src, t.width, dst);
-  }
-  for (int64_t i = 0; i < t.width; ++i) dst[i] = static_cast<float>(src[i * t.s3]);
-}
-
-template <typename scalar_t>
-void read_masked_row(const Rows<scalar_t>& grad, const Rows<scalar_t>& y, bool relu, int64_t n, int64_t c,
-                     int64_t r, float* dst) {
-  if (!relu) return read_row(grad, n, c, r, dst);
-  const scalar_t *g = grad.row(n, c, r), *v = y.row(n, c, r);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (grad.s3 == 1 && y.s3 == 1) return masked_row_f(g, v, grad.width, dst);
-  }
-  for (int64_t i = 0; i < grad.width; ++i) {
-    dst[i] = static_cast<float>(v[i * y.s3]) <= 0.f ? 0.f : static_cast<float>(g[i * grad.s3]);
-  }
-}
-
-template <typename scalar_t>
-void write_row(const Rows<scalar_t>& t, int64_t n, int64_t c, int64_t r, const float* src, float add, bool relu) {
-  scalar_t* dst = t.row(n, c, r);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (t.s3 == 1) return bias_relu_row_f(src, add, relu, t.width, dst);
-  }
-  for (int64_t i = 0; i < t.width; ++i) {
-    const float v = src[i] + add;
-    dst[i * t.s3] = static_cast<scalar_t>(relu ? std::max(v, 0.f) : v);
-  }
-}
 
 // dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
 // on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
@@ -253,7 +229,8 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
                               x.options().dtype(at::kFloat));
   const at::Tensor parts = scratch.work.narrow(1, 0, parts_size);
   parts.zero_();
-  const Rows<scalar_t> xin(x), dyr(grad), yr(y);
+  const InputRows<scalar_t, float> x_rows(x);
+  const MaskedGradRows<scalar_t, float> dy_rows(grad, y, relu);
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
     float* const part = scratch.mine<float>();
     float* const db_part = part + part_w;
@@ -263,8 +240,7 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
       const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);
       const int64_t columns = round_up(count * wp, kern.lanes);
-      stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len,
-                   [&](int64_t nn, int64_t c, int64_t ih, float* dst) { read_row(xin, nn, c, ih, dst); });
+      stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len, x_rows);
       for (int64_t kk = 0; kk < k_pad; ++kk) {
         float* row = dyw + kk * columns_max;
         if (kk >= g.k_g) {
@@ -273,7 +249,7 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
         }
         const int64_t k = group * g.k_g + kk;
         for (int64_t t = 0; t < count; ++t) {
-          read_masked_row(dyr, yr, relu, n, k, oh0 + t, row + t * wp);
+          dy_rows(n, k, oh0 + t, row + t * wp);
           std::fill(row + t * wp + g.ow, row + (t + 1) * wp, 0.f);
         }
         std::fill(row + count * wp, row + columns, 0.f);
@@ -340,12 +316,10 @@ void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::o
     return wd[(((grp * g.k_g + o) * g.c_g + c) * g.r + i) * g.s + j];
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked", [&] {
-    const Rows<scalar_t> in(x), out(y);
-    run(
-        p, packed, [&](int64_t n, int64_t c, int64_t ih, float* dst) { read_row(in, n, c, ih, dst); },
-        [&](int64_t n, int64_t k, int64_t oh, const float* src) {
-          write_row(out, n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
-        });
+    const OutputRows<scalar_t> out(y);
+    run(p, packed, InputRows<scalar_t, float>(x), [&](int64_t n, int64_t k, int64_t oh, const float* src) {
+      out(n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
+    });
   });
 }
 
@@ -359,10 +333,9 @@ void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
     return wd[(((grp * g.k_g + k) * g.c_g + c) * g.r + (g.r - 1 - i)) * g.s + (g.s - 1 - j)];
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_blocked_dgrad", [&] {
-    const Rows<scalar_t> dy(grad), out(y), din(dx);
-    run(
-        p, packed, [&](int64_t n, int64_t k, int64_t r, float* dst) { read_masked_row(dy, out, relu, n, k, r, dst); },
-        [&](int64_t n, int64_t c, int64_t ih, const float* src) { write_row(din, n, c, ih, src, 0.f, false); });
+    const OutputRows<scalar_t> out(dx);
+    run(p, packed, MaskedGradRows<scalar_t, float>(grad, y, relu),
+        [&](int64_t n, int64_t c, int64_t ih, const float* src) { out(n, c, ih, src, 0.f, false); });
   });
 }
 

@@ -40,7 +40,7 @@
 
 #include "common.h"
 #include "cpu_math.h"
-#include "cpu_rows.h"
+#include "cpu_row_sources.h"
 #include "cpu_tasks.h"
 #include "large_block_cache.h"
 
@@ -545,50 +545,6 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
   db = db_acc;
   return true;
 }
-
-// Rows of x in the accumulation type, and rows of dy' = dy * (y > 0) (dy where relu is false): the bands' sources.
-template <typename scalar_t, typename acc_t>
-struct InputRows {
-  const scalar_t* data;
-  std::array<int64_t, 4> strides;
-  int64_t width;
-  explicit InputRows(const at::Tensor& t)
-      : data(t.const_data_ptr<scalar_t>()), strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)},
-        width(t.size(3)) {}
-  const scalar_t* row(int64_t n, int64_t c, int64_t r) const {
-    return data + n * strides[0] + c * strides[1] + r * strides[2];
-  }
-  bool dense_float() const {
-    return std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && strides[3] == 1;
-  }
-  void operator()(int64_t n, int64_t c, int64_t r, acc_t* dst) const {
-    const scalar_t* src = row(n, c, r);
-    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-      if (strides[3] == 1) return copy_row_f(src, width, dst);
-    }
-    for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<acc_t>(src[i * strides[3]]);
-  }
-};
-
-template <typename scalar_t, typename acc_t>
-struct MaskedGradRows {
-  InputRows<scalar_t, acc_t> grad, y;
-  bool relu;
-  MaskedGradRows(const at::Tensor& grad_out, const at::Tensor& out, bool relu_mask)
-      : grad(grad_out), y(out), relu(relu_mask) {}
-  void operator()(int64_t n, int64_t k, int64_t r, acc_t* dst) const {
-    if (!relu) return grad(n, k, r, dst);
-    const scalar_t *gr = grad.row(n, k, r), *yr = y.row(n, k, r);
-    if (grad.dense_float() && y.dense_float()) {
-      return masked_row_f(reinterpret_cast<const float*>(gr), reinterpret_cast<const float*>(yr), grad.width,
-                          reinterpret_cast<float*>(dst));
-    }
-    for (int64_t i = 0; i < grad.width; ++i) {
-      const acc_t v = static_cast<acc_t>(gr[i * grad.strides[3]]);
-      dst[i] = static_cast<acc_t>(yr[i * y.strides[3]]) <= acc_t(0) ? acc_t(0) : v;
-    }
-  }
-};
 
 // m of F(m x m, 3 x 3): FCNKERN_WINOGRAD_TILE = 2 or 4, default 2. m = 4 measured slower on the 2-core Zen 5 but
 // for 128 channels (conv4_2 forward 89 vs 57 ms): its 36 GEMMs per block get few tiles within the cache budget.

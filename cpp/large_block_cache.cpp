@@ -1,6 +1,7 @@
 #include "large_block_cache.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <sys/mman.h>
 
 #include <cstring>
@@ -111,8 +112,7 @@ ScratchBlock& scratch_block() {
 }  // namespace
 
 at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const at::Tensor layout = at::empty(sizes, options.device(at::kMeta));
-  const size_t bytes = static_cast<size_t>(layout.numel()) * layout.element_size();
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < kScratchMinBytes) return at::empty(sizes, options);
   ScratchBlock& block = scratch_block();
   void* ptr = nullptr;
@@ -131,7 +131,7 @@ at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options
     ptr = block.ptr;
   }
   return at::from_blob(
-      ptr, layout.sizes(), layout.strides(),
+      ptr, sizes,
       [](void*) {
         ScratchBlock& held = scratch_block();
         std::lock_guard<std::mutex> lock(held.mutex);
