@@ -296,13 +296,18 @@ bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
   // task's input rows in L2; there it ran at 1.0-1.6x oneDNN's convolution where im2col + GEMM ran at 0.55-0.85x
   // (2-core Zen 5, fp32, forward, VGG 3 x 3 layers at 1/8 width). From 128 channels on its blocks hold few rows and
   // it lost to im2col (1 x 256 x 29^2: 3.2 vs 3.1 ms; 1 x 512 x 29^2: 16.5 vs 12.5).
+  // The forward also needs at most 64 outputs: the GEMM's N grows with them while the blocked kernel's rate does not,
+  // and fc6 at 1/8 width (64 -> 512, 7 x 7 on 9^2) ran at 3.5 ms blocked vs 1.6 ms im2col (64 -> 128: 0.86 vs
+  // 0.60; at 64 outputs they are even). dx has no such limit on its outputs (x's channels): im2col's dx pays the
+  // col2im scatter, and the blocked dx was 1.3-1.7x faster up to 512 of them (8 x 512 x 9^2 from 64).
   // dW likewise from 8 to 64 channels in and up to 64 out (forward + backward at 1/8 width: 0.66-1.0x im2col's
   // time). An RGB layer's dW is a 27-deep reduction that im2col's one GEMM does better (conv1_1, 8 x 3 x 64^2 with
   // padding 100, forward + backward: 13.4 vs 5.9 ms). A 1 x 1 kernel keeps the shifted GEMMs, which have no taps to
   // share.
   if (g.r * g.s == 1) return false;
   if (pass == BlockedPass::kWgrad) return computable && g.c_g >= 8 && g.c_g <= 64 && g.k_g <= 64;
-  return computable && (pass == BlockedPass::kForward ? g.c_g : g.k_g) <= 64;
+  if (pass == BlockedPass::kForward) return computable && g.c_g <= 64 && g.k_g <= 64;
+  return computable && g.k_g <= 64;
 }
 
 void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

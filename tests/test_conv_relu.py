@@ -220,12 +220,22 @@ def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
     _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
 
 
-def test_cpu_small_layer_takes_the_blocked_kernels_by_default():
+@pytest.mark.parametrize(
+    "case, blocked",
+    [
+        ((2, 16, 20, 24, 16, 3, 1, 1, 1, 1), True),
+        ((2, 64, 9, 9, 128, 7, 1, 0, 1, 1), False),
+    ],
+    ids=["16to16-3x3", "64to128-7x7"],
+)
+def test_cpu_layer_width_picks_blocked_or_gemm_by_default(case, blocked):
     """A 1/8-width VGG layer (16 -> 16 channels, 3 x 3): by default the CPU kernel runs it register-blocked, forward
-    and backward, bit for bit what FCNKERN_CONV_BLOCKED=all gives, and not what im2col + GEMM gives (whose dx sums in
-    another order)."""
+    and backward, bit for bit what FCNKERN_CONV_BLOCKED=all gives, and not what im2col + GEMM gives (whose sums run
+    in another order). A layer with more than 64 channels out (fc6 at 1/4 width) keeps im2col + GEMM forward (the
+    GEMM's wide N made it up to 2x faster than the blocked kernel), and its 128-deep dx and dW too: there the
+    default is im2col's result bit for bit."""
     require_backend("cpu")
-    tensors, _ = _inputs((2, 16, 20, 24, 16, 3, 1, 1, 1, 1), torch.float32, "cpu", "blocked-default")
+    tensors, geometry = _inputs(case, torch.float32, "cpu", "blocked-default")
     runs = {}
     for name, env in (
         ("default", {}),
@@ -233,11 +243,12 @@ def test_cpu_small_layer_takes_the_blocked_kernels_by_default():
         ("im2col", {"FCNKERN_CONV_BLOCKED": "0"}),
     ):
         with mock.patch.dict(os.environ, env):
-            out, grads = _run(lambda *a: conv2d_relu(*a, padding=1, backend="cpu"), tensors, 3)
+            out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
         runs[name] = (out, *grads)
-    assert all(torch.equal(a, b) for a, b in zip(runs["default"], runs["blocked"], strict=True))
-    assert not torch.equal(runs["default"][1], runs["im2col"][1])
-    for a, b in zip(runs["default"], runs["im2col"], strict=True):
+    same, other = ("blocked", "im2col") if blocked else ("im2col", "blocked")
+    assert all(torch.equal(a, b) for a, b in zip(runs["default"], runs[same], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs[other], strict=True))
+    for a, b in zip(runs["default"], runs[other], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
