@@ -14,8 +14,9 @@ background is the reference pixel's times the summed upstream gradient of the ba
 flows through the reference window, which is again background of the layer below. The network computed this way is
 the same function of the weights and the image as the dense one, so values and gradients match it to rounding.
 
-:func:`pool2d` carries the description through a max-pool (computed densely: it is cheap). Shapes are N x C x H x W,
-any dtype and memory format the layer's op takes.
+:func:`max_pool2d` does the same for a max-pool: it pools the box and the frame and fills the rest with one
+background pixel's value; :func:`pool2d` is its geometry. Shapes are N x C x H x W, any dtype and memory format
+the layer's op takes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ __all__ = [
     "conv_background",
     "eligible",
     "image_background",
+    "max_pool2d",
     "pool2d",
+    "pool_eligible",
 ]
 
 Rect = tuple[int, int, int, int]  # top, bottom, left, right: rows [top, bottom) x columns [left, right)
@@ -186,12 +189,83 @@ def eligible(layer: torch.nn.Module) -> bool:
     )
 
 
+def _check_size(x: Tensor, bg: Background) -> None:
+    if (x.shape[2], x.shape[3]) != (bg.height, bg.width):
+        raise ValueError(f"background is for {bg.height} x {bg.width} maps, x is {tuple(x.shape)}")
+
+
+def _window_reads(x: Tensor, spans: list[Rect]) -> list[Tensor | None]:
+    """Views of x over the input spans (clipped to the map), through one _Windows so that their gradients add into
+    one dx; None for a span wholly outside the map."""
+    inside = [_clip(s, x.shape[2], x.shape[3]) for s in spans]
+    keep = [i for i, r in enumerate(inside) if r[0] < r[1] and r[2] < r[3]]
+    views = dict(zip(keep, _Windows.apply(x, [inside[i] for i in keep]), strict=True))
+    return [views.get(i) for i in range(len(spans))]
+
+
+def max_pool2d(x: Tensor, bg: Background, layer: torch.nn.MaxPool2d) -> tuple[Tensor, Background]:
+    """``layer(x)`` for a max-pool that :func:`pool_eligible` accepts and x's background ``bg``, pooling only the
+    output pixels that are not background; the rest take the value of one background pixel of x (the max of a
+    window of one value). Returns the output and its background.
+
+    Backward, each pooled piece routes its gradient to its windows' maxima as the dense pool does (same windows, same
+    first-maximum rule); the background's gradient, summed, goes to that one pixel of x, which is background of the
+    layer below, whose own backward sums its background's gradient anyway: the same weight and image gradients as
+    the dense pool, which reads and writes every pixel of the largest maps in the network (conv1_2's output)."""
+    _check_size(x, bg)
+    if not pool_eligible(layer):
+        raise ValueError(f"{layer} cannot skip background: it needs no padding, dilation 1 and no indices")
+    (kh, kw), (sh, sw) = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
+    out_h, out_w = _pool_size(x.shape[2], kh, sh, layer.ceil_mode), _pool_size(x.shape[3], kw, sw, layer.ceil_mode)
+    if out_h <= 0 or out_w <= 0:
+        return layer(x), bg  # PyTorch's error for a map smaller than the window
+    out_bg = _propagate(bg, (kh, kw), (sh, sw), (0, 0), out_h, out_w)
+    constant = out_bg.constant_rects()
+    if _area(constant) < MIN_CONSTANT_FRACTION * out_h * out_w:
+        return layer(x), out_bg
+    r, c = constant[0][0] * sh, constant[0][2] * sw  # a pixel of the reference output's window: background
+    rects = out_bg.varying_rects()
+    spans = [(r, r + 1, c, c + 1)]
+    spans += [(r0 * sh, (r1 - 1) * sh + kh, c0 * sw, (c1 - 1) * sw + kw) for r0, r1, c0, c1 in rects]
+    value, *windows = _window_reads(x, spans)
+    pieces = [F.max_pool2d(w, (kh, kw), (sh, sw), ceil_mode=layer.ceil_mode) for w in windows]
+    for rect, piece in zip(rects, pieces, strict=True):
+        # A window cut by the map's end pools to the same rows as the dense pool's last ones (ceil mode's rule is
+        # relative to the map's end, which the window shares).
+        if piece.shape[2:] != (rect[1] - rect[0], rect[3] - rect[2]):
+            raise RuntimeError(f"max-pool piece {tuple(piece.shape)} does not fill {rect}: a fcnkern bug")
+    return _Assemble.apply(value, out_bg, rects, *pieces), out_bg
+
+
+def pool_eligible(layer: torch.nn.Module) -> bool:
+    """Whether a max-pool can skip background: nn.MaxPool2d without padding, dilation or returned indices."""
+    return (
+        isinstance(layer, torch.nn.MaxPool2d)
+        and _pair(layer.padding) == (0, 0)
+        and _pair(layer.dilation) == (1, 1)
+        and not layer.return_indices
+    )
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pool_size(size: int, kernel: int, stride: int, ceil_mode: bool) -> int:
+    """PyTorch's unpadded pooling output size (a ceil-mode window must start inside the map)."""
+    if size < kernel and not ceil_mode:
+        return 0
+    out = (size - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size:
+        out -= 1
+    return out
+
+
 def conv2d_relu(x: Tensor, bg: Background, layer: torch.nn.Module) -> tuple[Tensor, Background | None]:
     """``layer(x)`` for an fcnkern Conv2dReLU layer (see :func:`eligible`) and x's background ``bg``, computing only
     the output pixels that are not background. Returns the output and its background, or None where too little of
     it is background to be worth tracking (the layer then ran densely)."""
-    if (x.shape[2], x.shape[3]) != (bg.height, bg.width):
-        raise ValueError(f"background is for {bg.height} x {bg.width} maps, x is {tuple(x.shape)}")
+    _check_size(x, bg)
     (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
     out_h, out_w = conv_output_size(x.shape[2], kh, 1, ph, 1), conv_output_size(x.shape[3], kw, 1, pw, 1)
     if out_h <= 0 or out_w <= 0:
@@ -204,14 +278,12 @@ def conv2d_relu(x: Tensor, bg: Background, layer: torch.nn.Module) -> tuple[Tens
     rects = out_bg.varying_rects()
     # Each output rectangle reads rows [r0 - ph, r1 - ph + kh - 1) of x; the part outside x is zero padding.
     spans = [(r0 - ph, r1 - ph + kh - 1, c0 - pw, c1 - pw + kw - 1) for r0, r1, c0, c1 in [ref, *rects]]
-    inside = [_clip(s, x.shape[2], x.shape[3]) for s in spans]
-    keep = [i for i, r in enumerate(inside) if r[0] < r[1] and r[2] < r[3]]
-    views = dict(zip(keep, _Windows.apply(x, [inside[i] for i in keep]), strict=True))
     pieces = []
-    for i, (span, clipped) in enumerate(zip(spans, inside, strict=True)):
-        if i in views:
+    for span, view in zip(spans, _window_reads(x, spans), strict=True):
+        if view is not None:
+            clipped = _clip(span, x.shape[2], x.shape[3])
             pad = (clipped[2] - span[2], span[3] - clipped[3], clipped[0] - span[0], span[1] - clipped[1])
-            window = F.pad(views[i], pad) if any(pad) else views[i]
+            window = F.pad(view, pad) if any(pad) else view
         else:  # wholly in the padding: the reference window of conv1_1
             window = x.new_zeros(x.shape[0], x.shape[1], span[1] - span[0], span[3] - span[2])
         pieces.append(

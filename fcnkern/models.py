@@ -244,11 +244,10 @@ class FCN(nn.Module):
         for name, layer in self.features.items():
             if bg is not None and isinstance(layer, Conv2dReLU) and background.eligible(layer):
                 h, bg = background.conv2d_relu(h, bg, layer)
-                continue
-            h = layer(h)
-            if bg is not None:  # the max-pools keep a background; anything else ends the tracking
-                pool = isinstance(layer, nn.MaxPool2d)
-                bg = background.pool2d(bg, layer.kernel_size, layer.stride, *h.shape[2:]) if pool else None
+            elif bg is not None and background.pool_eligible(layer):
+                h, bg = background.max_pool2d(h, bg, layer)
+            else:  # anything else ends the tracking
+                h, bg = layer(h), None
             if name.startswith("pool"):
                 pools[name] = h
         h = self.drop6(self.fc6(h))

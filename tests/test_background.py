@@ -119,3 +119,43 @@ def test_wrong_background_size_is_an_error():
     layer = Conv2dReLU(3, 4, 3, padding=1)
     with pytest.raises(ValueError, match="background is for"):
         background.conv2d_relu(torch.randn(1, 3, 8, 8), background.image_background(9, 8), layer)
+
+
+def _assembled_map(bg: background.Background, channels: int, key: str):
+    """A 2 x channels map whose background really is one value per channel, built by _Assemble from random leaves
+    (the background value and the varying pieces), as the skipping network builds its maps."""
+    g = generator("bg-pool-map", key)
+    value = torch.randn(2, channels, 1, 1, generator=g).requires_grad_()
+    rects = bg.varying_rects()
+    pieces = [torch.randn(2, channels, r1 - r0, c1 - c0, generator=g).requires_grad_() for r0, r1, c0, c1 in rects]
+    return [value, *pieces], lambda: background._Assemble.apply(value, bg, rects, *pieces)
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False], ids=["ceil", "floor"])
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 1)], ids=["k2s2", "k3s2", "k3s1"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 4), (40, 33)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_max_pool_pieces_match_the_dense_pool(size, kernel, stride, ceil_mode):
+    """The background-skipping max-pool gives the dense pool's output bit for bit (odd maps: ceil mode's cut last
+    windows) and the same gradients of the leaves the map was built from: its pieces route the gradient to the same
+    window maxima, and the background's share reaches the background value either way."""
+    bg = background.image_background(*size)
+    bg = background._propagate(bg, (3, 3), (1, 1), (100, 100), size[0] + 198, size[1] + 198)  # conv1_1's output
+    bg = background._propagate(bg, (3, 3), (1, 1), (1, 1), bg.height, bg.width)  # conv1_2's: a varying border
+    layer = torch.nn.MaxPool2d(kernel, stride, ceil_mode=ceil_mode)
+    leaves, build = _assembled_map(bg, 3, f"{size}")
+    ours, ours_bg = background.max_pool2d(build(), bg, layer)
+    dense = layer(build())
+    assert ours.grad_fn is not None and type(ours.grad_fn).__name__ == "_AssembleBackward"  # pooled in pieces
+    assert torch.equal(ours, dense)
+    assert ours_bg == background._propagate(bg, (kernel, kernel), (stride, stride), (0, 0), *dense.shape[2:])
+    upstream = torch.randn(dense.shape, generator=generator("bg-pool-upstream", size))
+    for a, b in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(dense, leaves, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_needs_an_unpadded_pool():
+    bg = background.image_background(8, 8)
+    with pytest.raises(ValueError, match="cannot skip background"):
+        background.max_pool2d(torch.randn(1, 3, 8, 8), bg, torch.nn.MaxPool2d(2, 2, padding=1))
+    with pytest.raises(ValueError, match="background is for"):
+        background.max_pool2d(torch.randn(1, 3, 8, 8), background.image_background(9, 8), torch.nn.MaxPool2d(2))
