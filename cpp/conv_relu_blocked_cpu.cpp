@@ -203,11 +203,23 @@ struct OutputRows {
   }
 };
 
+// The sum of a dy' row in double (a row of a 700-wide map in one float sum would lose ~1e-5 of it), over four
+// independent accumulators (one chain of dependent adds runs at the adder's latency, not its throughput).
+inline double row_sum(const float* row, int64_t count) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t q = 0;
+  for (; q + 4 <= count; q += 4) {
+    for (int u = 0; u < 4; ++u) acc[u] += row[q + u];
+  }
+  for (; q < count; ++q) acc[0] += row[q];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 // dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
 // on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
 // each row), then for each input channel, block of 8 output channels (4 with AVX2) and group of 3 taps one
-// micro-kernel call over all the task's columns. Per-thread partial sums (one vector per weight), kept in the
-// thread's scratch and added in thread order at the end.
+// micro-kernel call over all the task's columns. Per-thread partial sums (one vector per weight) in the thread's
+// scratch, their lanes summed by each thread at its end and the threads' sums added in thread order.
 template <typename scalar_t>
 void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
@@ -221,21 +233,27 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
   std::vector<int64_t> offsets(tap_groups * kWgradTaps, 0);  // past the last tap: a dummy tap whose sums are dropped
   for (int64_t t = 0; t < taps; ++t) offsets[t] = (t / g.s) * wp + t % g.s;
   const int64_t tasks = g.n * g.groups * bands;
-  // Per thread: its partial sums, [group][k_pad][c_g][tap_groups * 3][lanes] then [K], zeroed here (a thread that
-  // gets no task adds nothing), then the x planes and the dy' rows.
+  // Per thread: its vector partial sums, [group][k_pad][c_g][tap_groups * 3][lanes] then [K], then the x planes and
+  // the dy' rows. Each thread zeroes its own partials when it starts (in parallel, and they stay in its cache) and,
+  // when done, sums their lanes into its row of `sums` ([K][c_g][taps] then [K]), the rows of threads that got no
+  // task staying zero. Before, one zero-fill and one sum over threads x 16 lanes x the weight's size ran on the
+  // calling thread: 0.6 of 4.7 ms of a 64 -> 64 channel layer's backward (8 x 33^2).
   const int64_t lanes = kern.lanes, part_w = g.groups * k_pad * g.c_g * tap_groups * kWgradTaps * lanes;
-  const int64_t parts_size = part_w + g.k;
+  const int64_t parts_size = part_w + g.k, sums_w = g.k * g.c_g * taps + g.k;
   const ThreadScratch scratch(spread_tasks(tasks), parts_size + g.c_g * plane_len + k_pad * columns_max,
                               x.options().dtype(at::kFloat));
-  const at::Tensor parts = scratch.work.narrow(1, 0, parts_size);
-  parts.zero_();
+  const at::Tensor sums = at::zeros({scratch.work.size(0), sums_w}, x.options().dtype(at::kFloat));
+  std::vector<uint8_t> started(scratch.work.size(0), 0);  // one slot per thread: written by that thread only
   const InputRows<scalar_t, float> x_rows(x);
   const MaskedGradRows<scalar_t, float> dy_rows(grad, y, relu);
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
+    const int64_t tid = scratch.spread ? at::get_thread_num() : 0;
     float* const part = scratch.mine<float>();
     float* const db_part = part + part_w;
     float* const planes = part + parts_size;
     float* const dyw = planes + g.c_g * plane_len;
+    if (started[tid] == 0) std::fill(part, part + parts_size, 0.f);
+    started[tid] = 1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);
@@ -253,32 +271,37 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
           std::fill(row + t * wp + g.ow, row + (t + 1) * wp, 0.f);
         }
         std::fill(row + count * wp, row + columns, 0.f);
-        double sum = 0;  // a row of a 700-wide map in one float sum would lose ~1e-5 of it
-        for (int64_t q = 0; q < count * wp; ++q) sum += row[q];
-        db_part[k] += static_cast<float>(sum);
+        db_part[k] += static_cast<float>(row_sum(row, count * wp));
       }
       const int64_t per_k = g.c_g * tap_groups * kWgradTaps * lanes;
       for (int64_t c = 0; c < g.c_g; ++c) {
         for (int64_t kb = 0; kb < k_pad; kb += kern.wgrad_rows) {
           for (int64_t tg = 0; tg < tap_groups; ++tg) {
-            float* sums = part + (group * k_pad + kb) * per_k + (c * tap_groups + tg) * kWgradTaps * lanes;
+            float* acc = part + (group * k_pad + kb) * per_k + (c * tap_groups + tg) * kWgradTaps * lanes;
             kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, offsets.data() + tg * kWgradTaps,
-                       columns, sums, per_k);
+                       columns, acc, per_k);
           }
         }
       }
     }
+    // The lanes of this thread's partials, in a fixed order (results are the same run to run).
+    float* const out = sums.data_ptr<float>() + tid * sums_w;
+    for (int64_t k = 0; k < g.k; ++k) {
+      const int64_t group = k / g.k_g, kk = k % g.k_g;
+      for (int64_t c = 0; c < g.c_g; ++c) {
+        const float* src = part + ((group * k_pad + kk) * g.c_g + c) * tap_groups * kWgradTaps * lanes;
+        for (int64_t t = 0; t < taps; ++t) {
+          float total = 0.f;
+          for (int64_t l = 0; l < lanes; ++l) total += src[t * lanes + l];
+          out[(k * g.c_g + c) * taps + t] = total;
+        }
+      }
+      out[g.k * g.c_g * taps + k] = db_part[k];
+    }
   });
-  const at::Tensor total = parts.sum(0);
-  if (dw.defined()) {
-    const at::Tensor w_parts = total.narrow(0, 0, part_w)
-                                   .view({g.groups, k_pad, g.c_g, tap_groups * kWgradTaps, lanes})
-                                   .sum(4)
-                                   .narrow(1, 0, g.k_g)
-                                   .narrow(3, 0, taps);
-    dw.copy_(w_parts.reshape({g.k, g.c_g, g.r, g.s}));
-  }
-  if (db.defined()) db.copy_(total.narrow(0, part_w, g.k));
+  const at::Tensor total = sums.sum(0);
+  if (dw.defined()) dw.copy_(total.narrow(0, 0, g.k * g.c_g * taps).view({g.k, g.c_g, g.r, g.s}));
+  if (db.defined()) db.copy_(total.narrow(0, g.k * g.c_g * taps, g.k));
 }
 
 }  // namespace

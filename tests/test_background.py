@@ -149,7 +149,8 @@ def test_max_pool_pieces_match_the_dense_pool(size, kernel, stride, ceil_mode):
     assert torch.equal(ours, dense)
     assert ours_bg == background._propagate(bg, (kernel, kernel), (stride, stride), (0, 0), *dense.shape[2:])
     upstream = torch.randn(dense.shape, generator=generator("bg-pool-upstream", size))
-    for a, b in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(dense, leaves, upstream)):
+    ours_grads, dense_grads = (torch.autograd.grad(out, leaves, upstream) for out in (ours, dense))
+    for a, b in zip(ours_grads, dense_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
