@@ -32,7 +32,7 @@ FCN8S_LAYERS = {
     "fc7": (4096, 4096, 16, 1, 0, True),
     "score_fr": (4096, 21, 16, 1, 0, False),
 }
-# The same network at width 1/8 on a 64 x 64 input (the main job's default), batch 8: conv1_1 .. conv5_1.
+# The same network at width 1/8 on a 64 x 64 input (the main job's default), batch 8: conv1_1 .. conv5_1, fc6, fc7.
 NARROW_LAYERS = {
     "conv1_1": (3, 8, 64, 3, 100, True),
     "conv1_2": (8, 8, 262, 3, 1, True),
@@ -43,6 +43,8 @@ NARROW_LAYERS = {
     "conv4_1": (32, 64, 33, 3, 1, True),
     "conv4_2": (64, 64, 33, 3, 1, True),
     "conv5_1": (64, 64, 17, 3, 1, True),
+    "fc6": (64, 512, 9, 7, 0, True),
+    "fc7": (512, 512, 3, 1, 0, True),
 }
 NARROW_BATCH = 8
 DEVICES = [

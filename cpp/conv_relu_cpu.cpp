@@ -590,6 +590,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_bwd(const at::Tensor& gra
           need_b ? db_acc.to(x.scalar_type()) : none};
 }
 
+// 1 x 1, stride 1, unpadded convolutions on maps too small for the shifted GEMMs (fewer than 256 pixels, e.g. fc7
+// and the score layers of a small input): the direct kernels cut their GEMMs per image, so batch 8 of fc7 at 1/8
+// width (512 -> 512 over 3 x 3) was 8 GEMMs 9 columns wide, each streaming the whole weight (fwd 0.34 vs eager's
+// 0.17 ms, fwd + bwd 1.60 vs 0.65). Here every image's pixels are columns of one GEMM per group: the operands are
+// permuted copies of x and dy' (C x N.H.W, small by this rule), the GEMMs ATen's.
+// FCNKERN_CONV_POINTWISE: "0" never, "all" every such geometry whatever its size (the tests reach it so).
+bool use_pointwise(const ConvGeometry& g) {
+  const char* v = std::getenv("FCNKERN_CONV_POINTWISE");
+  const std::string_view mode = v != nullptr ? v : "";
+  const bool eligible = g.r * g.s == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+  if (mode == "0" || !eligible) return false;
+  return mode == "all" || (g.n > 1 && g.oh * g.ow < 256);
+}
+
+// t (N x C x H x W, any layout) as G x C/G x N.H.W in the accumulation type.
+at::Tensor channels_by_pixels(const at::Tensor& t, int64_t groups, at::ScalarType acc) {
+  return t.to(acc).permute({1, 0, 2, 3}).reshape({groups, t.size(1) / groups, -1});
+}
+
+// a[grp] @ b[grp] for every group, through the GEMM library the direct kernels use (oneDNN's ran this 512 x 512 x 72
+// product at 1.6x at::bmm's rate here).
+at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  for (int64_t grp = 0; grp < a.size(0); ++grp) mm_into(out[grp], a[grp], b[grp], true);
+  return out;
+}
+
+// m (G x C/G x N.H.W) stored into out (N x C x H x W, any layout and dtype).
+void store_channels_by_pixels(const at::Tensor& m, const at::Tensor& out) {
+  out.copy_(m.view({out.size(1), out.size(0), out.size(2), out.size(3)}).permute({1, 0, 2, 3}));
+}
+
+void pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& y, const ConvGeometry& g, bool relu) {
+  const auto acc = acc_type_of(x);
+  const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.c_g});
+  at::Tensor out = grouped_mm(w, channels_by_pixels(x, g.groups, acc));
+  if (bias.has_value()) out.add_(bias->to(acc).view({g.groups, g.k_g, 1}));
+  if (relu) out.relu_();
+  store_channels_by_pixels(out, y);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_bwd(const at::Tensor& grad, const at::Tensor& y,
+                                                             const at::Tensor& x, const at::Tensor& weight,
+                                                             const ConvGeometry& g, bool relu,
+                                                             std::array<bool, 3> output_mask) {
+  const auto [need_x, need_w, need_b] = output_mask;
+  const auto acc = acc_type_of(x);
+  // threshold_backward is PyTorch's ReLU mask itself: no gradient where y <= 0, a NaN output passes it.
+  const at::Tensor dy = channels_by_pixels(relu ? at::threshold_backward(grad, y, 0) : grad, g.groups, acc);
+  const at::Tensor none = at::empty({0}, x.options());
+  at::Tensor dx = none, dw = none, db = none;
+  if (need_x) {
+    const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.c_g});
+    dx = empty_like_format(x, x.sizes(), x.scalar_type());
+    store_channels_by_pixels(grouped_mm(w.transpose(1, 2), dy), dx);
+  }
+  if (need_w) {
+    const at::Tensor xm = channels_by_pixels(x, g.groups, acc);
+    dw = grouped_mm(dy, xm.transpose(1, 2)).reshape(weight.sizes()).to(weight.scalar_type());
+  }
+  if (need_b) db = dy.sum(2).reshape({g.k}).to(x.scalar_type());
+  return {dx, dw, db};
+}
+
 }  // namespace
 
 at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -606,6 +671,10 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (use_winograd(g, WinogradPass::kForward) && winograd_forward(x, weight, bias, y, g, relu)) return y;
   if (x.scalar_type() != at::kDouble && use_blocked(g, BlockedPass::kForward)) {
     blocked_forward(x, weight, bias, y, g, relu);
+    return y;
+  }
+  if (use_pointwise(g)) {
+    pointwise_forward(x, weight, bias, y, g, relu);
     return y;
   }
   const auto acc = acc_type_of(x);
@@ -673,6 +742,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   check_bwd_args(grad, y, x, g);
+  if (use_pointwise(g) && y.numel() > 0) return pointwise_bwd(grad, y, x, weight, g, relu, output_mask);
   const auto [need_x, need_w, need_b] = output_mask;
   const bool winograd_x = need_x && use_winograd(g, WinogradPass::kDgrad);
   const bool blocked_x =

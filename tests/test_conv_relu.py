@@ -212,12 +212,60 @@ def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
     require_backend("cpu")
     env = {"FCNKERN_CONV_BLOCKED": "all"} if path == "blocked" else {"FCNKERN_CONV_BLOCKED": "0"}
     if path == "im2col":
-        env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0"}
+        env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0", "FCNKERN_CONV_POINTWISE": "0"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "stride1-paths")
     x, weight = _layout(x, weight, layout)
     _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
+
+
+# 1 x 1, stride 1, unpadded: the score layer of CASES (3 images of 5 x 3, which takes the batched GEMMs by default),
+# one image on a larger map, 2 groups, C = 1, dilation 2 (no effect on a 1 x 1 kernel), fc7 at 1/8 width.
+POINTWISE_CASES = [
+    CASES[3],
+    CASES[12],
+    (2, 8, 3, 5, 6, 1, 1, 0, 1, 2),
+    (3, 1, 4, 4, 3, 1, 1, 0, 1, 1),
+    (2, 6, 3, 3, 5, 1, 1, 0, 2, 1),
+    (8, 64, 3, 3, 64, 1, 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=_case_id)
+def test_cpu_pointwise_batched_gemms_forced(monkeypatch, case, dtype, layout, relu):
+    """The CPU's 1 x 1 path for small maps (every image's pixels as columns of one GEMM per group), forced onto every
+    1 x 1 case, forward and all gradients against PyTorch."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_POINTWISE", "all")
+    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "pointwise")
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", dtype, (x, weight, bias), geometry, relu=relu)
+
+
+def test_cpu_pointwise_gradcheck_and_nan_outputs(monkeypatch):
+    """The pointwise path in float64 under gradcheck, and its ReLU mask on NaN outputs (PyTorch's rule: a NaN output
+    passes its gradient, an output of exactly 0 passes none)."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_POINTWISE", "all")
+    g = generator("pointwise-gradcheck")
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, groups=2, backend="cpu"), (x, weight, bias))
+    (x, weight, bias), geometry = _inputs(CASES[3], torch.float32, "cpu", "pointwise-nan")
+    bias = bias.clone()
+    bias[3], bias[5] = float("nan"), -1e6  # channel 3 NaN everywhere, channel 5 exactly 0 after the ReLU
+    ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
+    ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
+    assert ref[0][:, 3].isnan().all() and (ref[0][:, 5] == 0).all()
+    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
