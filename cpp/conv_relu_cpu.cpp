@@ -590,66 +590,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_bwd(const at::Tensor& gra
           need_b ? db_acc.to(x.scalar_type()) : none};
 }
 
-// 1 x 1, stride 1, unpadded convolutions on maps too small for the shifted GEMMs (fewer than 256 pixels, e.g. fc7
-// and the score layers of a small input): the direct kernels cut their GEMMs per image, so batch 8 of fc7 at 1/8
-// width (512 -> 512 over 3 x 3) was 8 GEMMs 9 columns wide, each streaming the whole weight (fwd 0.34 vs eager's
-// 0.17 ms, fwd + bwd 1.60 vs 0.65). Here every image's pixels are columns of one GEMM per group: the operands are
-// permuted copies of x and dy' (C x N.H.W, small by this rule), the GEMMs ATen's.
-// FCNKERN_CONV_POINTWISE: "0" never, "all" every such geometry whatever its size (the tests reach it so).
-bool use_pointwise(const ConvGeometry& g) {
-  const char* v = std::getenv("FCNKERN_CONV_POINTWISE");
+bool columns_are_x(const ConvGeometry& g) {
+  return g.r * g.s == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+
+// Small maps of a batch (fc6, fc7 and the score layers of a small input) as one GEMM per group whose columns are
+// every image's pixels. The direct kernels cut their GEMMs per image, so batch 8 of fc7 at 1/8 width (512 -> 512
+// over 3 x 3) was 8 GEMMs 9 columns wide, each streaming the whole weight (fwd 0.34 vs eager's 0.17 ms, fwd + bwd
+// 1.60 vs 0.65), and fc6's (64 -> 512, 7 x 7 to 3 x 3) 8 GEMMs 3136 deep and 9 wide. The columns are ATen's im2col
+// of the batch (C.R.S x N.OH.OW; for a 1 x 1 stride-1 unpadded kernel x itself, permuted), dx goes back through
+// ATen's col2im, the GEMMs are the direct kernels' library. Layers the register-blocked or Winograd kernels take
+// keep them. Where (2-core Zen 5, fp32, batch 8, time vs the per-image path): a 1 x 1 kernel under 256 pixels (81:
+// fwd 0.77x, bwd 0.48x; 225: 1.0x, 0.61x), others up to 64 pixels (fc6 from 4096 x 9 x 9: 0.47x, 0.40x; 512 ch 3 x 3
+// on 7 x 7: 0.92x, 0.63x) but not at 81 (512 ch 3 x 3 on 9 x 9: 1.37x, 1.18x: ATen's im2col and col2im copies).
+// FCNKERN_CONV_BATCHED: "0" never, "all" every geometry whatever its size (the tests reach it so).
+bool use_batched(const ConvGeometry& g) {
+  const char* v = std::getenv("FCNKERN_CONV_BATCHED");
   const std::string_view mode = v != nullptr ? v : "";
-  const bool eligible = g.r * g.s == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
-  if (mode == "0" || !eligible) return false;
-  return mode == "all" || (g.n > 1 && g.oh * g.ow < 256);
+  if (mode == "0") return false;
+  if (mode == "all") return true;
+  const int64_t column_floats = g.n * g.oh * g.ow * g.c * g.r * g.s;
+  const int64_t max_pixels = columns_are_x(g) ? 255 : 64;
+  return g.n > 1 && g.oh * g.ow <= max_pixels && column_floats <= (int64_t{16} << 20);
 }
 
-// t (N x C x H x W, any layout) as G x C/G x N.H.W in the accumulation type.
-at::Tensor channels_by_pixels(const at::Tensor& t, int64_t groups, at::ScalarType acc) {
-  return t.to(acc).permute({1, 0, 2, 3}).reshape({groups, t.size(1) / groups, -1});
+// The batch's im2col columns, G x C/G.R.S x N.OH.OW in the accumulation type (x any layout).
+at::Tensor batch_columns(const at::Tensor& x, const ConvGeometry& g, at::ScalarType acc) {
+  const at::Tensor xa = x.to(acc);
+  if (columns_are_x(g)) return xa.permute({1, 0, 2, 3}).reshape({g.groups, g.j, -1});
+  const at::Tensor cols = at::im2col(xa, {g.r, g.s}, {g.dil_h, g.dil_w}, {g.pad_h, g.pad_w}, {g.stride_h, g.stride_w});
+  return cols.permute({1, 0, 2}).reshape({g.groups, g.j, -1});
 }
 
-// a[grp] @ b[grp] for every group, through the GEMM library the direct kernels use (oneDNN's ran this 512 x 512 x 72
-// product at 1.6x at::bmm's rate here).
+// a[grp] @ b[grp] for every group, through the GEMM library of the direct kernels (oneDNN's ran fc7's 512 x 512 x 72
+// product in about half at::bmm's time here).
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   for (int64_t grp = 0; grp < a.size(0); ++grp) mm_into(out[grp], a[grp], b[grp], true);
   return out;
 }
 
-// m (G x C/G x N.H.W) stored into out (N x C x H x W, any layout and dtype).
-void store_channels_by_pixels(const at::Tensor& m, const at::Tensor& out) {
+// m (G x K/G x N.OH.OW) stored into out (N x K x OH x OW, any layout and dtype).
+void store_batch_pixels(const at::Tensor& m, const at::Tensor& out) {
   out.copy_(m.view({out.size(1), out.size(0), out.size(2), out.size(3)}).permute({1, 0, 2, 3}));
 }
 
-void pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& y, const ConvGeometry& g, bool relu) {
+void batched_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& y, const ConvGeometry& g, bool relu) {
   const auto acc = acc_type_of(x);
-  const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.c_g});
-  at::Tensor out = grouped_mm(w, channels_by_pixels(x, g.groups, acc));
+  const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.j});
+  at::Tensor out = grouped_mm(w, batch_columns(x, g, acc));
   if (bias.has_value()) out.add_(bias->to(acc).view({g.groups, g.k_g, 1}));
   if (relu) out.relu_();
-  store_channels_by_pixels(out, y);
+  store_batch_pixels(out, y);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_bwd(const at::Tensor& grad, const at::Tensor& y,
-                                                             const at::Tensor& x, const at::Tensor& weight,
-                                                             const ConvGeometry& g, bool relu,
-                                                             std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& grad, const at::Tensor& y,
+                                                           const at::Tensor& x, const at::Tensor& weight,
+                                                           const ConvGeometry& g, bool relu,
+                                                           std::array<bool, 3> output_mask) {
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
   // threshold_backward is PyTorch's ReLU mask itself: no gradient where y <= 0, a NaN output passes it.
-  const at::Tensor dy = channels_by_pixels(relu ? at::threshold_backward(grad, y, 0) : grad, g.groups, acc);
+  const at::Tensor masked = (relu ? at::threshold_backward(grad, y, 0) : grad).to(acc);
+  const at::Tensor dy = masked.permute({1, 0, 2, 3}).reshape({g.groups, g.k_g, -1});
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor dx = none, dw = none, db = none;
   if (need_x) {
-    const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.c_g});
+    const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.j});
+    const at::Tensor cols = grouped_mm(w.transpose(1, 2), dy);  // G x C/G.R.S x N.OH.OW
     dx = empty_like_format(x, x.sizes(), x.scalar_type());
-    store_channels_by_pixels(grouped_mm(w.transpose(1, 2), dy), dx);
+    if (columns_are_x(g)) {
+      store_batch_pixels(cols, dx);
+    } else {
+      const at::Tensor per_image = cols.view({g.c * g.r * g.s, g.n, g.oh * g.ow}).permute({1, 0, 2});
+      dx.copy_(at::col2im(per_image.contiguous(), {g.h, g.w}, {g.r, g.s}, {g.dil_h, g.dil_w}, {g.pad_h, g.pad_w},
+                          {g.stride_h, g.stride_w}));
+    }
   }
   if (need_w) {
-    const at::Tensor xm = channels_by_pixels(x, g.groups, acc);
-    dw = grouped_mm(dy, xm.transpose(1, 2)).reshape(weight.sizes()).to(weight.scalar_type());
+    dw = grouped_mm(dy, batch_columns(x, g, acc).transpose(1, 2)).reshape(weight.sizes()).to(weight.scalar_type());
   }
   if (need_b) db = dy.sum(2).reshape({g.k}).to(x.scalar_type());
   return {dx, dw, db};
@@ -673,8 +693,8 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     blocked_forward(x, weight, bias, y, g, relu);
     return y;
   }
-  if (use_pointwise(g)) {
-    pointwise_forward(x, weight, bias, y, g, relu);
+  if (use_batched(g)) {
+    batched_forward(x, weight, bias, y, g, relu);
     return y;
   }
   const auto acc = acc_type_of(x);
@@ -699,6 +719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_bwd(const at::Tensor& grad
                                                           std::array<bool, 3> output_mask) {
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
+  if (use_batched(g) && y.numel() > 0) return batched_bwd(grad, y, x, weight, g, relu, output_mask);
   if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
   // needs its own weight-gradient accumulator.
@@ -742,7 +763,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   const ConvGeometry g = make_geometry(x, weight, stride, padding, dilation, groups);
   check_args(x, weight, g);
   check_bwd_args(grad, y, x, g);
-  if (use_pointwise(g) && y.numel() > 0) return pointwise_bwd(grad, y, x, weight, g, relu, output_mask);
   const auto [need_x, need_w, need_b] = output_mask;
   const bool winograd_x = need_x && use_winograd(g, WinogradPass::kDgrad);
   const bool blocked_x =

@@ -212,7 +212,7 @@ def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
     require_backend("cpu")
     env = {"FCNKERN_CONV_BLOCKED": "all"} if path == "blocked" else {"FCNKERN_CONV_BLOCKED": "0"}
     if path == "im2col":
-        env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0", "FCNKERN_CONV_POINTWISE": "0"}
+        env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0", "FCNKERN_CONV_BATCHED": "0"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "stride1-paths")
@@ -220,43 +220,52 @@ def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
     _check("cpu", "cpu", dtype, (x, weight, bias), geometry)
 
 
-# 1 x 1, stride 1, unpadded: the score layer of CASES (3 images of 5 x 3, which takes the batched GEMMs by default),
-# one image on a larger map, 2 groups, C = 1, dilation 2 (no effect on a 1 x 1 kernel), fc7 at 1/8 width.
-POINTWISE_CASES = [
-    CASES[3],
-    CASES[12],
+# Every case above, plus: 1 x 1 with 2 groups, C = 1, dilation 2 (no effect on a 1 x 1 kernel), fc7 and fc6 at 1/8
+# width (8 images of 3 x 3 outputs: what takes the batch-wide GEMMs by default).
+BATCHED_CASES = [
+    *CASES,
     (2, 8, 3, 5, 6, 1, 1, 0, 1, 2),
     (3, 1, 4, 4, 3, 1, 1, 0, 1, 1),
     (2, 6, 3, 3, 5, 1, 1, 0, 2, 1),
     (8, 64, 3, 3, 64, 1, 1, 0, 1, 1),
+    (8, 16, 9, 9, 32, 7, 1, 0, 1, 1),
 ]
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
-@pytest.mark.parametrize("case", POINTWISE_CASES, ids=_case_id)
-def test_cpu_pointwise_batched_gemms_forced(monkeypatch, case, dtype, layout, relu):
-    """The CPU's 1 x 1 path for small maps (every image's pixels as columns of one GEMM per group), forced onto every
-    1 x 1 case, forward and all gradients against PyTorch."""
+@pytest.mark.parametrize("case", BATCHED_CASES, ids=_case_id)
+def test_cpu_batch_wide_gemms_forced(monkeypatch, case, dtype, layout, relu):
+    """The CPU's path for small maps (every image's pixels as columns of one GEMM per group: im2col of the batch,
+    x itself for a 1 x 1 kernel, col2im for dx) forced onto every case, forward and all gradients against PyTorch.
+    Forced, it also takes what the blocked and Winograd kernels would."""
     require_backend("cpu")
-    monkeypatch.setenv("FCNKERN_CONV_POINTWISE", "all")
-    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "pointwise")
+    for name, value in {
+        "FCNKERN_CONV_BATCHED": "all",
+        "FCNKERN_CONV_BLOCKED": "0",
+        "FCNKERN_CONV_WINOGRAD": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    (x, weight, bias), geometry = _inputs(case, dtype, "cpu", layout, "batched")
     x, weight = _layout(x, weight, layout)
     _check("cpu", "cpu", dtype, (x, weight, bias), geometry, relu=relu)
 
 
-def test_cpu_pointwise_gradcheck_and_nan_outputs(monkeypatch):
-    """The pointwise path in float64 under gradcheck, and its ReLU mask on NaN outputs (PyTorch's rule: a NaN output
-    passes its gradient, an output of exactly 0 passes none)."""
+@pytest.mark.parametrize("kernel", [1, 3], ids=["1x1", "3x3"])
+def test_cpu_batch_wide_gemms_gradcheck_and_nan_outputs(monkeypatch, kernel):
+    """The batch-wide GEMMs in float64 under gradcheck (a 1 x 1 kernel reads x as its columns, a 3 x 3 one with
+    stride 2, padding and groups goes through im2col / col2im), and their ReLU mask on NaN outputs (PyTorch's rule:
+    a NaN output passes its gradient, an output of exactly 0 passes none)."""
     require_backend("cpu")
-    monkeypatch.setenv("FCNKERN_CONV_POINTWISE", "all")
-    g = generator("pointwise-gradcheck")
-    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setenv("FCNKERN_CONV_BATCHED", "all")
+    g = generator("batched-gradcheck", kernel)
+    x = torch.randn(2, 6, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, groups=2, backend="cpu"), (x, weight, bias))
-    (x, weight, bias), geometry = _inputs(CASES[3], torch.float32, "cpu", "pointwise-nan")
+    geometry = {"groups": 2} if kernel == 1 else {"groups": 2, "stride": 2, "padding": 1}
+    assert torch.autograd.gradcheck(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias))
+    (x, weight, bias), geometry = _inputs(CASES[3], torch.float32, "cpu", "batched-nan")
     bias = bias.clone()
     bias[3], bias[5] = float("nan"), -1e6  # channel 3 NaN everywhere, channel 5 exactly 0 after the ReLU
     ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
@@ -279,9 +288,9 @@ def test_cpu_pointwise_gradcheck_and_nan_outputs(monkeypatch):
 def test_cpu_layer_width_picks_blocked_or_gemm_by_default(case, blocked):
     """A 1/8-width VGG layer (16 -> 16 channels, 3 x 3): by default the CPU kernel runs it register-blocked, forward
     and backward, bit for bit what FCNKERN_CONV_BLOCKED=all gives, and not what im2col + GEMM gives (whose sums run
-    in another order). A layer with more than 64 channels out (fc6 at 1/4 width) keeps im2col + GEMM forward (the
-    GEMM's wide N made it up to 2x faster than the blocked kernel), and its 128-deep dx and dW too: there the
-    default is im2col's result bit for bit."""
+    in another order). A layer with more than 64 channels out (fc6 at 1/4 width) keeps the GEMMs forward (their wide
+    N made them up to 2x faster than the blocked kernel), and its 128-deep dx and dW too: there the default is the
+    GEMM path's result bit for bit (on this 3 x 3 output map, the batch-wide GEMMs)."""
     require_backend("cpu")
     tensors, geometry = _inputs(case, torch.float32, "cpu", "blocked-default")
     runs = {}
