@@ -74,6 +74,14 @@ def _run(fn, tensors, upstream_seed):
     return out.detach(), grads
 
 
+def _assert_same_nonfinite(ours, ref):
+    """(y, grads) from _run: NaN and inf in the same places as PyTorch's, the finite values close."""
+    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
 def _reference(x, weight, bias, relu=True, **geometry):
     y = F.conv2d(x, weight, bias, **geometry)
     return F.relu(y) if relu else y
@@ -271,10 +279,7 @@ def test_cpu_batch_wide_gemms_gradcheck_and_nan_outputs(monkeypatch, kernel):
     ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
     ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
     assert ref[0][:, 3].isnan().all() and (ref[0][:, 5] == 0).all()
-    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
-        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
-        finite = b.isfinite()
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+    _assert_same_nonfinite(ours, ref)
 
 
 @pytest.mark.parametrize(
@@ -421,10 +426,7 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
     ours = _run(lambda *a: conv2d_relu(*a, backend=backend, **geometry), (x, weight, bias), 5)
     ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
     assert ref[0].isnan().any()
-    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
-        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
-        finite = b.isfinite()
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+    _assert_same_nonfinite(ours, ref)
 
 
 @pytest.mark.parametrize(
@@ -450,10 +452,7 @@ def test_cpu_nan_outputs_pass_their_gradient_on_every_path(monkeypatch, path):
     ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
     ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
     assert ref[0][:, 3].isnan().all() and ref[1][0].isfinite().all()
-    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
-        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
-        finite = b.isfinite()
-        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+    _assert_same_nonfinite(ours, ref)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
