@@ -17,9 +17,10 @@ Kernels (see kernels/conv_relu.py and cpp/):
 - ``cpu`` (cpp/conv_relu_cpu.cpp, cpp/conv_relu_winograd_cpu.cpp, cpp/conv_relu_blocked_cpu.cpp): Winograd
   F(2x2, 3x3) for the forward and dx and F(3x3, 2x2) for dW of large 3x3 stride-1 layers with at least 64 channels
   per group (VGG's conv1_2..conv5_3); register-blocked direct convolution (FMA micro-kernels, forward, dx and dW)
-  for stride-1 layers reducing over at most 64 channels (narrow networks); shifted GEMMs for 1x1 and very deep
-  stride-1 layers; otherwise blocked im2col + the BLAS GEMM ATen links. Bias and ReLU are applied to each output
-  block while it is in cache; the backward masks each gradient block once as it loads it.
+  for stride-1 layers of at most 64 channels in and out (narrow networks); for a batch of small maps (up to 64
+  output pixels per image, 255 for 1x1: fc6, fc7) one GEMM per group over every image's pixels; shifted GEMMs for
+  1x1 and very deep stride-1 layers; otherwise blocked im2col + the BLAS GEMM ATen links. Bias and ReLU are
+  applied to each output block while it is in cache; the backward masks each gradient block once as it loads it.
 - ``torch``: the reference, ``F.relu(F.conv2d(...))``.
 
 The output keeps x's memory format (NCHW or channels_last). The backward saves x, weight and the output (the mask
