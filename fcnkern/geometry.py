@@ -83,14 +83,15 @@ class Layer:
         if self.kind == "deconv":
             return (n - 1) * self.stride - 2 * self.padding + self.extent
         span = n + 2 * self.padding - self.extent
-        if span < 0:
-            return 0
         if self.kind == "pool" and self.ceil_mode:
+            # A ceil-mode window may run past the map's end, even a map shorter than the window (2 pixels under a
+            # 3-wide window give one output); PyTorch drops a last window that would start in the right padding.
             out = math.ceil(span / self.stride) + 1
-            # PyTorch drops a last window that would start in the right padding.
             if (out - 1) * self.stride >= n + self.padding:
                 out -= 1
-            return out
+            return max(out, 0)
+        if span < 0:
+            return 0
         return span // self.stride + 1
 
 

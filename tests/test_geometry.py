@@ -51,6 +51,23 @@ def test_output_sizes_match_pytorch(size):
         assert x.shape[-2] == g.output_size(layers[: i + 1], size), (layer.name, size)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+def test_pool_output_sizes_match_pytorch_on_small_maps(ceil_mode):
+    """Every pool of kernel 1-4, stride 1-3 and padding up to half the kernel over maps of 1-12 pixels: PyTorch's
+    size, and 0 where PyTorch refuses the map. A ceil-mode window wider than the map still gives one output (2 pixels
+    under a 3-wide window); out_size had said 0 there."""
+    for kernel in range(1, 5):
+        for stride in range(1, 4):
+            for padding in range(kernel // 2 + 1):
+                layer = g.Layer("p", "pool", kernel, stride, padding, ceil_mode=ceil_mode)
+                for n in range(1, 13):
+                    try:
+                        expected = _torch_layer(layer)(torch.zeros(1, 1, n, n, dtype=torch.float64)).shape[-2]
+                    except RuntimeError:
+                        expected = 0
+                    assert layer.out_size(n) == expected, (kernel, stride, padding, n)
+
+
 @pytest.mark.parametrize(
     "layer",
     [
