@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from fcnkern.conv_relu import _out_like, conv_output_size
 from fcnkern.conv_relu import conv2d_relu as _conv2d_relu
+from fcnkern.geometry import Layer
 
 __all__ = [
     "MIN_CONSTANT_FRACTION",
@@ -216,7 +218,10 @@ def max_pool2d(x: Tensor, bg: Background, layer: torch.nn.MaxPool2d) -> tuple[Te
     if not pool_eligible(layer):
         raise ValueError(f"{layer} cannot skip background: it needs no padding, dilation 1 and no indices")
     (kh, kw), (sh, sw) = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
-    out_h, out_w = _pool_size(x.shape[2], kh, sh, layer.ceil_mode), _pool_size(x.shape[3], kw, sw, layer.ceil_mode)
+    out_h, out_w = (
+        Layer("pool", "pool", k, s, ceil_mode=layer.ceil_mode).out_size(n)
+        for k, s, n in ((kh, sh, x.shape[2]), (kw, sw, x.shape[3]))
+    )
     if out_h <= 0 or out_w <= 0:
         return layer(x), bg  # PyTorch's error for a map smaller than the window
     out_bg = _propagate(bg, (kh, kw), (sh, sw), (0, 0), out_h, out_w)
@@ -245,20 +250,6 @@ def pool_eligible(layer: torch.nn.Module) -> bool:
         and _pair(layer.dilation) == (1, 1)
         and not layer.return_indices
     )
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _pool_size(size: int, kernel: int, stride: int, ceil_mode: bool) -> int:
-    """PyTorch's unpadded pooling output size (a ceil-mode window must start inside the map)."""
-    if size < kernel and not ceil_mode:
-        return 0
-    out = (size - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size:
-        out -= 1
-    return out
 
 
 def conv2d_relu(x: Tensor, bg: Background, layer: torch.nn.Module) -> tuple[Tensor, Background | None]:
