@@ -19,11 +19,11 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <string_view>
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "cpu_row_sources.h"
 #include "cpu_tasks.h"
 
@@ -309,8 +309,7 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
 bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
   // FCNKERN_CONV_BLOCKED: "0" never; "fwd" the forward only; "all" both passes on every geometry they can compute
   // (the tests reach them so). Read per call, for A/B measurements in one process.
-  const char* v = std::getenv("FCNKERN_CONV_BLOCKED");
-  const std::string_view mode = v != nullptr ? v : "";
+  const std::string_view mode = env_setting("FCNKERN_CONV_BLOCKED");
   if (mode == "0" || (mode == "fwd" && pass != BlockedPass::kForward) || kernel().block == nullptr) return false;
   const bool computable = g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 &&
                           (pass != BlockedPass::kDgrad || (g.pad_h < g.r && g.pad_w < g.s));

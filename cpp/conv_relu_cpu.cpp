@@ -199,8 +199,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
 // backward wherever the forward is shifted (the tests reach it on small shapes that way). Read per call, for A/B
 // measurements in one process.
 bool use_shifted(const ConvGeometry& g, bool backward) {
-  const char* v = std::getenv("FCNKERN_CONV_SHIFTED");
-  const std::string_view mode = v != nullptr ? v : "";
+  const std::string_view mode = env_setting("FCNKERN_CONV_SHIFTED");
   if (mode == "0" || (backward && mode == "fwd")) return false;
   const bool eligible = g.stride_h == 1 && g.stride_w == 1 && g.c_g >= 32 && g.r * g.s <= 9 &&
                         g.oh * (g.w + 2 * g.pad_w) >= 256;
@@ -605,8 +604,7 @@ bool columns_are_x(const ConvGeometry& g) {
 // on 7 x 7: 0.92x, 0.63x) but not at 81 (512 ch 3 x 3 on 9 x 9: 1.37x, 1.18x: ATen's im2col and col2im copies).
 // FCNKERN_CONV_BATCHED: "0" never, "all" every geometry whatever its size (the tests reach it so).
 bool use_batched(const ConvGeometry& g) {
-  const char* v = std::getenv("FCNKERN_CONV_BATCHED");
-  const std::string_view mode = v != nullptr ? v : "";
+  const std::string_view mode = env_setting("FCNKERN_CONV_BATCHED");
   if (mode == "0") return false;
   if (mode == "all") return true;
   const int64_t column_floats = g.n * g.oh * g.ow * g.c * g.r * g.s;
@@ -614,10 +612,15 @@ bool use_batched(const ConvGeometry& g) {
   return g.n > 1 && g.oh * g.ow <= max_pixels && column_floats <= (int64_t{16} << 20);
 }
 
+// t (N x C x H x W, any layout) as G x C/G x N.H.W: every image's pixels as the columns of each channel's row.
+at::Tensor batch_pixels(const at::Tensor& t, int64_t groups) {
+  return t.permute({1, 0, 2, 3}).reshape({groups, t.size(1) / groups, -1});
+}
+
 // The batch's im2col columns, G x C/G.R.S x N.OH.OW in the accumulation type (x any layout).
 at::Tensor batch_columns(const at::Tensor& x, const ConvGeometry& g, at::ScalarType acc) {
   const at::Tensor xa = x.to(acc);
-  if (columns_are_x(g)) return xa.permute({1, 0, 2, 3}).reshape({g.groups, g.j, -1});
+  if (columns_are_x(g)) return batch_pixels(xa, g.groups);
   const at::Tensor cols = at::im2col(xa, {g.r, g.s}, {g.dil_h, g.dil_w}, {g.pad_h, g.pad_w}, {g.stride_h, g.stride_w});
   return cols.permute({1, 0, 2}).reshape({g.groups, g.j, -1});
 }
@@ -630,7 +633,7 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// m (G x K/G x N.OH.OW) stored into out (N x K x OH x OW, any layout and dtype).
+// m (G x K/G x N.OH.OW) stored into out (N x K x OH x OW, any layout and dtype): batch_pixels' inverse.
 void store_batch_pixels(const at::Tensor& m, const at::Tensor& out) {
   out.copy_(m.view({out.size(1), out.size(0), out.size(2), out.size(3)}).permute({1, 0, 2, 3}));
 }
@@ -652,8 +655,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& gra
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
   // threshold_backward is PyTorch's ReLU mask itself: no gradient where y <= 0, a NaN output passes it.
-  const at::Tensor masked = (relu ? at::threshold_backward(grad, y, 0) : grad).to(acc);
-  const at::Tensor dy = masked.permute({1, 0, 2, 3}).reshape({g.groups, g.k_g, -1});
+  const at::Tensor dy = batch_pixels((relu ? at::threshold_backward(grad, y, 0) : grad).to(acc), g.groups);
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor dx = none, dw = none, db = none;
   if (need_x) {

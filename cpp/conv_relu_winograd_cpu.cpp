@@ -569,8 +569,7 @@ void with_tile(const Body& body) {
 bool use_winograd(const ConvGeometry& g, WinogradPass pass) {
   // FCNKERN_CONV_WINOGRAD: "0" never; "fwd" the forward only; "dx" the forward and dx; "all" every pass on every
   // geometry it can compute (the tests reach small shapes so). Read per call, for A/B measurements in one process.
-  const char* v = std::getenv("FCNKERN_CONV_WINOGRAD");
-  const std::string_view mode = v != nullptr ? v : "";
+  const std::string_view mode = env_setting("FCNKERN_CONV_WINOGRAD");
   if (mode == "0" || (mode == "fwd" && pass != WinogradPass::kForward) ||
       (mode == "dx" && pass == WinogradPass::kWgrad)) {
     return false;
