@@ -21,6 +21,7 @@
 #include <array>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -54,7 +55,7 @@ namespace {
 
 using BlockFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
                          int64_t);
-using WgradFn = void (*)(const float*, int64_t, const float*, const int64_t*, int64_t, float*, int64_t);
+using WgradFn = void (*)(const float*, int64_t, const float*, const int64_t*, int64_t, float*);
 struct Kernel {
   BlockFn block = nullptr;
   WgradFn wgrad = nullptr;
@@ -218,8 +219,8 @@ inline double row_sum(const float* row, int64_t count) {
 // dW[k][c][i][j] = sum over pixels of dy'[k][oh][ow] x[c][oh + i - pad_h][ow + j - pad_w], and db[k] = sum of dy'[k],
 // on the wide grid: per task the x planes as in the forward and dy' as wide rows (zero in the s - 1 pad columns of
 // each row), then for each input channel, block of 8 output channels (4 with AVX2) and group of 3 taps one
-// micro-kernel call over all the task's columns. Per-thread partial sums (one vector per weight) in the thread's
-// scratch, their lanes summed by each thread at its end and the threads' sums added in thread order.
+// micro-kernel call over all the task's columns, which adds its 24 (12) sums into the thread's partial sums. Each
+// thread's partials are added in thread order at the end (results are the same run to run).
 template <typename scalar_t>
 void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
@@ -233,12 +234,12 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
   std::vector<int64_t> offsets(tap_groups * kWgradTaps, 0);  // past the last tap: a dummy tap whose sums are dropped
   for (int64_t t = 0; t < taps; ++t) offsets[t] = (t / g.s) * wp + t % g.s;
   const int64_t tasks = g.n * g.groups * bands;
-  // Per thread: its vector partial sums, [group][k_pad][c_g][tap_groups * 3][lanes] then [K], then the x planes and
-  // the dy' rows. Each thread zeroes its own partials when it starts (in parallel, and they stay in its cache) and,
-  // when done, sums their lanes into its row of `sums` ([K][c_g][taps] then [K]), the rows of threads that got no
-  // task staying zero. Before, one zero-fill and one sum over threads x 16 lanes x the weight's size ran on the
-  // calling thread: 0.6 of 4.7 ms of a 64 -> 64 channel layer's backward (8 x 33^2).
-  const int64_t lanes = kern.lanes, part_w = g.groups * k_pad * g.c_g * tap_groups * kWgradTaps * lanes;
+  // Per thread: its partial sums, [group][k_pad / rows per call][c_g][tap_groups][rows per call][3] (one call's sums
+  // adjacent) then [K], then the x planes and the dy' rows. Each thread zeroes its own partials when it starts (in
+  // parallel, and they stay in its cache) and, when done, writes them into its row of `sums` ([K][c_g][taps] then
+  // [K]), the rows of threads that got no task staying zero.
+  const int64_t call_sums = kern.wgrad_rows * kWgradTaps, per_block = g.c_g * tap_groups * call_sums;
+  const int64_t part_w = g.groups * (k_pad / kern.wgrad_rows) * per_block;
   const int64_t parts_size = part_w + g.k, sums_w = g.k * g.c_g * taps + g.k;
   const ThreadScratch scratch(spread_tasks(tasks), parts_size + g.c_g * plane_len + k_pad * columns_max,
                               x.options().dtype(at::kFloat));
@@ -273,27 +274,25 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
         std::fill(row + count * wp, row + columns, 0.f);
         db_part[k] += static_cast<float>(row_sum(row, count * wp));
       }
-      const int64_t per_k = g.c_g * tap_groups * kWgradTaps * lanes;
+      float* const group_part = part + group * (k_pad / kern.wgrad_rows) * per_block;
       for (int64_t c = 0; c < g.c_g; ++c) {
         for (int64_t kb = 0; kb < k_pad; kb += kern.wgrad_rows) {
+          float* const acc = group_part + (kb / kern.wgrad_rows) * per_block + c * tap_groups * call_sums;
           for (int64_t tg = 0; tg < tap_groups; ++tg) {
-            float* acc = part + (group * k_pad + kb) * per_k + (c * tap_groups + tg) * kWgradTaps * lanes;
             kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, offsets.data() + tg * kWgradTaps,
-                       columns, acc, per_k);
+                       columns, acc + tg * call_sums);
           }
         }
       }
     }
-    // The lanes of this thread's partials, in a fixed order (results are the same run to run).
     float* const out = sums.data_ptr<float>() + tid * sums_w;
     for (int64_t k = 0; k < g.k; ++k) {
       const int64_t group = k / g.k_g, kk = k % g.k_g;
+      const float* block = part + (group * (k_pad / kern.wgrad_rows) + kk / kern.wgrad_rows) * per_block;
       for (int64_t c = 0; c < g.c_g; ++c) {
-        const float* src = part + ((group * k_pad + kk) * g.c_g + c) * tap_groups * kWgradTaps * lanes;
         for (int64_t t = 0; t < taps; ++t) {
-          float total = 0.f;
-          for (int64_t l = 0; l < lanes; ++l) total += src[t * lanes + l];
-          out[(k * g.c_g + c) * taps + t] = total;
+          out[(k * g.c_g + c) * taps + t] =
+              block[(c * tap_groups + t / kWgradTaps) * call_sums + kk % kern.wgrad_rows * kWgradTaps + t % kWgradTaps];
         }
       }
       out[g.k * g.c_g * taps + k] = db_part[k];
