@@ -36,6 +36,7 @@ inline void check_args(const at::Tensor& x, const at::Tensor& weight, const Conv
   TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, "x and weight must be 4-d");
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
   TORCH_CHECK_VALUE(x.device() == weight.device(), "x and weight must be on one device");
+  TORCH_CHECK_VALUE(g.c_g >= 1 && g.k >= 1, "weight ", weight.sizes(), " has no input or output channels");
   TORCH_CHECK_VALUE(g.groups >= 1 && g.k % g.groups == 0 && g.c == g.c_g * g.groups,
                     "weight ", weight.sizes(), " with groups=", g.groups, " does not fit ", g.c, " input channels");
   TORCH_CHECK_VALUE(g.stride_h >= 1 && g.stride_w >= 1 && g.dil_h >= 1 && g.dil_w >= 1 && g.pad_h >= 0 &&

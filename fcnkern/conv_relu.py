@@ -100,6 +100,8 @@ def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, 
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     cout, c_per_group = weight.shape[0], weight.shape[1]
+    if c_per_group < 1 or cout < 1:  # PyTorch raises for no outputs and gives a wrongly shaped result for no inputs
+        raise ValueError(f"weight {tuple(weight.shape)} has no {'input' if c_per_group < 1 else 'output'} channels")
     if x.shape[1] != c_per_group * groups or cout % groups != 0:
         raise ValueError(
             f"weight {tuple(weight.shape)} with groups={groups} does not fit x with {x.shape[1]} channels "

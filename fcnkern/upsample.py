@@ -84,13 +84,15 @@ def _check_window(full: tuple[int, int], crop: tuple[int, int], out_size: tuple[
             )
 
 
-def _check_input(x: Tensor) -> None:
+def _check_input(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be an N x C x h x w tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(f"{name} must be an N x C x h x w tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
     if min(x.shape[2:]) < 1:
-        raise ValueError(f"x must have at least one pixel, got spatial size {tuple(x.shape[2:])}")
+        raise ValueError(f"{name} must have at least one pixel, got spatial size {tuple(x.shape[2:])}")
+    if x.shape[1] < 1:  # PyTorch's conv_transpose2d and interpolate reject it too
+        raise ValueError(f"{name} has no channels (C = 0): shape {tuple(x.shape)}")
 
 
 def _out_like(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -142,6 +144,8 @@ def upsample_crop(
         raise ValueError(f"weight must be Cin x Cout/groups x kh x kw, got {getattr(weight, 'shape', weight)}")
     if groups < 1 or x.shape[1] % groups != 0 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} and groups={groups} do not fit {x.shape[1]} input channels")
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight {tuple(weight.shape)} has no output channels")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight is {weight.dtype} on {weight.device}, x is {x.dtype} on {x.device}")
     if bias is not None and (

@@ -226,7 +226,7 @@ _ext.on_load(_register_cpp_ops)
 
 
 def _validate(scores: Tensor, target: Tensor, factor: int, crop: tuple[int, int]) -> None:
-    _check_input(scores)
+    _check_input(scores, "scores")
     if not isinstance(target, Tensor) or target.dim() != 3:
         raise ValueError(f"target must be N x H x W, got {getattr(target, 'shape', type(target).__name__)}")
     if target.dtype != torch.int64:

@@ -660,6 +660,10 @@ def test_module_padding_modes_match_conv2d(device, backend, padding_mode, paddin
         (dict(stride=(1, 2, 3)), TypeError, "pair of ints"),
         (dict(x=torch.randn(1, 3, 2, 2)), ValueError, "smaller than the dilated kernel"),
         (dict(groups=2), ValueError, "does not fit"),
+        # PyTorch gives a result with the wrong channel count for the first and raises for the second: no channels
+        # are an error on every backend (the CPU kernels divided by zero on the first).
+        (dict(x=torch.randn(1, 0, 5, 5), weight=torch.randn(4, 0, 3, 3)), ValueError, "no input channels"),
+        (dict(weight=torch.randn(0, 3, 3, 3)), ValueError, "no output channels"),
     ],
 )
 def test_bad_input_gives_clear_errors(kwargs, error, match):
@@ -668,6 +672,17 @@ def test_bad_input_gives_clear_errors(kwargs, error, match):
     for backend in ("torch", "cpu"):
         with pytest.raises(error, match=match):
             conv2d_relu(**args, backend=backend)
+
+
+def test_cpp_op_rejects_weights_without_channels():
+    """Called directly, below the Python checks, the C++ op raises instead of dividing by zero."""
+    require_backend("cpu")
+    for x, w in (
+        (torch.randn(1, 0, 5, 5), torch.randn(4, 0, 3, 3)),
+        (torch.randn(1, 3, 5, 5), torch.randn(0, 3, 3, 3)),
+    ):
+        with pytest.raises(ValueError, match="no input or output channels"):
+            torch.ops.fcnkern.conv2d_relu(x, w, None, [1, 1], [0, 0], [1, 1], 1, True)
 
 
 def test_missing_backend_is_an_error():

@@ -335,6 +335,13 @@ def test_bad_input_raises():
         upsample_crop_fn(x[:, :, :0], w, 2, (0, 0), (1, 1))
     with pytest.raises(ValueError, match="bias"):
         upsample_crop_fn(x, w, 2, (0, 0), (4, 4), torch.randn(4, dtype=torch.float64))
+    for backend in ("torch", "cpu"):  # PyTorch's ConvTranspose2d raises on no channels too (the torch backend did)
+        with pytest.raises(ValueError, match="no channels"):
+            bilinear_upsample_crop(x[:, :0], 2, (0, 0), (4, 4), backend=backend)
+        with pytest.raises(ValueError, match="no channels"):
+            upsample_crop_fn(x[:, :0], w[:0], 2, (0, 0), (4, 4), backend=backend)
+        with pytest.raises(ValueError, match="no output channels"):
+            upsample_crop_fn(x, w[:, :0], 2, (0, 0), (4, 4), backend=backend)
 
 
 @pytest.mark.parametrize("learnable", [True, False])

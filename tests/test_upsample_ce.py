@@ -287,6 +287,8 @@ def test_bad_input_raises():
         upsample_cross_entropy(scores.long(), target, 4, (0, 0))
     with pytest.raises(ValueError, match="N x C x h x w"):
         upsample_cross_entropy(scores[0], target, 4, (0, 0))
+    with pytest.raises(ValueError, match="scores has no channels"):
+        upsample_cross_entropy(scores[:, :0], target, 4, (0, 0), backend="torch")
     with pytest.raises(fcnkern.BackendUnavailableError, match="backend 'cuda'"):
         upsample_cross_entropy(scores, target, 4, (0, 0), backend="cuda")
     if fcnkern.backend_info("cpu").available:  # the C++ op checks its own arguments too
