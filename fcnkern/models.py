@@ -247,18 +247,18 @@ class FCN(nn.Module):
             elif bg is not None and background.pool_eligible(layer):
                 h, bg = background.max_pool2d(h, bg, layer)
             else:  # anything else ends the tracking
-                h, bg = layer(h), None
+                h, bg = layer(background.dense(h)), None
             if name.startswith("pool"):
                 pools[name] = h
-        h = self.drop6(self.fc6(h))
+        h = self.drop6(self.fc6(background.dense(h)))
         h = self.drop7(self.fc7(h))
         h = self.score_fr(h)
         if self.variant in ("fcn16s", "fcn8s"):
             h = self.upscore2(h, (0, 0), self._full(h, 2))
-            h = h + self._skip_score("score_pool4", pools["pool4"], h)
+            h = h + self._skip_score("score_pool4", background.dense(pools["pool4"]), h)
         if self.variant == "fcn8s":
             h = self.upscore_pool4(h, (0, 0), self._full(h, 2))
-            h = h + self._skip_score("score_pool3", pools["pool3"], h)
+            h = h + self._skip_score("score_pool3", background.dense(pools["pool3"]), h)
         return h
 
     def skips_background(self, x: Tensor) -> bool:

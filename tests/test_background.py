@@ -121,41 +121,78 @@ def test_wrong_background_size_is_an_error():
         background.conv2d_relu(torch.randn(1, 3, 8, 8), background.image_background(9, 8), layer)
 
 
-def _assembled_map(bg: background.Background, channels: int, key: str):
-    """A 2 x channels map whose background really is one value per channel, built by _Assemble from random leaves
-    (the background value and the varying pieces), as the skipping network builds its maps."""
+def _map_leaves(bg: background.Background, channels: int, key: str):
+    """A 2 x channels map whose background really is one value per channel, from random leaves (the background value
+    and the varying pieces), as the skipping network builds its maps: (leaves, its Pieces)."""
     g = generator("bg-pool-map", key)
     value = torch.randn(2, channels, 1, 1, generator=g).requires_grad_()
     rects = bg.varying_rects()
     pieces = [torch.randn(2, channels, r1 - r0, c1 - c0, generator=g).requires_grad_() for r0, r1, c0, c1 in rects]
-    return [value, *pieces], lambda: background._Assemble.apply(value, bg, rects, *pieces)
+    return [value, *pieces], background.Pieces(value, bg, tuple(rects), tuple(pieces))
 
 
+@pytest.mark.parametrize("held_as", ["pieces", "tensor"])
 @pytest.mark.parametrize("ceil_mode", [True, False], ids=["ceil", "floor"])
 @pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 1)], ids=["k2s2", "k3s2", "k3s1"])
 @pytest.mark.parametrize("size", [(1, 1), (7, 4), (40, 33)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_max_pool_pieces_match_the_dense_pool(size, kernel, stride, ceil_mode):
+def test_max_pool_pieces_match_the_dense_pool(size, kernel, stride, ceil_mode, held_as):
     """The background-skipping max-pool gives the dense pool's output bit for bit (odd maps: ceil mode's cut last
     windows) and the same gradients of the leaves the map was built from: its pieces route the gradient to the same
-    window maxima, and the background's share reaches the background value either way."""
+    window maxima, and the background's share reaches the background value either way. Its input held as Pieces (the
+    windows gathered from them) or assembled."""
     bg = background.image_background(*size)
     bg = background._propagate(bg, (3, 3), (1, 1), (100, 100), size[0] + 198, size[1] + 198)  # conv1_1's output
     bg = background._propagate(bg, (3, 3), (1, 1), (1, 1), bg.height, bg.width)  # conv1_2's: a varying border
     layer = torch.nn.MaxPool2d(kernel, stride, ceil_mode=ceil_mode)
-    leaves, build = _assembled_map(bg, 3, f"{size}")
-    ours, ours_bg = background.max_pool2d(build(), bg, layer)
-    dense = layer(build())
-    assert ours.grad_fn is not None and type(ours.grad_fn).__name__ == "_AssembleBackward"  # pooled in pieces
-    assert torch.equal(ours, dense)
+    leaves, held = _map_leaves(bg, 3, f"{size}")
+    ours, ours_bg = background.max_pool2d(held if held_as == "pieces" else held.dense(), bg, layer)
+    dense = layer(held.dense())
+    assert isinstance(ours, background.Pieces)  # pooled in pieces
+    assert torch.equal(ours.dense(), dense)
     assert ours_bg == background._propagate(bg, (kernel, kernel), (stride, stride), (0, 0), *dense.shape[2:])
     upstream = torch.randn(dense.shape, generator=generator("bg-pool-upstream", size))
-    ours_grads, dense_grads = (torch.autograd.grad(out, leaves, upstream) for out in (ours, dense))
+    # A piece no window reads (a floor-mode pool drops the map's last row) gets None: zeros, as through the dense map.
+    ours_grads, dense_grads = (
+        torch.autograd.grad(out, leaves, upstream, allow_unused=True, materialize_grads=True)
+        for out in (ours.dense(), dense)
+    )
     for a, b in zip(ours_grads, dense_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv_on_pieces_matches_the_assembled_map(channels_last):
+    """A conv reading its windows from Pieces (values, and the gradients of every leaf) against the same conv on the
+    assembled map: a padded 3 x 3 layer whose windows cut across the box, the frame and the background."""
+    bg = background.image_background(9, 6)
+    bg = background._propagate(bg, (3, 3), (1, 1), (100, 100), 207, 204)
+    bg = background._propagate(bg, (3, 3), (1, 1), (1, 1), bg.height, bg.width)
+    leaves, held = _map_leaves(bg, 4, "conv")
+    if channels_last:
+        pieces = tuple(p.contiguous(memory_format=torch.channels_last) for p in held.pieces)
+        held = background.Pieces(held.value, bg, held.rects, pieces)
+    torch.manual_seed(0)
+    layer = Conv2dReLU(4, 5, 3, padding=1)
+    with torch.no_grad():
+        layer.bias.normal_()
+    ours, ours_bg = background.conv2d_relu(held, bg, layer)
+    ref, ref_bg = background.conv2d_relu(held.dense(), bg, layer)
+    dense = layer(held.dense())
+    assert isinstance(ours, background.Pieces) and ours_bg == ref_bg
+    torch.testing.assert_close(ours.dense(), dense, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(dense.shape, generator=generator("bg-conv-upstream"))
+    params = [*leaves, layer.weight, layer.bias]
+    ours_grads, dense_grads = (torch.autograd.grad(out, params, upstream) for out in (ours.dense(), dense))
+    for a, b in zip(ours_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.dense(), ref.dense())
+
+
 def test_max_pool_needs_an_unpadded_pool():
     bg = background.image_background(8, 8)
+    _, held = _map_leaves(background.Background(8, 8, (1, 7, 1, 7), (3, 5, 3, 5)), 3, "mismatch")
+    with pytest.raises(ValueError, match="laid out for"):
+        background.max_pool2d(held, bg, torch.nn.MaxPool2d(2))
     with pytest.raises(ValueError, match="cannot skip background"):
         background.max_pool2d(torch.randn(1, 3, 8, 8), bg, torch.nn.MaxPool2d(2, 2, padding=1))
     with pytest.raises(ValueError, match="background is for"):
