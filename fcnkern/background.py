@@ -101,8 +101,12 @@ def _intersect(a: Rect, b: Rect) -> Rect:
     return max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
 
 
+def _has_area(rect: Rect) -> bool:
+    return rect[0] < rect[1] and rect[2] < rect[3]
+
+
 def _nonempty(rects: list[Rect]) -> list[Rect]:
-    return [r for r in rects if r[0] < r[1] and r[2] < r[3]]
+    return [r for r in rects if _has_area(r)]
 
 
 def image_background(height: int, width: int) -> Background:
@@ -210,9 +214,10 @@ def dense(h: Tensor | Pieces) -> Tensor:
     return h.dense() if isinstance(h, Pieces) else h
 
 
-def _offset(rect: Rect, origin: Rect) -> tuple[slice, slice]:
-    """rect's rows and columns relative to origin's top-left corner."""
-    return slice(rect[0] - origin[0], rect[1] - origin[0]), slice(rect[2] - origin[2], rect[3] - origin[2])
+def _at(rect: Rect, origin: Rect) -> tuple[slice, ...]:
+    """The index of rect's pixels in an N x C map whose top-left pixel is origin's."""
+    rows, cols = slice(rect[0] - origin[0], rect[1] - origin[0]), slice(rect[2] - origin[2], rect[3] - origin[2])
+    return slice(None), slice(None), rows, cols
 
 
 class _Gather(torch.autograd.Function):
@@ -231,13 +236,11 @@ class _Gather(torch.autograd.Function):
         for span in spans:
             out = _out_like(like, (n, c, span[1] - span[0], span[3] - span[2]))
             for rect in _nonempty([_intersect(r, span) for r in constant]):
-                out[(slice(None), slice(None), *_offset(rect, span))] = value
+                out[_at(rect, span)] = value
             for rect, piece in zip(rects, pieces, strict=True):
                 part = _intersect(rect, span)
-                if part[0] < part[1] and part[2] < part[3]:
-                    out[(slice(None), slice(None), *_offset(part, span))] = piece[
-                        (slice(None), slice(None), *_offset(part, rect))
-                    ]
+                if _has_area(part):
+                    out[_at(part, span)] = piece[_at(part, rect)]
             windows.append(out)
         ctx.bg, ctx.rects, ctx.spans = bg, rects, spans
         ctx.value_dtype, ctx.piece_shapes = value.dtype, [p.shape for p in pieces]
@@ -252,17 +255,14 @@ class _Gather(torch.autograd.Function):
             if g is None:
                 continue
             for rect in _nonempty([_intersect(r, span) for r in constant]):
-                block = g[(slice(None), slice(None), *_offset(rect, span))]
-                part = block.sum((2, 3), keepdim=True, dtype=torch.float32)
+                part = g[_at(rect, span)].sum((2, 3), keepdim=True, dtype=torch.float32)
                 total = part if total is None else total + part
             for i, rect in enumerate(rects):
                 part = _intersect(rect, span)
-                if part[0] < part[1] and part[2] < part[3]:
+                if _has_area(part):
                     if piece_grads[i] is None:
                         piece_grads[i] = g.new_zeros(ctx.piece_shapes[i])
-                    piece_grads[i][(slice(None), slice(None), *_offset(part, rect))] += g[
-                        (slice(None), slice(None), *_offset(part, span))
-                    ]
+                    piece_grads[i][_at(part, rect)] += g[_at(part, span)]
         dvalue = None if total is None else total.to(ctx.value_dtype)
         return (dvalue, None, None, None, *piece_grads)
 
@@ -288,7 +288,7 @@ def _window_reads(x: Tensor | Pieces, spans: list[Rect]) -> list[Tensor | None]:
     """x over the input spans clipped to the map: views of a tensor, through one _Windows so that their gradients
     add into one dx, or windows gathered from Pieces; None for a span wholly outside the map."""
     inside = [_clip(s, x.shape[2], x.shape[3]) for s in spans]
-    keep = [i for i, r in enumerate(inside) if r[0] < r[1] and r[2] < r[3]]
+    keep = [i for i, r in enumerate(inside) if _has_area(r)]
     if isinstance(x, Pieces):
         reads = _Gather.apply(x.value, x.bg, list(x.rects), [inside[i] for i in keep], *x.pieces)
     else:
