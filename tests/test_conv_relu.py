@@ -205,20 +205,30 @@ def test_cpu_deep_layer_takes_its_default_paths(dtype):
 
 # Stride 1, dilation 1 (what the register-blocked kernels compute): RGB with padding 100 (dx then declines: its
 # padding would be negative), a VGG layer, 7 x 7 to one pixel, 1 x 1, 2 groups, a tiny map, 37 channels on a prime map,
-# an even kernel, and rows wider than one 48-column step.
-BLOCKED_CASES = [*(CASES[i] for i in (0, 1, 2, 3, 6, 8, 9, 11)), (1, 5, 7, 61, 9, 3, 1, 1, 1, 1)]
+# an even kernel, rows wider than one 48-column step, and a map taller than wide in 2 groups (a frame strip of
+# fcnkern.background, which the blocked kernels compute transposed).
+BLOCKED_CASES = [
+    *(CASES[i] for i in (0, 1, 2, 3, 6, 8, 9, 11)),
+    (1, 5, 7, 61, 9, 3, 1, 1, 1, 1),
+    (2, 6, 30, 4, 8, 3, 1, 1, 1, 2),
+]
+# The blocked kernels on each map as it is, and on every map taller than wide transposed (H and W swapped).
+BLOCKED_ORIENTATION = {
+    "blocked": {"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "0"},
+    "blocked_transposed": {"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "all"},
+}
 
 
-@pytest.mark.parametrize("path", ["blocked", "im2col"])
+@pytest.mark.parametrize("path", ["blocked", "blocked_transposed", "im2col"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("case", BLOCKED_CASES, ids=_case_id)
 def test_cpu_stride1_paths_forced(monkeypatch, case, dtype, layout, path):
     """The CPU's two kernels for small stride-1 layers, each forced onto every such case: the register-blocked
-    forward, dx and dW (which it takes by itself up to 64 channels, 3 x 3 and larger), and im2col + GEMM (which it
-    takes for the rest)."""
+    forward, dx and dW (which it takes by itself up to 64 channels, 3 x 3 and larger; on maps as they are and
+    transposed), and im2col + GEMM (which it takes for the rest)."""
     require_backend("cpu")
-    env = {"FCNKERN_CONV_BLOCKED": "all"} if path == "blocked" else {"FCNKERN_CONV_BLOCKED": "0"}
+    env = BLOCKED_ORIENTATION.get(path, {"FCNKERN_CONV_BLOCKED": "0"})
     if path == "im2col":
         env |= {"FCNKERN_CONV_SHIFTED": "0", "FCNKERN_CONV_WINOGRAD": "0", "FCNKERN_CONV_BATCHED": "0"}
     for name, value in env.items():
@@ -312,6 +322,44 @@ def test_cpu_layer_width_picks_blocked_or_gemm_by_default(case, blocked):
     assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs[other], strict=True))
     for a, b in zip(runs["default"], runs[other], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_blocked_kernels_transpose_thin_tall_maps_by_default():
+    """A 16 -> 16 layer whose output is 38 x 3 (a frame strip): by default the blocked kernels compute it transposed,
+    forward and backward, bit for bit what FCNKERN_CONV_BLOCKED_TRANSPOSE=all gives and not the untransposed sums
+    (another order); a 20 x 12 map stays as it is (bit for bit FCNKERN_CONV_BLOCKED_TRANSPOSE=0)."""
+    require_backend("cpu")
+    for case, transposed in (((2, 16, 40, 5, 16, 3, 1, 0, 1, 1), True), ((2, 16, 20, 12, 16, 3, 1, 1, 1, 1), False)):
+        tensors, geometry = _inputs(case, torch.float32, "cpu", "blocked-transposed-default")
+        runs = {}
+        for mode in ("default", "all", "0"):
+            env = {} if mode == "default" else {"FCNKERN_CONV_BLOCKED_TRANSPOSE": mode}
+            with mock.patch.dict(os.environ, env):
+                out, grads = _run(lambda *a, geometry=geometry: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
+            runs[mode] = (out, *grads)
+        same, other = ("all", "0") if transposed else ("0", "all")
+        assert all(torch.equal(a, b) for a, b in zip(runs["default"], runs[same], strict=True))
+        if transposed:
+            assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs[other], strict=True))
+        for a, b in zip(runs["default"], runs[other], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["default", "all"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_blocked_transposed_non_square_kernel_and_padding(monkeypatch, mode, layout):
+    """The transposed orientation swaps the kernel's and the padding's two axes too: a 3 x 2 kernel with padding
+    (2, 0) over a 30 x 5 map (a 32 x 4 output) matches PyTorch forward and backward, in 2 groups."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_BLOCKED", "all")
+    if mode == "all":
+        monkeypatch.setenv("FCNKERN_CONV_BLOCKED_TRANSPOSE", "all")
+    g = generator("blocked-transposed-non-square", layout)
+    x = torch.randn(2, 6, 30, 5, generator=g)
+    weight = torch.randn(8, 3, 3, 2, generator=g) / 3
+    bias = torch.randn(8, generator=g) * 0.1
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", torch.float32, (x, weight, bias), {"padding": (2, 0), "groups": 2})
 
 
 def test_cpu_concurrent_calls_get_their_own_scratch():
