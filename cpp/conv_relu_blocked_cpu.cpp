@@ -19,12 +19,14 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "cpu_math.h"
 #include "cpu_row_sources.h"
 #include "cpu_tasks.h"
 
@@ -221,8 +223,11 @@ inline double row_sum(const float* row, int64_t count) {
 // each row), then for each input channel, block of 8 output channels (4 with AVX2) and group of 3 taps one
 // micro-kernel call over all the task's columns, which adds its 24 (12) sums into the thread's partial sums. Each
 // thread's partials are added in thread order at the end (results are the same run to run).
+// The wide grid's s - 1 extra columns per row multiply a zero dy' by real x values: an inf in x would turn a dW that
+// PyTorch gives as +-inf into NaN (0 * inf). So each task checks the x planes it staged, and the call returns false
+// (nothing computed) when x holds an inf or NaN, for the caller's GEMM path, whose products are exactly the conv's.
 template <typename scalar_t>
-void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
+bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
   const Kernel& kern = kernel();
   const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
@@ -247,6 +252,7 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
   std::vector<uint8_t> started(scratch.work.size(0), 0);  // one slot per thread: written by that thread only
   const InputRows<scalar_t, float> x_rows(x);
   const MaskedGradRows<scalar_t, float> dy_rows(grad, y, relu);
+  std::atomic<bool> finite{true};
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
     const int64_t tid = scratch.spread ? at::get_thread_num() : 0;
     float* const part = scratch.mine<float>();
@@ -255,11 +261,17 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
     float* const dyw = planes + g.c_g * plane_len;
     if (started[tid] == 0) std::fill(part, part + parts_size, 0.f);
     started[tid] = 1;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = begin; task < end && finite; ++task) {
       const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);
       const int64_t columns = round_up(count * wp, kern.lanes);
       stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len, x_rows);
+      bool bad = false;
+      for (int64_t q = 0; q < g.c_g * plane_len; ++q) bad |= non_finite(planes[q]);
+      if (bad) {
+        finite = false;
+        break;
+      }
       for (int64_t kk = 0; kk < k_pad; ++kk) {
         float* row = dyw + kk * columns_max;
         if (kk >= g.k_g) {
@@ -298,15 +310,17 @@ void wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
       out[g.k * g.c_g * taps + k] = db_part[k];
     }
   });
+  if (!finite) return false;
   const at::Tensor total = sums.sum(0);
   if (dw.defined()) dw.copy_(total.narrow(0, 0, g.k * g.c_g * taps).view({g.k, g.c_g, g.r, g.s}));
   if (db.defined()) db.copy_(total.narrow(0, g.k * g.c_g * taps, g.k));
+  return true;
 }
 
 // The kernels' rows run along a map's width: each output row is one wide row of ow + s - 1 columns, chunked into
 // vectors. A map much taller than wide (the frame strips of fcnkern.background: 8 x 8 x 260 x 1, 8 x 64 x 23 x 5)
 // computes mostly padding columns that way, and is computed as its transpose instead: H and W swapped in the
-// geometry, x, y, dy, dx and the weight passed as transposed views (the row loaders and stores take any strides).
+// geometry, the weight a transposed view, x, y and dy transposed copies, y and dx written transposed and copied back.
 // Measured (2-core Xeon, fp32, batch 8, 3 x 3, forward + backward as it is -> transposed): 8 ch 260 x 1 0.94 -> 0.45
 // ms, 16 ch 127 x 2 1.33 -> 0.89, 32 ch 56 x 5 2.55 -> 2.02, 64 ch 23 x 5 3.72 -> 3.17, 64 ch 17 x 7 2.41 -> 2.26,
 // but 32 ch 38 x 10 1.41 -> 1.77 and 64 ch 35 x 17 5.4 -> 7.3: the strided row loads and stores cost more than
@@ -331,6 +345,10 @@ ConvGeometry transposed(const ConvGeometry& g) {
 }
 
 at::Tensor hw_swapped(const at::Tensor& t) { return t.transpose(2, 3); }
+
+// The transposed map as a contiguous copy: the row loaders and stores take a transposed view element by element with
+// a stride, and on views 8 x 32 x 56 x 5's dx and dW took 440 us, on copies 325-365 (on a 7 x 56 map as it is: 220).
+at::Tensor hw_swapped_copy(const at::Tensor& t) { return t.transpose(2, 3).contiguous(); }
 
 }  // namespace
 
@@ -363,7 +381,10 @@ bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
 void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const at::Tensor& y, const ConvGeometry& g, bool relu) {
   if (runs_transposed(g)) {
-    return blocked_forward(hw_swapped(x), hw_swapped(weight), bias, hw_swapped(y), transposed(g), relu);
+    const at::Tensor yt = at::empty_like(hw_swapped(y), at::MemoryFormat::Contiguous);
+    blocked_forward(hw_swapped_copy(x), hw_swapped(weight), bias, yt, transposed(g), relu);
+    hw_swapped(y).copy_(yt);
+    return;
   }
   const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
   const at::Tensor w = weight.to(at::kFloat).contiguous();
@@ -384,7 +405,10 @@ void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::o
 void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& weight, const at::Tensor& dx,
                   const ConvGeometry& g, bool relu) {
   if (runs_transposed(g)) {
-    return blocked_dgrad(hw_swapped(grad), hw_swapped(y), hw_swapped(weight), hw_swapped(dx), transposed(g), relu);
+    const at::Tensor dxt = at::empty_like(hw_swapped(dx), at::MemoryFormat::Contiguous);
+    blocked_dgrad(hw_swapped_copy(grad), hw_swapped_copy(y), hw_swapped(weight), dxt, transposed(g), relu);
+    hw_swapped(dx).copy_(dxt);
+    return;
   }
   const Problem p{g.n, g.groups, g.k_g, g.c_g, g.oh, g.ow, g.h, g.w, g.r, g.s, g.r - 1 - g.pad_h, g.s - 1 - g.pad_w};
   const at::Tensor w = weight.to(at::kFloat).contiguous();
@@ -400,17 +424,21 @@ void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   });
 }
 
-void blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g, bool relu,
+bool blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g, bool relu,
                    bool need_w, bool need_b, at::Tensor& dw, at::Tensor& db) {
   if (runs_transposed(g)) {
-    blocked_wgrad(hw_swapped(grad), hw_swapped(y), hw_swapped(x), transposed(g), relu, need_w, need_b, dw, db);
+    const bool done = blocked_wgrad(hw_swapped_copy(grad), hw_swapped_copy(y), hw_swapped_copy(x), transposed(g),
+                                    relu, need_w, need_b, dw, db);
     if (dw.defined()) dw = hw_swapped(dw).contiguous();
-    return;
+    return done;
   }
   dw = need_w ? at::empty({g.k, g.c_g, g.r, g.s}, x.options().dtype(at::kFloat)) : at::Tensor();
   db = need_b ? at::empty({g.k}, x.options().dtype(at::kFloat)) : at::Tensor();
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked_wgrad",
-                                  [&] { wgrad<scalar_t>(g, grad, y, x, relu, dw, db); });
+                                  [&] { done = wgrad<scalar_t>(g, grad, y, x, relu, dw, db); });
+  if (!done) dw = db = at::Tensor();
+  return done;
 }
 
 }  // namespace fcnkern

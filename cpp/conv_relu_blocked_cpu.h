@@ -26,7 +26,8 @@ void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
                   const ConvGeometry& g, bool relu);
 
 // dW (K x C/G x R x S) where need_w and db (K) where need_b, in fp32, for a geometry use_blocked(g, kWgrad) accepts.
-void blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g, bool relu,
+// Returns false, with dw and db undefined, where x holds an inf or NaN (the caller's GEMM path computes them then).
+bool blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const ConvGeometry& g, bool relu,
                    bool need_w, bool need_b, at::Tensor& dw, at::Tensor& db);
 
 }  // namespace fcnkern

@@ -782,8 +782,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cpu(const at::Ten
   }
   if (winograd_x && !winograd_dgrad(grad, y, weight, dx, g, relu)) dx = at::Tensor();
   if (blocked_x) blocked_dgrad(grad, y, weight, dx, g, relu);
-  if ((winograd_w && winograd_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db)) || blocked_w) {
-    if (blocked_w) blocked_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db);
+  if ((winograd_w && winograd_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db)) ||
+      (blocked_w && blocked_wgrad(grad, y, x, g, relu, need_w, need_b, dw, db))) {
     if (need_w) dw = dw.to(weight.scalar_type());
     if (need_b) db = db.to(x.scalar_type());
   }

@@ -187,12 +187,6 @@ struct TileGrid {
   int64_t max_band_rows(int64_t count) const { return M * ((count + cols_t - 2) / cols_t + 1) + 2; }
 };
 
-// Whether v is inf or NaN, branch-free so that the loops over rows vectorise: inf - inf and NaN - NaN are NaN.
-template <typename T>
-inline __attribute__((always_inline)) bool non_finite(T v) {
-  return !(v - v == T(0));
-}
-
 // Tiles per block: the block's transformed input and output (alpha^2 x (C/G + K/G) x tiles) at about
 // FCNKERN_WINOGRAD_BLOCK_KB (default 8192 KiB: L3-resident, with GEMMs over 128-256 tiles where oneDNN's matmul
 // runs at 75-90 % of its large-matrix rate), a multiple of 16, 16..1024.

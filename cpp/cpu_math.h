@@ -19,6 +19,12 @@
 
 namespace fcnkern {
 
+// Whether v is inf or NaN, branch-free so that the loops over rows vectorise: inf - inf and NaN - NaN are NaN.
+template <typename T>
+inline __attribute__((always_inline)) bool non_finite(T v) {
+  return !(v - v == T(0));
+}
+
 static inline __attribute__((always_inline)) float exp_approx(float x) {
   // Below -87.3 the true value is a float denormal or zero; flushing it to 0 keeps 2^n representable.
   const bool underflow = x < -87.33654f;

@@ -477,6 +477,25 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
     _assert_same_nonfinite(ours, ref)
 
 
+@pytest.mark.parametrize("orientation", ["as_is", "transposed"])
+def test_cpu_blocked_weight_gradient_of_an_inf_input_at_every_position(monkeypatch, orientation):
+    """An inf anywhere in x gives PyTorch's inf / NaN pattern in every gradient. The blocked dW's wide grid multiplies
+    the zero dy' of its extra columns by real x values, so it turned +-inf into NaN (0 * inf) at 89 of 303 positions
+    before it learned to leave such an x to the GEMM path."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_BLOCKED", "all")
+    monkeypatch.setenv("FCNKERN_CONV_BLOCKED_TRANSPOSE", "0" if orientation == "as_is" else "all")
+    (x0, weight, bias), geometry = _inputs(CASES[1], torch.float32, "cpu", "inf-positions")
+    for ih in range(x0.shape[2]):
+        for iw in range(x0.shape[3]):
+            x = x0.clone()
+            x[-1, -1, ih, iw] = float("inf")
+            ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
+            ref = _run(lambda *a: _reference(*a, **geometry), (x, weight, bias), 5)
+            assert ref[1][1].isinf().any()
+            _assert_same_nonfinite(ours, ref)
+
+
 @pytest.mark.parametrize(
     "path",
     [
