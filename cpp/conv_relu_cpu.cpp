@@ -217,6 +217,14 @@ bool use_shifted(const ConvGeometry& g, bool backward) {
   return g.c_g >= 256 && g.oh * g.ow >= 1024;
 }
 
+// Whether the wide grid has columns past each output row (any kernel wider than 1 or padding): their dy' is zero,
+// and the shifted dW multiplies it by real x values, so an inf in x would make NaN of a dW PyTorch gives as +-inf
+// (0 * inf; 20 of 170 positions tested). Such an x goes to im2col's GEMMs, whose products are exactly the conv's.
+// The check is one pass over x where the shifted backward's GEMMs make ~2 x R x S x K/G passes.
+bool wide_grid_reads_past_rows(const ConvGeometry& g) { return g.s > 1 || g.pad_w > 0; }
+
+bool has_non_finite(const at::Tensor& x) { return !at::isfinite(x).all().item<bool>(); }
+
 // The wide grid of the shifted GEMMs: the input padded to hp x wp (one spare row, so that the last block's taps
 // stay inside), output pixel (oh, ow) at column oh * wp + ow, tap rs reading `offset(rs)` columns further on.
 struct ShiftedGrid {
@@ -722,7 +730,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_bwd(const at::Tensor& grad
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
   if (use_batched(g) && y.numel() > 0) return batched_bwd(grad, y, x, weight, g, relu, output_mask);
-  if (use_shifted(g, true) && y.numel() > 0) return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
+  if (use_shifted(g, true) && y.numel() > 0 && !(need_w && wide_grid_reads_past_rows(g) && has_non_finite(x))) {
+    return shifted_bwd(grad, y, x, weight, g, relu, output_mask);
+  }
   // Spread (group, band) tasks across threads only if every parity phase has enough of them; then each thread
   // needs its own weight-gradient accumulator.
   const bool spread = spread_tasks(g.n * g.groups * (backward_bands(g) / 2));

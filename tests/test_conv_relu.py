@@ -477,15 +477,23 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
     _assert_same_nonfinite(ours, ref)
 
 
-@pytest.mark.parametrize("orientation", ["as_is", "transposed"])
-def test_cpu_blocked_weight_gradient_of_an_inf_input_at_every_position(monkeypatch, orientation):
-    """An inf anywhere in x gives PyTorch's inf / NaN pattern in every gradient. The blocked dW's wide grid multiplies
-    the zero dy' of its extra columns by real x values, so it turned +-inf into NaN (0 * inf) at 89 of 303 positions
-    before it learned to leave such an x to the GEMM path."""
+WIDE_GRID_PATHS = {
+    "blocked": ({"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "0"}, CASES[1]),
+    "blocked_transposed": ({"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "all"}, CASES[1]),
+    "shifted": ({"FCNKERN_CONV_BLOCKED": "0", "FCNKERN_CONV_SHIFTED": "all"}, CASES[9]),
+}
+
+
+@pytest.mark.parametrize("path", WIDE_GRID_PATHS)
+def test_cpu_weight_gradient_of_an_inf_input_at_every_position(monkeypatch, path):
+    """An inf anywhere in x gives PyTorch's inf / NaN pattern in every gradient. The blocked and shifted dW run on a
+    wide grid whose extra columns multiply a zero dy' by real x values, so they turned +-inf into NaN (0 * inf) at
+    89 of 303 (blocked) and 20 of 170 (shifted) positions, before such an x went to the GEMM path."""
     require_backend("cpu")
-    monkeypatch.setenv("FCNKERN_CONV_BLOCKED", "all")
-    monkeypatch.setenv("FCNKERN_CONV_BLOCKED_TRANSPOSE", "0" if orientation == "as_is" else "all")
-    (x0, weight, bias), geometry = _inputs(CASES[1], torch.float32, "cpu", "inf-positions")
+    env, case = WIDE_GRID_PATHS[path]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (x0, weight, bias), geometry = _inputs(case, torch.float32, "cpu", "inf-positions")
     for ih in range(x0.shape[2]):
         for iw in range(x0.shape[3]):
             x = x0.clone()
