@@ -225,7 +225,7 @@ inline double row_sum(const float* row, int64_t count) {
 // thread's partials are added in thread order at the end (results are the same run to run).
 // The wide grid's s - 1 extra columns per row multiply a zero dy' by real x values: an inf in x would turn a dW that
 // PyTorch gives as +-inf into NaN (0 * inf). So each task checks the x planes it staged, and the call returns false
-// (nothing computed) when x holds an inf or NaN, for the caller's GEMM path, whose products are exactly the conv's.
+// (its sums dropped) when x holds an inf or NaN, for the caller's GEMM path, whose products are exactly the conv's.
 template <typename scalar_t>
 bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
@@ -321,10 +321,10 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
 // vectors. A map much taller than wide (the frame strips of fcnkern.background: 8 x 8 x 260 x 1, 8 x 64 x 23 x 5)
 // computes mostly padding columns that way, and is computed as its transpose instead: H and W swapped in the
 // geometry, the weight a transposed view, x, y and dy transposed copies, y and dx written transposed and copied back.
-// Measured (2-core Xeon, fp32, batch 8, 3 x 3, forward + backward as it is -> transposed): 8 ch 260 x 1 0.94 -> 0.45
-// ms, 16 ch 127 x 2 1.33 -> 0.89, 32 ch 56 x 5 2.55 -> 2.02, 64 ch 23 x 5 3.72 -> 3.17, 64 ch 17 x 7 2.41 -> 2.26,
-// but 32 ch 38 x 10 1.41 -> 1.77 and 64 ch 35 x 17 5.4 -> 7.3: the strided row loads and stores cost more than
-// the columns saved once a row holds ten outputs or more.
+// Measured (2-core Xeon, fp32, batch 8, 3 x 3, forward + backward as it is -> transposed): 8 ch 260 x 1 0.92 -> 0.40
+// ms, 16 ch 127 x 2 1.03 -> 0.64, 32 ch 58 x 4 1.75 -> 1.22, 64 ch 23 x 5 2.67 -> 2.27, 64 ch 17 x 7 2.40 -> 2.10
+// (bench/blocked_orientation.py), but 32 ch 38 x 10 1.38 -> 1.44, 16 ch 58 x 12 0.87 -> 0.91 and 64 ch 35 x 17
+// 5.4 -> 7.9: from ten outputs a row, the copies and the shorter rows cost more than the columns saved.
 // FCNKERN_CONV_BLOCKED_TRANSPOSE: "0" keeps every map as it is, "all" transposes every map taller than wide (the
 // tests reach the transposed path on small shapes so). Read per call, for A/B measurements in one process.
 bool runs_transposed(const ConvGeometry& g) {
