@@ -12,13 +12,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fcnkern
-from fcnkern import train
+from fcnkern import benchmarking, train
 
 SETTING = {"as_is": "0", "default": ""}
 # (batch, in, out, H, W, padding): the frame strips of the main job's tracked layers, then wider maps that stay as is.
@@ -30,14 +29,7 @@ STRIPS = [
 
 
 def median_ms(fn, reps: int = 25) -> float:
-    for _ in range(4):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return benchmarking.median_ms(fn, "cpu", rounds=reps, warmup=4)
 
 
 def layer_ms(x, weight, bias, padding: int, grad) -> tuple[float, float, float]:

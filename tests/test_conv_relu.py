@@ -478,8 +478,8 @@ def test_nan_and_inf_inputs_propagate_like_pytorch(device, backend, case):
 
 
 WIDE_GRID_PATHS = {
-    "blocked": ({"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "0"}, CASES[1]),
-    "blocked_transposed": ({"FCNKERN_CONV_BLOCKED": "all", "FCNKERN_CONV_BLOCKED_TRANSPOSE": "all"}, CASES[1]),
+    "blocked": (BLOCKED_ORIENTATION["blocked"], CASES[1]),
+    "blocked_transposed": (BLOCKED_ORIENTATION["blocked_transposed"], CASES[1]),
     "shifted": ({"FCNKERN_CONV_BLOCKED": "0", "FCNKERN_CONV_SHIFTED": "all"}, CASES[9]),
 }
 
