@@ -1,17 +1,25 @@
 """Compile every launchable Triton kernel config for given CUDA architectures, without a GPU.
 
 ``python -m fcnkern.kernels.compile_check 80 90`` prints one JSON line per (kernel, arch): shared memory, whether
-the PTX uses local memory (register spills or stack arrays), and which matrix instructions (mma / wgmma) it has.
+the PTX declares local memory, which matrix instructions (mma / wgmma) it has, and the cubin's resources as
+cuobjdump reads them: registers per thread and stack bytes per thread. The PTX cannot show register spills (ptxas's
+register allocation makes them); the cubin's stack frame holds them, so STACK > 0 means spills or stack arrays.
 ``--ints-of-one`` compiles instead each kernel with all its integer arguments equal to 1 (see ``ones_variants``).
 Must run with TRITON_INTERPRET unset: the interpreter replaces kernels with Python functions.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 
 OP_MODULES = (
     "fcnkern.kernels.cross_entropy",
@@ -62,7 +70,35 @@ def compile_all(cc: int, configs=None):
             "local_memory": bool(re.search(r"\.local\b", ptx)),
             "mma": "mma.sync" in ptx,
             "wgmma": "wgmma" in ptx,
+            **cubin_resources(kernel.asm["cubin"]),
         }
+
+
+@functools.cache
+def _cuobjdump() -> str:
+    import triton
+
+    for path in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")):  # fmt: skip
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which("cuobjdump")
+    if found is None:
+        raise RuntimeError("compile_check needs cuobjdump (shipped with Triton's NVIDIA backend, or CUDA_HOME/bin)")
+    return found
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers and stack bytes per thread of the one kernel in a cubin (``cuobjdump -res-usage``). Read from the
+    cubin rather than ptxas's log so that a kernel served from Triton's cache reports them too."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = _RESOURCES.findall(out)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one kernel's resource usage from cuobjdump, got: {out}")
+    return {"registers": int(found[0][0]), "stack_bytes": int(found[0][1])}
 
 
 def main(argv: list[str]) -> int:

@@ -65,12 +65,30 @@ def test_every_triton_config_compiles_for_sm80_and_sm90():
         stdout, stderr = proc.communicate(timeout=1800)
         assert proc.returncode == 0, stderr[-3000:]
         records += [json.loads(line) for line in stdout.splitlines()]
+    if os.environ.get("FCNKERN_COMPILE_RECORDS"):  # keep the table (registers, stack) for bench/results
+        with open(os.environ["FCNKERN_COMPILE_RECORDS"], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
     kernels = {r["kernel"] for r in records}
     assert len(records) == 2 * len(kernels) and len(kernels) >= 96 + 150 + 50 + 144  # CE, conv, upsample, head
     assert any(k.startswith("head_") for k in kernels)
     assert {r["cc"] for r in records} == {80, 90}
-    spilling = [r for r in records if r["local_memory"]]
-    assert not spilling, f"kernels using local memory (spills): {spilling[:3]}"
+    assert all(isinstance(r["registers"], int) and 0 < r["registers"] <= 255 for r in records)
+    arrays = [r["kernel"] for r in records if r["local_memory"]]
+    assert not arrays, f"kernels declaring local arrays in their PTX: {arrays[:3]}"
+    # Register spills (the cubin's stack frame). The implicit-GEMM conv and learned-upsampling kernels run at 255
+    # registers and spill in most configs on triton 3.6 and 3.8 alike (a GPU-side cost, recorded in
+    # bench/results/compile/ and issue 3's note until measured there), and so do some fp64 (gradcheck-only)
+    # variants; some fused-head configs spill 8-40 bytes (triton 3.8). Everything else must stay spill-free.
+    may_spill = ("conv_", "upsample_fwd_", "upsample_dgrad_", "upsample_wgrad_")
+    spilling = [
+        (r["kernel"], r["cc"], r["stack_bytes"])
+        for r in records
+        if r["stack_bytes"]
+        and not r["kernel"].startswith(may_spill)
+        and "_fp64_" not in r["kernel"]
+        and not (r["kernel"].startswith("head_") and r["stack_bytes"] <= 64)
+    ]
+    assert not spilling, f"kernels spilling registers (kernel, cc, stack bytes): {spilling[:5]}"
     # Conv kernels and the learned upsampling's tensor-core variants, in fp16, bf16 and TF32, must run on tensor
     # cores: mma.sync on sm_80, wgmma on sm_90.
     low_precision = ("_fp16_", "_bf16_", "_tf32_")
