@@ -8,11 +8,19 @@
   searches fresh random examples, more of them;
 - fp32 means fp32: PyTorch lets cuDNN use TF32 for fp32 convolutions by default, and fcnkern's Triton kernels follow
   that switch, so every test runs with it off (tests/test_tf32.py checks the TF32 path at TF32 precision);
+- under pytest-xdist (the README's ``-n auto``) each worker takes its share of the cores but at least 2 threads, so
+  the CPU kernels' multi-thread paths (per-thread partial sums, work split across threads) run in every test as in
+  a plain run on a 2-core machine, with OpenMP's threads waiting passively;
 - FCNKERN_FAILURE_LOG=FILE appends each failure's report to FILE as it happens (the GPU suite runs under a time
   limit that can cut pytest off before its summary).
 """
 
 import os
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Before torch loads OpenMP: its threads spin while waiting, and two workers' spinning threads on the same cores
+    # made the CPU kernels' tests 3x slower than in one process; passive waiting makes them as fast.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
@@ -25,6 +33,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FCNKERN_POISON", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(2, (os.cpu_count() or 2) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
