@@ -41,14 +41,18 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"fcnkern's C++ sources are neither in {here / 'csrc'} nor in {here.parent / 'cpp'}")
 
 
+def cuda_home() -> Path:
+    """The CUDA toolkit's folder: CUDA_HOME, else CUDA_PATH, else /usr/local/cuda."""
+    return Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
+
+
 def cuda_build_reason(torch_cuda_version: str | None) -> str | None:
     """Why the CUDA part cannot be built here, or None when it can (a CUDA build of torch and nvcc present)."""
     if os.environ.get("FCNKERN_NO_CUDA", "0") == "1":
         return "FCNKERN_NO_CUDA=1 is set"
     if torch_cuda_version is None:
         return "torch is a CPU-only build"
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    if shutil.which("nvcc") is None and not (Path(cuda_home) / "bin" / "nvcc").is_file():
+    if shutil.which("nvcc") is None and not (cuda_home() / "bin" / "nvcc").is_file():
         return "nvcc was not found (set CUDA_HOME)"
     return None
 

@@ -78,13 +78,15 @@ def compile_all(cc: int, configs=None):
 def _cuobjdump() -> str:
     import triton
 
+    from fcnkern._build_config import cuda_home
+
     for path in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
-                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")):  # fmt: skip
+                 os.path.join(cuda_home(), "bin", "cuobjdump")):  # fmt: skip
         if os.access(path, os.X_OK):
             return path
     found = shutil.which("cuobjdump")
     if found is None:
-        raise RuntimeError("compile_check needs cuobjdump (shipped with Triton's NVIDIA backend, or CUDA_HOME/bin)")
+        raise RuntimeError("compile_check needs cuobjdump (Triton's NVIDIA backend or the CUDA toolkit has it)")
     return found
 
 
