@@ -1,7 +1,7 @@
 // Helpers shared by every fcnkern operator, on both devices.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdlib>
 #include <string_view>

@@ -4,7 +4,7 @@
 // of one group's implicit GEMM.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <optional>

@@ -13,9 +13,9 @@
 // masked-gradient row source.
 #include "conv_relu_blocked_cpu.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <array>

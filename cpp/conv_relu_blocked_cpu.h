@@ -4,7 +4,7 @@
 // flipped, transposed weight). Declared here, defined in conv_relu_blocked_cpu.cpp, called from conv_relu_cpu.cpp.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

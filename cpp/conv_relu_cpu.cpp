@@ -24,9 +24,10 @@
 //
 // Inputs may have any strides (NCHW, channels_last, views): the gathers and stores go through strides. Everything
 // is accumulated in fp32 (fp64 for fp64), fp16/bf16 converted at the gather and the store.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <array>

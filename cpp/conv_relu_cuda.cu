@@ -20,13 +20,14 @@
 // and a column part, each computed once per tile); the code is our own: one shared-memory stage and no cp.async
 // pipeline (the gathers convert and mask on load), latency hidden by several blocks per SM.
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <array>
 #include <type_traits>

@@ -3,7 +3,7 @@
 // arithmetic on the CPU (tests/test_conv_relu_cuda_problems.py) where no GPU is available; fp16/bf16 only under nvcc.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>

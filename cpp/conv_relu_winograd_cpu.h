@@ -3,7 +3,7 @@
 // conv_relu_cpu.cpp.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

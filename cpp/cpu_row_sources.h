@@ -1,7 +1,7 @@
 // Row sources of the CPU convolution kernels that stage whole input rows (Winograd, register-blocked).
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <cstdint>

@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <dlfcn.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -12,7 +12,7 @@
 // m + ls would round away ~5e-4 of the exponent at logits of 1e4.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

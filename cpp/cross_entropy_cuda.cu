@@ -11,10 +11,11 @@
 // Labels outside [0, C) that are not ignore_index cannot raise here without a host sync: the kernel never
 // indexes with them, writes NaN as that pixel's loss (so the reduced loss is NaN, not silently wrong) and the
 // Python layer documents how to check labels eagerly (fcnkern.pixelwise_cross_entropy(check_labels=True)).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>

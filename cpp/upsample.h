@@ -2,7 +2,7 @@
 // fcnkern.bilinear_upsample_crop.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 namespace fcnkern {
 

@@ -13,7 +13,7 @@
 // low-resolution pixel, the four partials of the cells that tap it, in a fixed order: deterministic.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

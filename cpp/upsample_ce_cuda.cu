@@ -9,10 +9,11 @@
 //
 // Bad labels (outside [0, C), not ignore_index) make that pixel's loss and gradient NaN without indexing with them;
 // raising would need a host sync (see fcnkern/upsample_ce.py).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <limits>
 

@@ -14,11 +14,12 @@
 //
 // These are CUDA-core kernels: the learned layers of an FCN have 21 channels, too narrow to feed tensor cores
 // well (the Triton backend's tl.dot variant covers wide layers). Any strides; accumulation in fp32 (fp64 for fp64).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>

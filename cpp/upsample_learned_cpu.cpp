@@ -11,8 +11,9 @@
 // or its gradient, never exists in memory.
 //
 // Any strides (NCHW, channels_last, views); fp16/bf16 converted to fp32 at the gathers and the stores.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
