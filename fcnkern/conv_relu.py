@@ -248,7 +248,7 @@ def _triton_dgrad(
     k.conv_dgrad_kernel[grid](
         grad, y, weight, dx,
         m, c_g, h, w, k_g, oh, ow,
-        *grad.stride(), *y.stride(), *weight.stride(), *dx.stride(),
+        *grad.stride(), *weight.stride(), *dx.stride(),
         *_geometry_args(stride, padding, dilation),
         r, s, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, weight, dx), DOT_PRECISION=_dot_precision(x),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
@@ -296,7 +296,7 @@ def _triton_wgrad(
         k.conv_wgrad_kernel[grid](
             grad, y, x, dw_parts, db_parts if has_bias else dw_parts,
             m, c_g, h, w, k_g, oh, ow, groups, per_split,
-            *grad.stride(), *y.stride(), *x.stride(),
+            *grad.stride(), *x.stride(),
             *_geometry_args(stride, padding, dilation),
             r, s, HAS_BIAS=has_bias, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
             DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
@@ -317,6 +317,10 @@ def _triton_bwd(
     """(dx, dweight, dbias) as output_mask asks, zero-size where not asked (the C++ op's contract)."""
     need_x, need_w, need_b = output_mask
     grad, y = _channels_last(grad), _channels_last(y)  # once, for both gradient kernels
+    # The kernels address y with grad's offsets. Same shape, both channels_last: strides can differ only on
+    # dimensions of size 1, where the index is always 0.
+    if any(d > 1 and a != b for d, a, b in zip(grad.shape, grad.stride(), y.stride(), strict=True)):
+        raise RuntimeError(f"fcnkern: internal: grad {grad.stride()} and y {y.stride()} strides differ")
     dx = _triton_dgrad(grad, y, x, weight, stride, padding, dilation, groups, relu) if need_x else x.new_empty(0)
     dw, db = x.new_empty(0), x.new_empty(0)  # distinct: a custom op's outputs may not alias one another
     if need_w or need_b:

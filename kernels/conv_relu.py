@@ -14,7 +14,8 @@ channels per group (an RGB first layer) would waste most of every 16-deep ``tl.d
 j = (c, r, s) into one axis instead (FLAT_K) and decode (c, r, s) per element.
 
 Backward: the ReLU mask is applied where the output gradient is loaded (``where(y <= 0, 0, dy)``, y being the saved
-output), so the masked gradient is never written out.
+output), so the masked gradient is never written out. y must have dy's strides (the launcher makes both
+channels_last), so one offset tile addresses both.
 
 - dgrad, per group: dX[m', c] = sum over (k, r, s) of dY'[n, k, oh, ow] W[k, c, r, s] with m' = (n, ih, iw) input
   pixels and oh = (ih + pad - r * dil) / stride, only where that divides exactly and lands inside the output.
@@ -149,12 +150,12 @@ def conv_fwd_kernel(
 
 
 @triton.jit
-def _masked_grad(g_ptr, y_ptr, g_off, y_off, mask, RELU: tl.constexpr):
+def _masked_grad(g_ptr, y_ptr, off, mask, RELU: tl.constexpr):
     """The output gradient with the ReLU mask applied on load: 0 where the saved output is <= 0 (a NaN output
-    passes its gradient, as PyTorch's threshold_backward does)."""
-    g = tl.load(g_ptr + g_off, mask=mask, other=0.0)
+    passes its gradient, as PyTorch's threshold_backward does). g and y share one layout, so one offset tile."""
+    g = tl.load(g_ptr + off, mask=mask, other=0.0)
     if RELU:
-        y = tl.load(y_ptr + y_off, mask=mask, other=0.0)
+        y = tl.load(y_ptr + off, mask=mask, other=0.0)
         g = tl.where(y <= 0, tl.zeros_like(g), g)
     return g
 
@@ -164,7 +165,6 @@ def conv_dgrad_kernel(
     g_ptr, y_ptr, w_ptr, dx_ptr,
     M, C_G, H, W, K_G, OH, OW,
     g_sn, g_sc, g_sh, g_sw,
-    y_sn, y_sc, y_sh, y_sw,
     w_sk, w_sc, w_sr, w_ss,
     dx_sn, dx_sc, dx_sh, dx_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -197,12 +197,9 @@ def conv_dgrad_kernel(
         pix_ok = m_ok & (oh_num >= 0) & (ow_num >= 0) & (oh * stride_h == oh_num) & (ow * stride_w == ow_num)
         pix_ok = pix_ok & (oh < OH) & (ow < OW)
         g_row = n * g_sn + group * K_G * g_sc + oh * g_sh + ow * g_sw
-        y_row = n * y_sn + group * K_G * y_sc + oh * y_sh + ow * y_sw
         b_col = w_base + r * w_sr + s * w_ss
         a_ok = pix_ok[:, None] & k_ok[None, :]
-        g_off = g_row[:, None] + (k * g_sc)[None, :]
-        y_off = y_row[:, None] + (k * y_sc)[None, :]
-        a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
+        a = _masked_grad(g_ptr, y_ptr, g_row[:, None] + (k * g_sc)[None, :], a_ok, RELU)
         b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
 
@@ -215,7 +212,6 @@ def conv_wgrad_kernel(
     g_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
     M, C_G, H, W, K_G, OH, OW, G, PIX_PER_SPLIT,
     g_sn, g_sc, g_sh, g_sw,
-    y_sn, y_sc, y_sh, y_sw,
     x_sn, x_sc, x_sh, x_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R, S, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
@@ -248,7 +244,6 @@ def conv_wgrad_kernel(
         s = tl.zeros([BLOCK_N], tl.int32) + rs % S
     x_chan = (group * C_G + c) * x_sc
     g_chan = (group * K_G + k) * g_sc
-    y_chan = (group * K_G + k) * y_sc
     p_start = split.to(INDEX) * PIX_PER_SPLIT
     p_stop = tl.minimum(p_start + PIX_PER_SPLIT, M)
 
@@ -265,9 +260,7 @@ def conv_wgrad_kernel(
         oh = (p // OW) % OH
         n = p // (OW * OH)
         a_ok = k_ok[:, None] & p_ok[None, :]
-        g_off = g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :]
-        y_off = y_chan[:, None] + (n * y_sn + oh * y_sh + ow * y_sw)[None, :]
-        a = _masked_grad(g_ptr, y_ptr, g_off, y_off, a_ok, RELU)
+        a = _masked_grad(g_ptr, y_ptr, g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :], a_ok, RELU)
         ih = (oh * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
         iw = (ow * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
         b_ok = p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -306,9 +299,9 @@ def launch_configs():
         ptr = f"*{ty}"
         acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
         fwd_sig = _signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr}, "x", "w", "y")
-        dgrad_sig = _signature({"g_ptr": ptr, "y_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr}, "g", "y", "w", "dx")
+        dgrad_sig = _signature({"g_ptr": ptr, "y_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr}, "g", "w", "dx")
         wgrad_sig = _signature(
-            {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, "db_ptr": acc_ty}, "g", "y", "x",
+            {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, "db_ptr": acc_ty}, "g", "x",
             extra=("G", "PIX_PER_SPLIT"),
         )  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
