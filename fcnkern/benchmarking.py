@@ -108,9 +108,10 @@ def run_interleaved(
             step()
             times[name].append(time.perf_counter() - start)
 
-    one_round()  # warm-up, not recorded
-    for t in times.values():
-        t.clear()
+    if not getattr(benchmark, "disabled", False):  # a smoke run (--benchmark-disable) records nothing to warm up for
+        one_round()  # warm-up, not recorded
+        for t in times.values():
+            t.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     benchmark.extra_info["calls_per_turn"] = per_turn
     for name, t in times.items():
