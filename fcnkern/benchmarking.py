@@ -108,7 +108,7 @@ def run_interleaved(
             step()
             times[name].append(time.perf_counter() - start)
 
-    if not getattr(benchmark, "disabled", False):  # a smoke run (--benchmark-disable) records nothing to warm up for
+    if not benchmark.disabled:  # a smoke run (--benchmark-disable) records nothing to warm up for
         one_round()  # warm-up, not recorded
         for t in times.values():
             t.clear()
