@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import generator, load_cpu_check
 
 SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include "conv_relu_problems.h"
 
 #include <cstring>

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import generator, load_cpu_check
 
 SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include "cross_entropy_pixel.h"
 
 using namespace fcnkern;

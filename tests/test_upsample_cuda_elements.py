@@ -18,7 +18,7 @@ from helpers import generator, load_cpu_check
 import fcnkern
 
 SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include "upsample_cuda_elements.h"
 
 using namespace fcnkern;
