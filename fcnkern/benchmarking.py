@@ -99,6 +99,9 @@ def run_interleaved(
     model alone would have them. With one call per turn a CPU FCN-8s step of the eager twin took 2.4-2.7 s where
     it took 1.8-2.1 s run alone."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    # A smoke run (--benchmark-disable) records nothing: one call per step shows the code runs, as re-warming and the
+    # warm-up round would only add time (a CPU FCN-8s warm-turns smoke took 44 s with them).
+    per_turn = 1 if benchmark.disabled else per_turn
 
     def one_round():
         for name, step in steps.items():
@@ -108,7 +111,7 @@ def run_interleaved(
             step()
             times[name].append(time.perf_counter() - start)
 
-    if not benchmark.disabled:  # a smoke run (--benchmark-disable) records nothing to warm up for
+    if not benchmark.disabled:
         one_round()  # warm-up, not recorded
         for t in times.values():
             t.clear()
