@@ -20,19 +20,21 @@
 // and a column part, each computed once per tile); the code is our own: one shared-memory stage and no cp.async
 // pipeline (the gathers convert and mask on load), latency hidden by several blocks per SM.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <torch/library.h>
 
 #include <array>
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_ops.h"
 #include "conv_relu.h"
 #include "conv_relu_problems.h"
 
@@ -235,6 +237,8 @@ T* mut_ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+}  // namespace
+
 at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             int64_t groups, bool relu) {
@@ -320,10 +324,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd_cuda(const at::Te
   return {dx, dw, db};
 }
 
-}  // namespace
 }  // namespace fcnkern
-
-TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
-  m.impl("conv2d_relu", &fcnkern::conv2d_relu_cuda);
-  m.impl("conv2d_relu_bwd", &fcnkern::conv2d_relu_bwd_cuda);
-}

@@ -11,16 +11,18 @@
 // Labels outside [0, C) that are not ignore_index cannot raise here without a host sync: the kernel never
 // indexes with them, writes NaN as that pixel's loss (so the reduced loss is NaN, not silently wrong) and the
 // Python layer documents how to check labels eagerly (fcnkern.pixelwise_cross_entropy(check_labels=True)).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
 #include "common.h"
+#include "cuda_ops.h"
 #include "cross_entropy.h"
 #include "cross_entropy_pixel.h"
 #include "cuda_grid.h"
@@ -293,10 +295,3 @@ at::Tensor pixelwise_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& 
 }
 
 }  // namespace fcnkern
-
-TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
-  m.impl("pixelwise_ce_fwd", &fcnkern::pixelwise_ce_fwd_cuda);
-  m.impl("pixelwise_ce_bwd", &fcnkern::pixelwise_ce_bwd_cuda);
-  m.impl("pixelwise_ce_fwd_grad", &fcnkern::pixelwise_ce_fwd_grad_cuda);
-  m.impl("pixelwise_ce_scale_grad_", &fcnkern::pixelwise_ce_scale_grad_cuda);
-}

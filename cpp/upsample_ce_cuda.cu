@@ -9,15 +9,17 @@
 //
 // Bad labels (outside [0, C), not ignore_index) make that pixel's loss and gradient NaN without indexing with them;
 // raising would need a host sync (see fcnkern/upsample_ce.py).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <limits>
 
 #include "common.h"
+#include "cuda_ops.h"
 #include "cuda_grid.h"
 #include "cuda_math.h"
 #include "upsample_ce.h"
@@ -176,6 +178,8 @@ void launch(const HeadGeometry& g, const at::Tensor& scores, const at::Tensor& t
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> upsample_ce_fwd_cuda(const at::Tensor& scores, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight, int64_t factor,
                                                         int64_t top, int64_t left, int64_t ignore_index,
@@ -200,10 +204,4 @@ at::Tensor upsample_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& s
   return combine_cell_grad_cuda(cells, g);
 }
 
-}  // namespace
 }  // namespace fcnkern
-
-TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
-  m.impl("upsample_ce_fwd", &fcnkern::upsample_ce_fwd_cuda);
-  m.impl("upsample_ce_bwd", &fcnkern::upsample_ce_bwd_cuda);
-}

@@ -14,18 +14,19 @@
 //
 // These are CUDA-core kernels: the learned layers of an FCN have 21 channels, too narrow to feed tensor cores
 // well (the Triton backend's tl.dot variant covers wide layers). Any strides; accumulation in fp32 (fp64 for fp64).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_ops.h"
 #include "cuda_grid.h"
 #include "upsample.h"
 #include "upsample_cuda_elements.h"
@@ -238,10 +239,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_crop_bwd_cuda(const at::
 }
 
 }  // namespace fcnkern
-
-TORCH_LIBRARY_IMPL(fcnkern, CUDA, m) {
-  m.impl("bilinear_upsample_crop", &fcnkern::bilinear_upsample_crop_cuda);
-  m.impl("bilinear_upsample_crop_bwd", &fcnkern::bilinear_upsample_crop_bwd_cuda);
-  m.impl("upsample_crop", &fcnkern::upsample_crop_cuda);
-  m.impl("upsample_crop_bwd", &fcnkern::upsample_crop_bwd_cuda);
-}

@@ -21,7 +21,13 @@ CPP_SOURCES = (
     "cpu_rows.cpp",
     "upsample_ce_cpu.cpp",
 )
-CUDA_SOURCES = ("cross_entropy_cuda.cu", "upsample_cuda.cu", "upsample_ce_cuda.cu", "conv_relu_cuda.cu")
+CUDA_SOURCES = (
+    "cross_entropy_cuda.cu",
+    "upsample_cuda.cu",
+    "upsample_ce_cuda.cu",
+    "conv_relu_cuda.cu",
+    "cuda_ops.cpp",  # their dispatcher registration, host-compiled (see cuda_ops.h)
+)
 # sm_80 (A100) and sm_90 (H100/H200) SASS, plus sm_90 PTX so that newer GPUs can JIT it.
 CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
