@@ -24,7 +24,13 @@
 //
 // Inputs may have any strides (NCHW, channels_last, views): the gathers and stores go through strides. Everything
 // is accumulated in fp32 (fp64 for fp64), fp16/bf16 converted at the gather and the store.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/col2im.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/im2col.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -24,7 +24,9 @@
 // (1/6, 1/24, 4, 8) cost about a decimal digit (~10x PyTorch's), which is one reason it is not the default.
 #include "conv_relu_winograd_cpu.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

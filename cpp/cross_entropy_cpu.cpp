@@ -4,7 +4,8 @@
 // Each tile's C x kTile logits are gathered once from memory into an fp32 scratch buffer that stays in L1/L2;
 // the max sweep and the exp-sum sweep then run over that buffer with pixels in the vector lanes. So memory is
 // read once per pass even though the softmax needs two sweeps over the classes.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

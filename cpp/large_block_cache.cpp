@@ -1,6 +1,9 @@
 #include "large_block_cache.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/accumulate.h>
 #include <sys/mman.h>
 

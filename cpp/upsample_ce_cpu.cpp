@@ -5,7 +5,8 @@
 // statistics and loss, then, when a gradient is wanted, the logit gradient in place and its four weighted sums over
 // the tile's lanes into the cell's partials. The tile never leaves L1, and the loss gradient is computed in the same
 // sweep as the loss: on a CPU the exp sweep sets the speed, so a second one in the backward would double the cost.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

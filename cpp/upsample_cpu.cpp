@@ -6,7 +6,7 @@
 // Tap tables are built once for the kept window only, so the crop costs nothing and nothing outside it is
 // computed. The backward is the transpose of the same tables: each thread owns whole (n, c) planes and accumulates
 // rows then columns in order, so it is race-free and deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

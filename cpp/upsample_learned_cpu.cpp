@@ -11,8 +11,11 @@
 // or its gradient, never exists in memory.
 //
 // Any strides (NCHW, channels_last, views); fp16/bf16 converted to fp32 at the gathers and the stores.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
