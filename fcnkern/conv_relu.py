@@ -212,8 +212,7 @@ def _triton_fwd(
     y = _ext.maybe_poison(_empty_channels_last((n, cout, oh, ow), x))
     flat = c_g < k.FLAT_K_BELOW
     bm, bn, bk, warps = k.pick_blocks(k_g, x.element_size())
-    if flat and x.element_size() < 8:
-        bk = k.FLAT_BLOCK_K
+    bk = k.fwd_block_k(flat, bk, x.element_size())
     if bias is None:  # one kernel variant: a zero bias costs one Cout-vector load per program
         bias = x.new_zeros((cout,))
     grid = (_cdiv(m, bm), _cdiv(k_g, bn), groups)

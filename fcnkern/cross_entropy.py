@@ -150,9 +150,12 @@ def _triton_fwd_launch(
     if num_pixels == 0 or second.numel() == 0:
         return loss, second
     rows, row_len = _pixel_rows(h, w, logits, target, *((second,) if with_grad else ()))
-    grad = second if with_grad else logits  # the forward alone writes no gradient: any pointer will do
+    # Each mode leaves one pointer unused (no gradient, or no statistics): any pointer of the listed dtype will do,
+    # so that the launch is the kernel variant launch_configs compiles.
+    grad = second if with_grad else logits
+    stats = loss if with_grad else second
     k.ce_fwd_kernel[_row_grid(n, rows, row_len, k.CE_BLOCK_P)](
-        logits, target, weight if weight is not None else loss, loss, second, grad,
+        logits, target, weight if weight is not None else loss, loss, stats, grad,
         num_pixels, c, rows, row_len,
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),

@@ -35,10 +35,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["conv_dgrad_kernel", "conv_fwd_kernel", "conv_wgrad_kernel", "launch_configs", "pick_blocks", "wgrad_blocks"]
+__all__ = [
+    "conv_dgrad_kernel",
+    "conv_fwd_kernel",
+    "conv_wgrad_kernel",
+    "fwd_block_k",
+    "launch_configs",
+    "pick_blocks",
+    "wgrad_blocks",
+]
 
 # Below this many channels per group a BLOCK_K-deep channel chunk is mostly padding: flatten (c, r, s) instead.
 FLAT_K_BELOW = 16
+
+# The FLAT_K forward's reduction depth (small C * R * S, e.g. 27 for an RGB 3x3 layer).
+FLAT_BLOCK_K = 32
 
 
 def pick_blocks(n: int, elem_bytes: int) -> tuple[int, int, int, int]:
@@ -56,6 +67,12 @@ def pick_blocks(n: int, elem_bytes: int) -> tuple[int, int, int, int]:
     return 64, block_n, 64 if elem_bytes <= 2 else 32, 4
 
 
+def fwd_block_k(flat: bool, block_k: int, elem_bytes: int) -> int:
+    """The forward's reduction depth: pick_blocks' BLOCK_K, or FLAT_BLOCK_K for a flattened (c, r, s) reduction in
+    16/32-bit types (fp64 keeps its 16, the depth of its fp64 dot)."""
+    return FLAT_BLOCK_K if flat and elem_bytes < 8 else block_k
+
+
 def all_blocks(elem_bytes: int) -> list[tuple[int, int, int, int]]:
     """Every result pick_blocks can give for this element size."""
     return sorted({pick_blocks(n, elem_bytes) for n in (1, 33, 65)})
@@ -66,10 +83,6 @@ def wgrad_blocks(elem_bytes: int) -> tuple[int, int, int, int]:
     if elem_bytes >= 8:
         return 32, 32, 16, 4
     return 64, 64, 64 if elem_bytes <= 2 else 32, 4
-
-
-# The FLAT_K forward's reduction depth (small C * R * S, e.g. 27 for an RGB 3x3 layer).
-FLAT_BLOCK_K = 32
 
 
 @triton.jit
@@ -315,7 +328,8 @@ def launch_configs():
                     blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
                     for index in (tl.int32, tl.int64) if (bm, bn, bk, warps) == widest else (tl.int32,):
                         bits = 32 if index == tl.int32 else 64
-                        for flat, depth in ((False, bk), (True, FLAT_BLOCK_K)):
+                        for flat in (False, True):
+                            depth = fwd_block_k(flat, bk, elem)
                             consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth, "INDEX": index}
                             name = f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}_i{bits}"
                             yield name, conv_fwd_kernel, fwd_sig, consts, warps
