@@ -576,11 +576,13 @@ def bilinear_block(width: int) -> tuple[int, int]:
 
 
 def bilinear_width_tile(width: int, factor: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK, TAPS) of the backward's width pass into rows `width` long at `factor`: TAPS taps per step (16
-    when the 2f taps fit in 16, else 64, looping past 64), BLOCK outputs per row (16 for narrow rows, else as many
-    as fit), ROWS rows, BILINEAR_WIDTH_TILE elements per program."""
-    taps = 16 if 2 * factor <= 16 else 64
-    block = 16 if width <= 16 else BILINEAR_WIDTH_TILE // taps
+    """(ROWS, BLOCK, TAPS) of the backward's width pass into rows `width` long at `factor`: TAPS taps per step (the
+    2f taps rounded up to 16, 32 or 64, looping past 64), BLOCK outputs per row (narrow rows rounded up to 2, 4, 8
+    or 16, else as many as fit), ROWS rows, BILINEAR_WIDTH_TILE elements per program. Rounding to the nearest power
+    of two keeps most of a tile busy: at 16 x 64 a 2-wide row at f = 16 used 1/16 of it (2550 programs for a
+    2 x 150 x 17 x 2 pass, 160 now)."""
+    taps = next((t for t in (16, 32) if 2 * factor <= t), 64)
+    block = next((b for b in (2, 4, 8, 16) if width <= b), BILINEAR_WIDTH_TILE // taps)
     return max(1, BILINEAR_WIDTH_TILE // (block * taps)), block, taps
 
 
@@ -672,7 +674,8 @@ def launch_configs():
             # Height pass: the fp32 (fp64) intermediate into dx.
             yield f"bilinear_bwd_height_{ty}_{rows}x{block}", bilinear_bwd_height_kernel, pass_sig(acc_ty, ptr), tile, 4
         # Width pass: the gradient (ty) into the intermediate.
-        for rows, block, taps in sorted({bilinear_width_tile(w, f) for w in (1, 50) for f in (2, 32)}):
+        widths, factors = (1, 3, 5, 9, 50), (2, 16, 32)  # every BLOCK and TAPS of bilinear_width_tile
+        for rows, block, taps in sorted({bilinear_width_tile(w, f) for w in widths for f in factors}):
             tile = {"ACC": acc, "ROWS": rows, "BLOCK": block, "TAPS": taps}
             yield (f"bilinear_bwd_width_{ty}_{rows}x{block}x{taps}", bilinear_bwd_width_kernel, pass_sig(ptr, acc_ty),
                    tile, 4)  # fmt: skip
