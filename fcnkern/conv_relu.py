@@ -221,7 +221,7 @@ def _triton_fwd(
         m, c_g, h, w, k_g, oh, ow,
         *x.stride(), *weight.stride(), *y.stride(),
         *_geometry_args(stride, padding, dilation),
-        r, s, RELU=relu, FLAT_K=flat, ACC=_acc(x.dtype), INDEX=_index_type(x, weight, y),
+        r, s, bool(relu), FLAT_K=flat, ACC=_acc(x.dtype), INDEX=_index_type(x, weight, y),
         DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
     return _keep_format(y, x_in)
@@ -249,7 +249,7 @@ def _triton_dgrad(
         m, c_g, h, w, k_g, oh, ow,
         *grad.stride(), *weight.stride(), *dx.stride(),
         *_geometry_args(stride, padding, dilation),
-        r, s, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, weight, dx), DOT_PRECISION=_dot_precision(x),
+        r, s, bool(relu), ACC=_acc(x.dtype), INDEX=_index_type(grad, y, weight, dx), DOT_PRECISION=_dot_precision(x),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
     return _keep_format(dx, x)
@@ -297,7 +297,7 @@ def _triton_wgrad(
             m, c_g, h, w, k_g, oh, ow, groups, per_split,
             *grad.stride(), *x.stride(),
             *_geometry_args(stride, padding, dilation),
-            r, s, HAS_BIAS=has_bias, RELU=relu, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
+            r, s, bool(relu), HAS_BIAS=has_bias, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
             DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )  # fmt: skip
     dw = dw_parts.sum(0)

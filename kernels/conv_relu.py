@@ -104,8 +104,8 @@ def conv_fwd_kernel(
     w_sk, w_sc, w_sr, w_ss,
     y_sn, y_sc, y_sh, y_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S,
-    RELU: tl.constexpr, FLAT_K: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    R, S, relu,
+    FLAT_K: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(2)
@@ -156,21 +156,21 @@ def conv_fwd_kernel(
             acc = _dot(a, b, acc, DOT_PRECISION)
 
     acc += tl.load(b_ptr + group * K_G + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # not tl.maximum, which turns NaN into 0; torch.relu keeps NaN
+    # not tl.maximum, which turns NaN into 0; torch.relu keeps NaN
+    acc = tl.where((acc < 0.0) & relu, 0.0, acc)
     y_off = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + ((group * K_G + kk) * y_sc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def _masked_grad(g_ptr, y_ptr, off, mask, RELU: tl.constexpr):
+def _masked_grad(g_ptr, y_ptr, off, mask, relu):
     """The output gradient with the ReLU mask applied on load: 0 where the saved output is <= 0 (a NaN output
-    passes its gradient, as PyTorch's threshold_backward does). g and y share one layout, so one offset tile."""
+    passes its gradient, as PyTorch's threshold_backward does). g and y share one layout, so one offset tile.
+    relu is a run-time bool (one compiled kernel for convs with and without the ReLU); without it the y load is
+    masked off entirely, so no y is read."""
     g = tl.load(g_ptr + off, mask=mask, other=0.0)
-    if RELU:
-        y = tl.load(y_ptr + off, mask=mask, other=0.0)
-        g = tl.where(y <= 0, tl.zeros_like(g), g)
-    return g
+    y = tl.load(y_ptr + off, mask=mask & relu, other=0.0)
+    return tl.where((y <= 0) & relu, tl.zeros_like(g), g)
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def conv_dgrad_kernel(
     w_sk, w_sc, w_sr, w_ss,
     dx_sn, dx_sc, dx_sh, dx_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S, RELU: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    R, S, relu, ACC: tl.constexpr, INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     group = tl.program_id(2)
@@ -212,7 +212,7 @@ def conv_dgrad_kernel(
         g_row = n * g_sn + group * K_G * g_sc + oh * g_sh + ow * g_sw
         b_col = w_base + r * w_sr + s * w_ss
         a_ok = pix_ok[:, None] & k_ok[None, :]
-        a = _masked_grad(g_ptr, y_ptr, g_row[:, None] + (k * g_sc)[None, :], a_ok, RELU)
+        a = _masked_grad(g_ptr, y_ptr, g_row[:, None] + (k * g_sc)[None, :], a_ok, relu)
         b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
 
@@ -227,7 +227,7 @@ def conv_wgrad_kernel(
     g_sn, g_sc, g_sh, g_sw,
     x_sn, x_sc, x_sh, x_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    R, S, relu, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
     FLAT_J: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -273,7 +273,7 @@ def conv_wgrad_kernel(
         oh = (p // OW) % OH
         n = p // (OW * OH)
         a_ok = k_ok[:, None] & p_ok[None, :]
-        a = _masked_grad(g_ptr, y_ptr, g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :], a_ok, RELU)
+        a = _masked_grad(g_ptr, y_ptr, g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :], a_ok, relu)
         ih = (oh * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
         iw = (ow * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
         b_ok = p_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -298,13 +298,14 @@ def _signature(pointers: dict[str, str], *stride_groups: str, extra: tuple[str, 
         axes = ("k", "c", "r", "s") if prefix == "w" else ("n", "c", "h", "w")
         sig.update({f"{prefix}_s{a}": i for a in axes})
     sig.update(dict.fromkeys(("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "R", "S"), i))
+    sig["relu"] = "u1"  # a bool argument: Triton neither specializes it nor compiles a kernel per value
     return sig
 
 
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.conv_relu can produce on a GPU:
-    fp32 (IEEE and TF32), fp16, bf16 and fp64 (the gradchecks'); with and without ReLU; every block shape of
-    pick_blocks / wgrad_blocks; flat and per-tap forward; wgrad with and without bias. Kernel sizes are run-time
+    fp32 (IEEE and TF32), fp16, bf16 and fp64 (the gradchecks'); every block shape of pick_blocks / wgrad_blocks;
+    flat and per-tap forward; wgrad with and without bias. Kernel sizes and the ReLU switch are run-time
     arguments. Used to prove that they all compile for each architecture (fcnkern.kernels.compile_check)."""
     import triton.language as tl
 
@@ -318,29 +319,28 @@ def launch_configs():
             extra=("G", "PIX_PER_SPLIT"),
         )  # fmt: skip
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
-            for relu in (False, True):
-                base = {"RELU": relu, "ACC": acc, "DOT_PRECISION": precision}
-                tag = f"{ty}_{precision}_relu{int(relu)}"
-                # The 64-bit index plan (tensors past 2**31 elements) with the widest tiles only: the same code
-                # with wider integers, checked where register pressure is highest.
-                widest = max(all_blocks(elem))
-                for bm, bn, bk, warps in all_blocks(elem):
-                    blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
-                    for index in (tl.int32, tl.int64) if (bm, bn, bk, warps) == widest else (tl.int32,):
-                        bits = 32 if index == tl.int32 else 64
-                        for flat in (False, True):
-                            depth = fwd_block_k(flat, bk, elem)
-                            consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth, "INDEX": index}
-                            name = f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}_i{bits}"
-                            yield name, conv_fwd_kernel, fwd_sig, consts, warps
-                        consts = {**base, **blocks, "BLOCK_K": bk, "INDEX": index}
-                        yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}_i{bits}", conv_dgrad_kernel, dgrad_sig, consts, warps
-                bm, bn, bk, warps = wgrad_blocks(elem)
-                for has_bias in (False, True):
+            base = {"ACC": acc, "DOT_PRECISION": precision}
+            tag = f"{ty}_{precision}"
+            # The 64-bit index plan (tensors past 2**31 elements) with the widest tiles only: the same code
+            # with wider integers, checked where register pressure is highest.
+            widest = max(all_blocks(elem))
+            for bm, bn, bk, warps in all_blocks(elem):
+                blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
+                for index in (tl.int32, tl.int64) if (bm, bn, bk, warps) == widest else (tl.int32,):
+                    bits = 32 if index == tl.int32 else 64
                     for flat in (False, True):
-                        for index in (tl.int32, tl.int64):
-                            consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                      "FLAT_J": flat, "INDEX": index}  # fmt: skip
-                            bits = 32 if index == tl.int32 else 64
-                            name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}_flat{int(flat)}_i{bits}"
-                            yield name, conv_wgrad_kernel, wgrad_sig, consts, warps
+                        depth = fwd_block_k(flat, bk, elem)
+                        consts = {**base, **blocks, "FLAT_K": flat, "BLOCK_K": depth, "INDEX": index}
+                        name = f"conv_fwd_{tag}_{bm}x{bn}x{depth}_flat{int(flat)}_i{bits}"
+                        yield name, conv_fwd_kernel, fwd_sig, consts, warps
+                    consts = {**base, **blocks, "BLOCK_K": bk, "INDEX": index}
+                    yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}_i{bits}", conv_dgrad_kernel, dgrad_sig, consts, warps
+            bm, bn, bk, warps = wgrad_blocks(elem)
+            for has_bias in (False, True):
+                for flat in (False, True):
+                    for index in (tl.int32, tl.int64):
+                        consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                  "FLAT_J": flat, "INDEX": index}  # fmt: skip
+                        bits = 32 if index == tl.int32 else 64
+                        name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}_flat{int(flat)}_i{bits}"
+                        yield name, conv_wgrad_kernel, wgrad_sig, consts, warps

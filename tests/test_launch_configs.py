@@ -4,9 +4,10 @@ The launchers (fcnkern/*.py) pick block shapes and constexprs; each kernel modul
 fcnkern.kernels.compile_check compiles. The two are written apart, so this test drives every Triton op, forward
 and backward, over the inputs that steer those choices (dtypes, channel and class counts, weights, biases, groups,
 strides, factors, reductions) with each kernel replaced by a recorder: nothing runs, and each launch's constexprs,
-num_warps and pointer dtypes must equal one listed config's. Integer arguments are not compared: a value of 1
-becomes a constexpr at launch (test_build's integers-of-one check) and the 64-bit index plan is chosen by tensor
-size (launch_configs compiles it for one block shape per kernel, the widest: the same code with wider integers).
+num_warps, pointer dtypes and bool (run-time switch) arguments must equal one listed config's. Integer arguments
+are not compared: a value of 1 becomes a constexpr at launch (test_build's integers-of-one check) and the 64-bit
+index plan is chosen by tensor size (launch_configs compiles it for one block shape per kernel, the widest: the
+same code with wider integers).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def launches(monkeypatch):
     for module_name in OP_MODULES:
         module = importlib.import_module(module_name)
         for _, kernel, signature, constexprs, num_warps in module.launch_configs():
-            pointers = {k: v for k, v in signature.items() if v.startswith("*")}
+            pointers = {k: v for k, v in signature.items() if v.startswith("*") or v == "u1"}
             configs.setdefault(kernel, []).append((constexprs, num_warps, pointers))
         for attr, obj in list(vars(module).items()):
             if _is_kernel(obj):
@@ -69,8 +70,11 @@ def _unlisted(configs: dict, recorded: list) -> list[str]:
             constexprs["DOT_PRECISION"] = "ieee"
         num_warps = kwargs.get("num_warps", 4)
         # Positional arguments only: the constexprs come as keywords.
-        tensors = [(name, a) for name, a in zip(params, args, strict=False) if isinstance(a, torch.Tensor)]
-        pointers = {name: f"*{_TRITON_TYPES[a.dtype]}" for name, a in tensors}
+        positional = list(zip(params, args, strict=False))
+        pointers = {name: f"*{_TRITON_TYPES[a.dtype]}" for name, a in positional if isinstance(a, torch.Tensor)}
+        # Run-time switches ("u1") must arrive as Python bools: an int 1 would be specialised into a constexpr,
+        # another kernel than the one compiled.
+        pointers.update({name: "u1" for name, a in positional if isinstance(a, bool)})
         if not any(c == constexprs and w == num_warps and p == pointers for c, w, p in configs.get(kernel, [])):
             missing.append(f"{kernel.fn.__name__} {constexprs} num_warps={num_warps} {pointers}")
     return missing
