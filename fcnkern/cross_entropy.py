@@ -160,8 +160,8 @@ def _triton_fwd_launch(
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        ignore_index,
-        HAS_WEIGHT=weight is not None, WITH_GRAD=with_grad, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P,
+        ignore_index, weight is not None,
+        WITH_GRAD=with_grad, ACC=_tl_dtype(acc), BLOCK_P=k.CE_BLOCK_P,
         BLOCK_C=k.ce_block_c(c), ONE_CHUNK=c <= k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
     )  # fmt: skip
     return loss, second
@@ -228,8 +228,8 @@ def _triton_bwd(
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3),
         *_pixel_strides(target),
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        ignore_index,
-        HAS_WEIGHT=weight is not None, ACC=_tl_dtype(_acc_dtype(logits.dtype)), BLOCK_P=k.CE_BLOCK_P,
+        ignore_index, weight is not None,
+        ACC=_tl_dtype(_acc_dtype(logits.dtype)), BLOCK_P=k.CE_BLOCK_P,
         BLOCK_C=k.ce_block_c(c), num_warps=k.CE_NUM_WARPS,
     )  # fmt: skip
     return grad

@@ -90,8 +90,8 @@ def _triton_run(
             scores, target, weight if weight is not None else loss, g, loss, ws,
             n, c, h, w, out_h, out_w, factor, top, left, r0, q0, cr, cq, slices,
             *scores.stride(), *target.stride(), *(g.stride() if grad_loss is not None else (0, 0, 0)),
-            ignore_index,
-            HAS_WEIGHT=weight is not None, WRITE_LOSS=write_loss, WITH_GRAD=with_grad,
+            ignore_index, weight is not None,
+            WRITE_LOSS=write_loss, WITH_GRAD=with_grad,
             HAS_UPSTREAM=grad_loss is not None, ACC=_acc(scores.dtype), BLOCK_P=block_p, BLOCK_C=block_c,
             num_warps=k.HEAD_NUM_WARPS,
         )  # fmt: skip

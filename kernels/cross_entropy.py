@@ -23,7 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["CE_BLOCK_P", "CE_SCALE_BLOCK", "ce_block_c", "ce_bwd_kernel", "ce_fwd_kernel", "ce_scale_kernel"]
+__all__ = [
+    "CE_BLOCK_P",
+    "CE_SCALE_BLOCK",
+    "ce_block_c",
+    "ce_bwd_kernel",
+    "ce_fwd_kernel",
+    "ce_scale_kernel",
+    "class_weight",
+]
 
 # 256 pixels x up to 32 classes is 64 fp32 values per thread at 4 warps: enough loads in flight to cover DRAM
 # latency, few enough registers for full occupancy.
@@ -51,14 +59,21 @@ def _row_pixels(pid, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def class_weight(w_ptr, label, mask, has_weight, ACC: tl.constexpr):
+    """weight[label] where mask, else 1 (a lane outside mask is never used); has_weight is a run-time bool, so
+    weighted and unweighted losses share one compiled kernel, and without a weight nothing is read."""
+    return tl.load(w_ptr + label, mask=mask & has_weight, other=1.0).to(ACC)
+
+
+@triton.jit
 def ce_fwd_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, gx_ptr,
     num_pixels, C, H, W,
     x_sn, x_sc, x_sh, x_sw,
     t_sn, t_sh, t_sw,
     gx_sn, gx_sc, gx_sh, gx_sw,
-    ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    ignore_index, has_weight,
+    WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     # WITH_GRAD: also the logits' gradient for an upstream gradient of 1, and no stats. ONE_CHUNK (C <= BLOCK_C, FCN's
@@ -102,10 +117,7 @@ def ce_fwd_kernel(
 
     valid = label != ignore_index
     in_range = (label >= 0) & (label < C)
-    if HAS_WEIGHT:
-        wt = tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
-    else:
-        wt = tl.full([BLOCK_P], 1.0, ACC)
+    wt = class_weight(w_ptr, label, pmask & valid & in_range, has_weight, ACC)
     loss = tl.where(valid, tl.where(in_range, wt * ((m - xt) + ls), float("nan")), 0.0)
     tl.store(loss_ptr + p, loss, mask=pmask)
     if WITH_GRAD:
@@ -151,8 +163,8 @@ def ce_bwd_kernel(
     x_sn, x_sc, x_sh, x_sw,
     t_sn, t_sh, t_sw,
     gx_sn, gx_sc, gx_sh, gx_sw,
-    ignore_index,
-    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ignore_index, has_weight,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     n, h, w, pmask, p = _row_pixels(tl.program_id(0), H, W, BLOCK_P)
     x_pix = n * x_sn + h * x_sh + w * x_sw
@@ -163,8 +175,7 @@ def ce_bwd_kernel(
     valid = label != ignore_index
     in_range = (label >= 0) & (label < C)
     g = tl.load(g_ptr + n * g_sn + h * g_sh + w * g_sw, mask=pmask & valid, other=0.0).to(ACC)
-    if HAS_WEIGHT:
-        g = g * tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
+    g = g * class_weight(w_ptr, label, pmask & valid & in_range, has_weight, ACC)
     g = tl.where(valid & ~in_range, float("nan"), g)
     _store_grad(x_ptr, x_pix, x_sc, gx_ptr, gx_pix, gx_sc, g, m, ls, label, pmask, C, ACC, BLOCK_C)
 
@@ -186,8 +197,8 @@ def ce_scale_kernel(gx_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
 
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.cross_entropy can produce: all
-    logits dtypes, with and without class weights, every class-chunk width. Used to prove they compile for each
-    GPU architecture (see fcnkern.kernels.compile_check)."""
+    logits dtypes, every class-chunk width (class weights or none is a run-time switch). Used to prove they
+    compile for each GPU architecture (see fcnkern.kernels.compile_check)."""
     import triton.language as tl
 
     ints = "i32"
@@ -195,30 +206,29 @@ def launch_configs():
                                    ("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):  # fmt: skip
         scale_sig = {"gx_ptr": f"*{logits_ty}", "scale_ptr": f"*{acc_ty}", "numel": ints}
         yield f"ce_scale_{logits_ty}", ce_scale_kernel, scale_sig, {"BLOCK": CE_SCALE_BLOCK}, CE_NUM_WARPS
-        for has_weight in (False, True):
-            for block_c in (1, 2, 4, 8, 16, 32):
-                consts = {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_P": CE_BLOCK_P, "BLOCK_C": block_c}
-                fwd_sig = {
-                    "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
-                    "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}", "num_pixels": ints, "C": ints, "H": ints,
-                    "W": ints, "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
-                    "t_sn": ints, "t_sh": ints, "t_sw": ints,
-                    "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
-                }  # fmt: skip
-                bwd_sig = {
-                    "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
-                    "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}",
-                    "num_pixels": ints, "C": ints, "H": ints, "W": ints,
-                    "g_sn": ints, "g_sh": ints, "g_sw": ints,
-                    "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
-                    "t_sn": ints, "t_sh": ints, "t_sw": ints,
-                    "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints,
-                }  # fmt: skip
-                tag = f"{logits_ty}_w{int(has_weight)}_c{block_c}"
-                # C <= 32 is one chunk; wider class counts take chunks of 32.
-                for one_chunk in (True, False) if block_c == 32 else (True,):
-                    for with_grad in (False, True):
-                        fwd_consts = {**consts, "WITH_GRAD": with_grad, "ONE_CHUNK": one_chunk}
-                        name = f"ce_fwd_{tag}_g{int(with_grad)}_o{int(one_chunk)}"
-                        yield name, ce_fwd_kernel, fwd_sig, fwd_consts, CE_NUM_WARPS
-                yield f"ce_bwd_{tag}", ce_bwd_kernel, bwd_sig, consts, CE_NUM_WARPS
+        for block_c in (1, 2, 4, 8, 16, 32):
+            consts = {"ACC": acc, "BLOCK_P": CE_BLOCK_P, "BLOCK_C": block_c}
+            fwd_sig = {
+                "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
+                "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}", "num_pixels": ints, "C": ints, "H": ints,
+                "W": ints, "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+                "t_sn": ints, "t_sh": ints, "t_sw": ints,
+                "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
+            }  # fmt: skip
+            bwd_sig = {
+                "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
+                "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}",
+                "num_pixels": ints, "C": ints, "H": ints, "W": ints,
+                "g_sn": ints, "g_sh": ints, "g_sw": ints,
+                "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+                "t_sn": ints, "t_sh": ints, "t_sw": ints,
+                "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
+            }  # fmt: skip
+            tag = f"{logits_ty}_c{block_c}"
+            # C <= 32 is one chunk; wider class counts take chunks of 32.
+            for one_chunk in (True, False) if block_c == 32 else (True,):
+                for with_grad in (False, True):
+                    fwd_consts = {**consts, "WITH_GRAD": with_grad, "ONE_CHUNK": one_chunk}
+                    name = f"ce_fwd_{tag}_g{int(with_grad)}_o{int(one_chunk)}"
+                    yield name, ce_fwd_kernel, fwd_sig, fwd_consts, CE_NUM_WARPS
+            yield f"ce_bwd_{tag}", ce_bwd_kernel, bwd_sig, consts, CE_NUM_WARPS

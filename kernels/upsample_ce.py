@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from fcnkern.kernels.cross_entropy import class_weight
 
 __all__ = ["COMBINE_BLOCK", "HEAD_NUM_WARPS", "combine_kernel", "head_blocks", "head_kernel", "launch_configs"]
 
@@ -54,8 +55,8 @@ def head_kernel(
     ss_n, ss_c, ss_h, ss_w,
     t_sn, t_sh, t_sw,
     g_sn, g_sh, g_sw,
-    ignore_index,
-    HAS_WEIGHT: tl.constexpr, WRITE_LOSS: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
+    ignore_index, has_weight,
+    WRITE_LOSS: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Grid: S slices x CQ x (N * CR) cells. loss: N x H x W contiguous (WRITE_LOSS). ws: 4 x N x C x CR x CQ x S
@@ -111,10 +112,7 @@ def head_kernel(
 
     valid = label != ignore_index
     in_range = (label >= 0) & (label < C)
-    if HAS_WEIGHT:
-        wt = tl.load(w_ptr + label, mask=pmask & valid & in_range, other=0.0).to(ACC)
-    else:
-        wt = tl.full([BLOCK_P], 1.0, ACC)
+    wt = class_weight(w_ptr, label, pmask & valid & in_range, has_weight, ACC)
     if WRITE_LOSS:
         loss = tl.where(valid, tl.where(in_range, wt * ((m - xt) + ls), float("nan")), 0.0)
         tl.store(loss_ptr + (n * H + y) * W + x, loss, mask=pmask)
@@ -164,8 +162,8 @@ def combine_kernel(ws_ptr, grad_ptr, total, NC, h, w, r0, q0, CR, CQ, S, BLOCK: 
 
 def launch_configs():
     """Every (name, kernel, signature, constexprs, num_warps) the launcher in fcnkern.upsample_ce can produce: all
-    scores dtypes, with and without class weights, the forward with and without the gradient, the per-pixel
-    backward, and every block shape. Used to prove they compile for each GPU architecture."""
+    scores dtypes, the forward with and without the gradient, the per-pixel backward, and every block shape (class
+    weights or none is a run-time switch). Used to prove they compile for each GPU architecture."""
     ints = "i32"
     for scores_ty, acc_ty, acc in (("fp32", "fp32", tl.float32), ("fp16", "fp32", tl.float32),
                                    ("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):  # fmt: skip
@@ -175,17 +173,17 @@ def launch_configs():
             **{name: ints for name in ("N", "C", "h", "w", "H", "W", "f", "top", "left", "r0", "q0", "CR", "CQ",
                                        "S", "ss_n", "ss_c", "ss_h", "ss_w", "t_sn", "t_sh", "t_sw", "g_sn",
                                        "g_sh", "g_sw", "ignore_index")},
+            "has_weight": "u1",
         }  # fmt: skip
-        for has_weight in (False, True):
-            for write_loss, with_grad, upstream in ((True, False, False), (True, True, False), (False, True, True)):
-                for block_p in (16, 64, 256):
-                    for block_c in (8, 32):
-                        consts = {
-                            "HAS_WEIGHT": has_weight, "WRITE_LOSS": write_loss, "WITH_GRAD": with_grad,
-                            "HAS_UPSTREAM": upstream, "ACC": acc, "BLOCK_P": block_p, "BLOCK_C": block_c,
-                        }  # fmt: skip
-                        tag = f"{scores_ty}_w{int(has_weight)}_l{int(write_loss)}g{int(with_grad)}u{int(upstream)}"
-                        yield f"head_{tag}_p{block_p}c{block_c}", head_kernel, sig, consts, HEAD_NUM_WARPS
+        for write_loss, with_grad, upstream in ((True, False, False), (True, True, False), (False, True, True)):
+            for block_p in (16, 64, 256):
+                for block_c in (8, 32):
+                    consts = {
+                        "WRITE_LOSS": write_loss, "WITH_GRAD": with_grad,
+                        "HAS_UPSTREAM": upstream, "ACC": acc, "BLOCK_P": block_p, "BLOCK_C": block_c,
+                    }  # fmt: skip
+                    tag = f"{scores_ty}_l{int(write_loss)}g{int(with_grad)}u{int(upstream)}"
+                    yield f"head_{tag}_p{block_p}c{block_c}", head_kernel, sig, consts, HEAD_NUM_WARPS
         if scores_ty in ("fp16", "bf16"):
             continue  # their workspace is fp32, as fp32's: one combine per workspace dtype
         combine_sig = {"ws_ptr": f"*{acc_ty}", "grad_ptr": f"*{acc_ty}", "total": "i64",
