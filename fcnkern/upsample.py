@@ -302,7 +302,7 @@ def _triton_upsample(
         k.upsample_fwd_cells_kernel[(_cdiv(n * cells[0] * cells[1], bn), _cdiv(a.shape[1], bm), groups)](
             a, x, a if bias is None else bias, out,
             n, cin_g, h, w, cout_g, oh, ow, *x.stride(), *out.stride(), sh, sw, top, left, *taps, *cells,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            bias is not None, DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=warps, **common,
         )  # fmt: skip
         return out
@@ -313,8 +313,8 @@ def _triton_upsample(
         x, weight, weight if bias is None else bias, out,
         n, cin_g, h, w, cout_g, oh, ow,
         *x.stride(), *weight.stride(), *out.stride(),
-        sh, sw, top, left, kh, kw, m_blocks,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common,
+        sh, sw, top, left, kh, kw, m_blocks, bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common,
     )  # fmt: skip
     return out
 

@@ -150,8 +150,8 @@ def upsample_fwd_cells_kernel(
     N, CIN_G, H, W, COUT_G, OH, OW,
     x_sn, x_sc, x_sh, x_sw,
     o_sn, o_sc, o_sh, o_sw,
-    SH, SW, TOP, LEFT, TH, TW, QH, QW,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SH, SW, TOP, LEFT, TH, TW, QH, QW, has_bias,
+    ACC: tl.constexpr, INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # The tensor-core forward as one dense GEMM per group over output cells (see the module docstring): A is the
@@ -178,8 +178,7 @@ def upsample_fwd_cells_kernel(
         b = _cell_taps(x_ptr, n, cy, cx, c_ok, k, k_ok, group, CIN_G, TH, TW, H, W, x_sn, x_sc, x_sh, x_sw)
         acc = _dot(a, b, acc, DOT_PRECISION)
     c_out = group * COUT_G + co
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c_out, mask=m_ok, other=0.0).to(ACC)[:, None]
+    acc += tl.load(b_ptr + c_out, mask=m_ok & has_bias, other=0.0).to(ACC)[:, None]  # run-time bool: one kernel
     oy0 = cy * SH - TOP
     ox0 = cx * SW - LEFT
     oy = py[:, None] + oy0[None, :]
@@ -309,8 +308,8 @@ def upsample_fwd_direct_kernel(
     x_sn, x_sc, x_sh, x_sw,
     w_si, w_so, w_sh, w_sw,
     o_sn, o_sc, o_sh, o_sw,
-    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    SH, SW, TOP, LEFT, KH, KW, M_BLOCKS, has_bias,
+    ACC: tl.constexpr, INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # The CUDA-core forward (few channels per group): each program takes any kept pixels, whatever their phase, and
@@ -352,8 +351,7 @@ def upsample_fwd_direct_kernel(
                     other=0.0)  # fmt: skip
         acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC), axis=1)
     c_out = group * COUT_G + co
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c_out, mask=co_ok, other=0.0).to(ACC)[None, :]
+    acc += tl.load(b_ptr + c_out, mask=co_ok & has_bias, other=0.0).to(ACC)[None, :]
     o_off = (n * o_sn + oy * o_sh + ox * o_sw)[:, None] + (c_out * o_sc)[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
@@ -593,7 +591,7 @@ def _geometry_sig(*names: str) -> dict[str, str]:
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.upsample can produce on a GPU:
     fp32 (IEEE and TF32), fp16 and bf16; tensor-core and CUDA-core variants of each learned GEMM with every block
-    shape of learned_blocks; the forward with and without bias; both bilinear passes. Used by
+    shape of learned_blocks (the forward's bias or none is a run-time switch); both bilinear passes. Used by
     fcnkern.kernels.compile_check to prove that they all compile for each architecture."""
     import triton.language as tl
 
@@ -611,9 +609,9 @@ def launch_configs():
         ptr = f"*{ty}"
         acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
         fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
-                   **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo)}  # fmt: skip
+                   **strides("x"), **w_strides(), **strides("o"), **_geometry_sig(*geo), "has_bias": "u1"}  # fmt: skip
         cells_sig = {"a_ptr": ptr, "x_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, **_geometry_sig(*dims),
-                     **strides("x", "o"), **_geometry_sig(*cells_geo)}  # fmt: skip
+                     **strides("x", "o"), **_geometry_sig(*cells_geo), "has_bias": "u1"}  # fmt: skip
         dgrad_cells_sig = {"g_ptr": ptr, "a_ptr": ptr, "dt_ptr": acc_ty, **_geometry_sig("N", "CIN_G", "COUT_G", "OH",
                            "OW"), **strides("g"), **_geometry_sig(*cells_geo, "SPLITS", "ROWS_PER_SPLIT")}  # fmt: skip
         wgrad_cells_sig = {"g_ptr": ptr, "x_ptr": ptr, "da_ptr": acc_ty, **_geometry_sig(*dims), **strides("g", "x"),
@@ -636,9 +634,7 @@ def launch_configs():
                     consts = {"ACC": acc, "INDEX": index, "DOT_PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn,
                               "BLOCK_K": bk}  # fmt: skip
                     name = f"upsample_{kernel}_cells_{ty}_{precision}_{bm}x{bn}x{bk}w{warps}_i{bits}"
-                    for bias in (False, True) if kernel == "fwd" else (None,):
-                        flag = {} if bias is None else {"HAS_BIAS": bias}
-                        yield name + ("" if bias is None else f"_bias{int(bias)}"), fn, sig, {**consts, **flag}, warps
+                    yield name, fn, sig, consts, warps
                 if precision == "ieee":  # the fold has no dot
                     fold = {"ACC": acc, "INDEX": index, "BLOCK": FOLD_BLOCK}
                     yield f"upsample_dgrad_fold_{ty}_i{bits}", upsample_dgrad_fold_kernel, fold_sig, fold, 4
@@ -655,9 +651,7 @@ def launch_configs():
                 tag = f"{ty}_{precision}_{'dot' if use_dot else 'fma'}_{bm}x{bn}x{bk}_i{bits}"
                 if not use_dot:  # the tensor-core forward is the cell GEMM above
                     fwd_consts = {k: v for k, v in consts.items() if k not in ("USE_DOT", "DOT_PRECISION")}
-                    for has_bias in (False, True):
-                        yield (f"upsample_fwd_{tag}_bias{int(has_bias)}", upsample_fwd_direct_kernel, fwd_sig,
-                               {**fwd_consts, "HAS_BIAS": has_bias}, warps)  # fmt: skip
+                    yield f"upsample_fwd_{tag}", upsample_fwd_direct_kernel, fwd_sig, fwd_consts, warps
                 yield f"upsample_dgrad_{tag}", upsample_dgrad_kernel, dgrad_sig, consts, warps
                 yield f"upsample_wgrad_{tag}", upsample_wgrad_kernel, wgrad_sig, consts, warps
 
