@@ -150,10 +150,11 @@ TRITON_PARAMS = [p for p in BACKENDS if p.values[1] == "triton"]
 
 
 @pytest.mark.parametrize(("device", "backend"), TRITON_PARAMS)
-@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[5], CASES[4], CASES[6]], ids=_case_id)
 def test_triton_64_bit_index_plan(monkeypatch, device, backend, case):
     """The Triton kernels' 64-bit pixel/offset arithmetic, which only tensors past 2**31 elements take by
-    themselves, forced with FCNKERN_TRITON_WIDE_INDEX=1: flat and per-tap reductions, stride 2, groups."""
+    themselves, forced with FCNKERN_TRITON_WIDE_INDEX=1: flat (C = 1, padded and dilated) and per-tap reductions,
+    stride 2, groups. Not the padding-100 case: its 44k output pixels cost 24 s in the interpreter."""
     monkeypatch.setenv("FCNKERN_TRITON_WIDE_INDEX", "1")
     tensors, geometry = _inputs(case, torch.float32, device, "wide")
     _check(device, backend, torch.float32, tensors, geometry)
