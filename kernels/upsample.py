@@ -567,9 +567,9 @@ BILINEAR_WIDTH_TILE = 2048
 
 def bilinear_block(width: int) -> tuple[int, int]:
     """(ROWS, BLOCK) of a bilinear pass whose rows are `width` long: BLOCK columns of ROWS rows, BLOCK the power of
-    two in (16, 64, 128, 256) nearest above the width (256 for wider rows), so that narrow rows do not leave most
-    of a tile idle and a program holds BILINEAR_TILE elements."""
-    block = next((b for b in (16, 64, 128) if width <= b), 256)
+    two in (16, 32, 64, 128, 256) nearest above the width (256 for wider rows), so that narrow rows do not leave
+    most of a tile idle (17-32-wide rows used half of a 64-wide one) and a program holds BILINEAR_TILE elements."""
+    block = next((b for b in (16, 32, 64, 128) if width <= b), 256)
     return BILINEAR_TILE // block, block
 
 
@@ -662,7 +662,7 @@ def launch_configs():
 
         bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("N", "C", "H", "W", "OH", "OW"),
                    **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
-        for rows, block in sorted({bilinear_block(width) for width in (1, 50, 100, 500)}):
+        for rows, block in sorted({bilinear_block(width) for width in (1, 20, 50, 100, 500)}):
             tile = {"ACC": acc, "ROWS": rows, "BLOCK": block}
             yield f"bilinear_fwd_{ty}_{rows}x{block}", bilinear_fwd_kernel, bil_sig, tile, 4
             # Height pass: the fp32 (fp64) intermediate into dx.
