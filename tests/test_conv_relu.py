@@ -566,7 +566,9 @@ def test_gradcheck_float64_shifted_path(monkeypatch, shifted, kernel, padding, h
     def conv(*args):
         return conv2d_relu(*args, padding=padding, backend="cpu")
 
-    assert torch.autograd.gradcheck(conv, (x, weight, bias))
+    # The shape this path needs has 2 x 32 x height x 16 inputs: a forward per input element and a backward per
+    # output element in full mode (86 s for the four cases); fast mode checks random projections of the Jacobian.
+    assert torch.autograd.gradcheck(conv, (x, weight, bias), fast_mode=True)
 
 
 @pytest.mark.parametrize("tile", ["2", "4"])
