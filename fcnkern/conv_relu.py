@@ -297,7 +297,7 @@ def _triton_wgrad(
             m, c_g, h, w, k_g, oh, ow, groups, per_split,
             *grad.stride(), *x.stride(),
             *_geometry_args(stride, padding, dilation),
-            r, s, bool(relu), HAS_BIAS=has_bias, ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
+            r, s, bool(relu), bool(has_bias), ACC=_acc(x.dtype), INDEX=_index_type(grad, y, x), FLAT_J=flat,
             DOT_PRECISION=_dot_precision(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )  # fmt: skip
     dw = dw_parts.sum(0)

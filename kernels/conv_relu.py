@@ -227,7 +227,7 @@ def conv_wgrad_kernel(
     g_sn, g_sc, g_sh, g_sw,
     x_sn, x_sc, x_sh, x_sw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R, S, relu, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX: tl.constexpr,
+    R, S, relu, has_bias, ACC: tl.constexpr, INDEX: tl.constexpr,
     FLAT_J: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -266,6 +266,8 @@ def conv_wgrad_kernel(
     # and a barrier in every iteration of every program (sm_90 PTX, triton 3.6), and the kernel was
     # shared-memory bound (Nsight Compute, H200: 979 us for conv3_2, 37 TFLOP/s).
     bias_acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
+    # A run-time condition either way (only column block 0 sums the bias), so has_bias is a run-time bool too.
+    with_bias = has_bias & (pid_j == 0)
     for p0 in range(p_start, p_stop, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         p_ok = p < p_stop
@@ -280,14 +282,12 @@ def conv_wgrad_kernel(
         b_off = (n * x_sn)[:, None] + x_chan[None, :] + ih * x_sh + iw * x_sw
         b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
-        if HAS_BIAS:  # noqa: SIM102 (HAS_BIAS is resolved at compile time, pid_j at run time)
-            if pid_j == 0:
-                bias_acc += a.to(ACC)
+        if with_bias:
+            bias_acc += a.to(ACC)
     row = (split * G + group).to(tl.int64) * K_G + k
     tl.store(dw_ptr + row[:, None] * J + j[None, :], acc, mask=k_ok[:, None] & j_ok[None, :])
-    if HAS_BIAS:  # noqa: SIM102 (HAS_BIAS is resolved at compile time, pid_j at run time)
-        if pid_j == 0:
-            tl.store(db_ptr + row, tl.sum(bias_acc, axis=1), mask=k_ok)
+    if with_bias:
+        tl.store(db_ptr + row, tl.sum(bias_acc, axis=1), mask=k_ok)
 
 
 def _signature(pointers: dict[str, str], *stride_groups: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -305,8 +305,8 @@ def _signature(pointers: dict[str, str], *stride_groups: str, extra: tuple[str, 
 def launch_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers in fcnkern.conv_relu can produce on a GPU:
     fp32 (IEEE and TF32), fp16, bf16 and fp64 (the gradchecks'); every block shape of pick_blocks / wgrad_blocks;
-    flat and per-tap forward; wgrad with and without bias. Kernel sizes and the ReLU switch are run-time
-    arguments. Used to prove that they all compile for each architecture (fcnkern.kernels.compile_check)."""
+    flat and per-tap forward and wgrad. Kernel sizes and the ReLU and bias switches are run-time arguments. Used to
+    prove that they all compile for each architecture (fcnkern.kernels.compile_check)."""
     import triton.language as tl
 
     for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp64", 8)):
@@ -318,6 +318,7 @@ def launch_configs():
             {"g_ptr": ptr, "y_ptr": ptr, "x_ptr": ptr, "dw_ptr": acc_ty, "db_ptr": acc_ty}, "g", "x",
             extra=("G", "PIX_PER_SPLIT"),
         )  # fmt: skip
+        wgrad_sig["has_bias"] = "u1"
         for precision in ("ieee", "tf32") if ty == "fp32" else ("ieee",):
             base = {"ACC": acc, "DOT_PRECISION": precision}
             tag = f"{ty}_{precision}"
@@ -336,11 +337,9 @@ def launch_configs():
                     consts = {**base, **blocks, "BLOCK_K": bk, "INDEX": index}
                     yield f"conv_dgrad_{tag}_{bm}x{bn}x{bk}_i{bits}", conv_dgrad_kernel, dgrad_sig, consts, warps
             bm, bn, bk, warps = wgrad_blocks(elem)
-            for has_bias in (False, True):
-                for flat in (False, True):
-                    for index in (tl.int32, tl.int64):
-                        consts = {**base, "HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                  "FLAT_J": flat, "INDEX": index}  # fmt: skip
-                        bits = 32 if index == tl.int32 else 64
-                        name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_bias{int(has_bias)}_flat{int(flat)}_i{bits}"
-                        yield name, conv_wgrad_kernel, wgrad_sig, consts, warps
+            for flat in (False, True):
+                for index in (tl.int32, tl.int64):
+                    consts = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_J": flat, "INDEX": index}
+                    bits = 32 if index == tl.int32 else 64
+                    name = f"conv_wgrad_{tag}_{bm}x{bn}x{bk}_flat{int(flat)}_i{bits}"
+                    yield name, conv_wgrad_kernel, wgrad_sig, consts, warps
