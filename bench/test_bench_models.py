@@ -71,6 +71,8 @@ def test_fcn8s_train_step_interleaved(benchmark, device, per_turn):
     fcnkern's network also run with the other background setting (fcnkern-dense on CPU, fcnkern-skip on CUDA).
     warm-turns: each step runs three times per turn and the last is timed, as in a loop that trains one model (see
     run_interleaved's per_turn)."""
+    if benchmark.disabled and per_turn > 1:
+        pytest.skip("--benchmark-disable: one call per step, the same calls as the alternating case")
     shape, dtype = CASES[device]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)

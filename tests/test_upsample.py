@@ -170,9 +170,15 @@ BILINEAR_CASES = [  # (channels, factor, h, w, crop, out_size): FCN-32s/8s final
 ]
 
 
+# Every dtype in NCHW; the other layouts (strides the kernels must follow) in fp32 and bf16, as the learned path's
+# layout test: fp16 loads and stores as bf16 does.
+BILINEAR_DTYPE_LAYOUTS = [(dtype, "nchw") for dtype in (torch.float32, *LOW_PRECISION)] + [
+    (dtype, layout) for layout in ("channels_last", "cropped_view") for dtype in (torch.float32, torch.bfloat16)
+]
+
+
 @pytest.mark.parametrize(("device", "backend"), _backend_params("bilinear_upsample_crop"))
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "cropped_view"])
+@pytest.mark.parametrize(("dtype", "layout"), BILINEAR_DTYPE_LAYOUTS, ids=lambda v: str(v))
 @pytest.mark.parametrize("case", BILINEAR_CASES, ids=lambda c: f"c{c[0]}f{c[1]}crop{c[4][0]}")
 def test_bilinear_path_equals_diagonal_full_layer(device, backend, dtype, layout, case):
     """Forward and gradient equal nn.ConvTranspose2d(C, C, 2f, f) with FCN's diagonal bilinear weight, then the
