@@ -166,7 +166,7 @@ BILINEAR_CASES = [  # (channels, factor, h, w, crop, out_size): FCN-32s/8s final
     (1, 4, 6, 3, (1, 2), (23, 13)),
     (150, 16, 2, 2, (9, 0), (17, 31)),
     (2, 2, 3, 37, (1, 3), (5, 70)),  # input rows wider than 16: the backward's wide width-pass tiles
-    (2, 40, 2, 20, (5, 19), (61, 601)),  # 2f = 80 taps: the width pass loops over tap chunks; wide rows too
+    (2, 40, 2, 20, (5, 19), (61, 301)),  # 2f = 80 taps: the width pass loops over tap chunks; rows past 256 too
 ]
 
 
