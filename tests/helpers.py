@@ -46,6 +46,13 @@ def require_backend(backend: str) -> None:
         pytest.skip(f"backend {backend!r} unavailable: {info.reason}")
 
 
+def interpreted(backend: str, device: str = "cpu") -> bool:
+    """Whether this backend runs in the Triton interpreter here (Triton on CPU tensors), where each kernel launch
+    costs milliseconds per program: gradchecks there take gradcheck's fast mode (random projections of the
+    Jacobian) instead of a backward per output element and a forward per input element."""
+    return backend == "triton" and device == "cpu"
+
+
 def split_examples(ways: int):
     """Hypothesis settings that give each of ``ways`` parametrized copies of a property test an equal share of the
     profile's examples (at least 10): parametrizing the backend then shows each one's skip reason without

@@ -17,6 +17,7 @@ from helpers import (
     assert_low_precision_ok,
     device_backend_params,
     generator,
+    interpreted,
     require_backend,
     split_examples,
 )
@@ -546,8 +547,7 @@ def test_gradcheck_float64(backend, case):
     def fn(x, w, b):
         return conv2d_relu(x, w, b, stride, padding, dilation, groups, backend=backend)
 
-    # The interpreter runs each launch in Python: the Triton backend gets gradcheck's randomised fast mode.
-    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=interpreted(backend))
 
 
 @pytest.mark.parametrize("shifted", ["default", "all"])

@@ -12,6 +12,7 @@ from helpers import (
     assert_low_precision_ok,
     device_backend_params,
     generator,
+    interpreted,
     rel_err,
     require_backend,
     split_examples,
@@ -285,12 +286,10 @@ def test_gradcheck_float64(backend, reduction):
     require_backend(backend)
     logits, target, weight, *_ = make_inputs((2, 4, 3, 5), torch.float64, "cpu", "gradcheck", reduction)
     x = logits.requires_grad_()
-    # The interpreted Triton kernels: a random projection of the Jacobian (fast mode), as the other ops' Triton
-    # gradchecks (13 s -> under 1 s each).
     assert torch.autograd.gradcheck(
         lambda x: pixelwise_cross_entropy(x, target, weight, reduction=reduction, backend=backend),
         (x,),
-        fast_mode=backend == "triton",
+        fast_mode=interpreted(backend),
     )
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import device_backend_params, generator
+from helpers import device_backend_params, generator, interpreted
 
 import fcnkern
 
@@ -104,13 +104,11 @@ def test_double_backward_matches_pytorch(device, backend, op):
 @pytest.mark.parametrize("op", ["conv2d_relu", "upsample_crop", "bilinear_upsample_crop", "pixelwise_cross_entropy",
                                 "upsample_cross_entropy"])  # fmt: skip
 def test_gradgradcheck_float64(device, backend, op):
-    """Tiny shapes: the numerical second derivative costs a backward per input element. The Triton interpreter
-    takes milliseconds per program, so there the check is on random projections of the Jacobians (gradcheck's fast
-    mode, as in the ops' first-order Triton gradchecks): 80 -> a few seconds for the conv."""
+    """Tiny shapes: the numerical second derivative costs a backward per input element (fast mode in the Triton
+    interpreter, see helpers.interpreted: 80 -> 4 s for the conv)."""
     inputs, fn = OPS[op](device, torch.float64, tiny=True)
-    fast = backend == "triton" and device == "cpu"
     assert torch.autograd.gradgradcheck(lambda *t: fn(*t, backend), inputs, eps=1e-6, atol=1e-5, rtol=1e-4,
-                                        fast_mode=fast)  # fmt: skip
+                                        fast_mode=interpreted(backend, device))  # fmt: skip
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)

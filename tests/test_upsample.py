@@ -14,6 +14,7 @@ from helpers import (
     device_backend_params,
     draw_window,
     generator,
+    interpreted,
     require_backend,
     split_examples,
 )
@@ -178,7 +179,7 @@ BILINEAR_DTYPE_LAYOUTS = [(dtype, "nchw") for dtype in (torch.float32, *LOW_PREC
 
 
 @pytest.mark.parametrize(("device", "backend"), _backend_params("bilinear_upsample_crop"))
-@pytest.mark.parametrize(("dtype", "layout"), BILINEAR_DTYPE_LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("dtype", "layout"), BILINEAR_DTYPE_LAYOUTS, ids=str)
 @pytest.mark.parametrize("case", BILINEAR_CASES, ids=lambda c: f"c{c[0]}f{c[1]}crop{c[4][0]}")
 def test_bilinear_path_equals_diagonal_full_layer(device, backend, dtype, layout, case):
     """Forward and gradient equal nn.ConvTranspose2d(C, C, 2f, f) with FCN's diagonal bilinear weight, then the
@@ -210,11 +211,8 @@ def _check_bilinear(device, backend, dtype, case, layout):
 @pytest.mark.parametrize(("device", "backend"), _backend_params("bilinear_upsample_crop"))
 def test_bilinear_gradcheck_float64(device, backend):
     x = torch.randn(2, 3, 3, 4, generator=generator("gc-bil"), dtype=torch.float64).to(device).requires_grad_()
-    # The full check is a backward per output element (378 here): on the interpreted Triton kernels, a random
-    # projection of the Jacobian (fast mode), as in the other Triton gradchecks.
-    fast = backend == "triton" and device == "cpu"
     fn = lambda x: bilinear_upsample_crop(x, 3, (2, 1), (7, 9), backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=interpreted(backend, device))
 
 
 def test_bilinear_cpu_op_registration():
@@ -237,9 +235,7 @@ def test_upsample_crop_gradcheck_float64(device, backend, channels):
     w = torch.randn(channels, channels, 3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
     b = torch.randn(channels, generator=g, dtype=torch.float64).to(device).requires_grad_()
     fn = lambda x, w, b: upsample_crop_fn(x, w, (2, 1), (1, 0), (4, 4), b, backend=backend)  # noqa: E731
-    # The interpreted Triton kernels take ~20 ms a call: check a random projection of the Jacobian there (fast
-    # mode) instead of its every column.
-    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=backend == "triton" and device == "cpu")
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=interpreted(backend, device))
 
 
 def test_learned_op_registration():

@@ -17,6 +17,7 @@ from helpers import (
     device_backend_params,
     draw_window,
     generator,
+    interpreted,
     rel_err,
     require_backend,
     split_examples,
@@ -200,8 +201,7 @@ def test_gradcheck_float64(device, backend, reduction):
     def fn(s):
         return upsample_cross_entropy(s, target, 2, (1, 1), weight, IGNORE, reduction, backend=backend)
 
-    # The interpreted Triton kernel takes tens of ms a call: a random projection of the Jacobian there (fast mode).
-    assert torch.autograd.gradcheck(fn, (scores,), fast_mode=backend == "triton" and device == "cpu")
+    assert torch.autograd.gradcheck(fn, (scores,), fast_mode=interpreted(backend, device))
 
 
 @pytest.mark.parametrize(("device", "backend"), _params())
