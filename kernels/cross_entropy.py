@@ -206,24 +206,24 @@ def launch_configs():
                                    ("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):  # fmt: skip
         scale_sig = {"gx_ptr": f"*{logits_ty}", "scale_ptr": f"*{acc_ty}", "numel": ints}
         yield f"ce_scale_{logits_ty}", ce_scale_kernel, scale_sig, {"BLOCK": CE_SCALE_BLOCK}, CE_NUM_WARPS
+        fwd_sig = {
+            "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
+            "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}", "num_pixels": ints, "C": ints, "H": ints,
+            "W": ints, "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+            "t_sn": ints, "t_sh": ints, "t_sw": ints,
+            "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
+        }  # fmt: skip
+        bwd_sig = {
+            "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
+            "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}",
+            "num_pixels": ints, "C": ints, "H": ints, "W": ints,
+            "g_sn": ints, "g_sh": ints, "g_sw": ints,
+            "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
+            "t_sn": ints, "t_sh": ints, "t_sw": ints,
+            "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
+        }  # fmt: skip
         for block_c in (1, 2, 4, 8, 16, 32):
             consts = {"ACC": acc, "BLOCK_P": CE_BLOCK_P, "BLOCK_C": block_c}
-            fwd_sig = {
-                "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}", "loss_ptr": f"*{acc_ty}",
-                "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}", "num_pixels": ints, "C": ints, "H": ints,
-                "W": ints, "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
-                "t_sn": ints, "t_sh": ints, "t_sw": ints,
-                "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
-            }  # fmt: skip
-            bwd_sig = {
-                "g_ptr": f"*{acc_ty}", "x_ptr": f"*{logits_ty}", "t_ptr": "*i64", "w_ptr": f"*{acc_ty}",
-                "stats_ptr": f"*{acc_ty}", "gx_ptr": f"*{logits_ty}",
-                "num_pixels": ints, "C": ints, "H": ints, "W": ints,
-                "g_sn": ints, "g_sh": ints, "g_sw": ints,
-                "x_sn": ints, "x_sc": ints, "x_sh": ints, "x_sw": ints,
-                "t_sn": ints, "t_sh": ints, "t_sw": ints,
-                "gx_sn": ints, "gx_sc": ints, "gx_sh": ints, "gx_sw": ints, "ignore_index": ints, "has_weight": "u1",
-            }  # fmt: skip
             tag = f"{logits_ty}_c{block_c}"
             # C <= 32 is one chunk; wider class counts take chunks of 32.
             for one_chunk in (True, False) if block_c == 32 else (True,):

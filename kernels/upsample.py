@@ -605,6 +605,10 @@ def launch_configs():
     def w_strides() -> dict[str, str]:
         return _geometry_sig("w_si", "w_so", "w_sh", "w_sw")
 
+    # Every tile the bilinear passes can take, from the tile functions over the widths and factors (past 256 columns
+    # and 2f > 64 taps nothing changes), rather than a hand-picked sample of widths that a new threshold could miss.
+    bilinear_tiles = sorted({bilinear_block(width) for width in range(1, 258)})
+    width_tiles = sorted({bilinear_width_tile(width, f) for width in range(1, 258) for f in range(1, 34)})
     for ty, elem in (("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp64", 8)):  # fp64: the gradchecks'
         ptr = f"*{ty}"
         acc_ty, acc = ("*fp64", tl.float64) if ty == "fp64" else ("*fp32", tl.float32)
@@ -662,14 +666,13 @@ def launch_configs():
 
         bil_sig = {"x_ptr": ptr, "out_ptr": ptr, **_geometry_sig("N", "C", "H", "W", "OH", "OW"),
                    **strides("x", "o"), **_geometry_sig("FACTOR", "TOP", "LEFT")}  # fmt: skip
-        for rows, block in sorted({bilinear_block(width) for width in (1, 20, 50, 100, 500)}):
+        for rows, block in bilinear_tiles:
             tile = {"ACC": acc, "ROWS": rows, "BLOCK": block}
             yield f"bilinear_fwd_{ty}_{rows}x{block}", bilinear_fwd_kernel, bil_sig, tile, 4
             # Height pass: the fp32 (fp64) intermediate into dx.
             yield f"bilinear_bwd_height_{ty}_{rows}x{block}", bilinear_bwd_height_kernel, pass_sig(acc_ty, ptr), tile, 4
         # Width pass: the gradient (ty) into the intermediate.
-        widths, factors = (1, 3, 5, 9, 50), (2, 16, 32)  # every BLOCK and TAPS of bilinear_width_tile
-        for rows, block, taps in sorted({bilinear_width_tile(w, f) for w in widths for f in factors}):
+        for rows, block, taps in width_tiles:
             tile = {"ACC": acc, "ROWS": rows, "BLOCK": block, "TAPS": taps}
             yield (f"bilinear_bwd_width_{ty}_{rows}x{block}x{taps}", bilinear_bwd_width_kernel, pass_sig(ptr, acc_ty),
                    tile, 4)  # fmt: skip

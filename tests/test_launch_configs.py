@@ -52,8 +52,8 @@ def launches(monkeypatch):
     for module_name in OP_MODULES:
         module = importlib.import_module(module_name)
         for _, kernel, signature, constexprs, num_warps in module.launch_configs():
-            pointers = {k: v for k, v in signature.items() if v.startswith("*") or v == "u1"}
-            configs.setdefault(kernel, []).append((constexprs, num_warps, pointers))
+            typed = {k: v for k, v in signature.items() if v.startswith("*") or v == "u1"}  # pointers and bools
+            configs.setdefault(kernel, []).append((constexprs, num_warps, typed))
         for attr, obj in list(vars(module).items()):
             if _is_kernel(obj):
                 monkeypatch.setattr(module, attr, _Recorder(obj, recorded))
@@ -71,12 +71,12 @@ def _unlisted(configs: dict, recorded: list) -> list[str]:
         num_warps = kwargs.get("num_warps", 4)
         # Positional arguments only: the constexprs come as keywords.
         positional = list(zip(params, args, strict=False))
-        pointers = {name: f"*{_TRITON_TYPES[a.dtype]}" for name, a in positional if isinstance(a, torch.Tensor)}
+        typed = {name: f"*{_TRITON_TYPES[a.dtype]}" for name, a in positional if isinstance(a, torch.Tensor)}
         # Run-time switches ("u1") must arrive as Python bools: an int 1 would be specialised into a constexpr,
         # another kernel than the one compiled.
-        pointers.update({name: "u1" for name, a in positional if isinstance(a, bool)})
-        if not any(c == constexprs and w == num_warps and p == pointers for c, w, p in configs.get(kernel, [])):
-            missing.append(f"{kernel.fn.__name__} {constexprs} num_warps={num_warps} {pointers}")
+        typed.update({name: "u1" for name, a in positional if isinstance(a, bool)})
+        if not any(c == constexprs and w == num_warps and t == typed for c, w, t in configs.get(kernel, [])):
+            missing.append(f"{kernel.fn.__name__} {constexprs} num_warps={num_warps} {typed}")
     return missing
 
 
