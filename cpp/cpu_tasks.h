@@ -180,6 +180,12 @@ inline bool dense_either_way(const at::Tensor& m) {
 
 inline bool use_onednn(const at::Tensor& out, const at::Tensor& a) {
   if (gemm_library() != GemmLibrary::kOneDnn || out.scalar_type() != at::kFloat) return false;
+  // One-row products stay on MKL: the in-place matmul corrupts the heap on them (with a transposed right operand,
+  // beta = 1, an inner dimension from about 1100 and 64 or more columns; torch 2.13 and 2.14 on a 2-core Xeon),
+  // while every other shape of M in {1, 2, 3, 8, 17} x N in {1, 2, 64, 300} x K in {100, 1500, 5000}, in both
+  // operand layouts and both betas, gave the right product. A conv with one output channel per group reached it
+  // through its weight gradient (tests/test_conv_relu.py::test_cpu_one_output_channel_weight_gradient).
+  if (out.size(0) == 1) return false;
   // In place, every GEMM pays (FCN layers at 256 x 256, backward ms, the rules below -> all, transposed left
   // operands read as they lie: conv1_2 182 -> 140, fc6 323 -> 209, fc7 52 -> 36, the rest within noise); only a
   // strided left operand over few columns, which would be copied per call, stays on MKL.

@@ -532,6 +532,25 @@ def test_cpu_nan_outputs_pass_their_gradient_on_every_path(monkeypatch, path):
     _assert_same_nonfinite(ours, ref)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        (3, 64, 39, 51, 2, 3, 1, 2, 2, 2),  # dilated, 2 groups of one output channel: 288 x 1989 per band
+        (2, 16, 101, 97, 1, 3, 2, 1, 1, 1),  # stride 2, a single output channel: 144 x 2499
+    ],
+    ids=_case_id,
+)
+def test_cpu_one_output_channel_weight_gradient(case):
+    """The im2col weight gradient of a group with one output channel is a one-row GEMM, 1 x (pixels of a band) @
+    (pixels x C/G.R.S), accumulated over bands. oneDNN's in-place matmul corrupted the heap on such products from
+    about 1100 pixels (the process died in free() within a few calls), so they run on MKL; three calls, each
+    checked, to give a corruption the chance to show."""
+    require_backend("cpu")
+    (x, weight, bias), geometry = _inputs(case, torch.float32, "cpu", "one-row")
+    for _ in range(3):
+        _check("cpu", "cpu", torch.float32, [x, weight, bias], geometry)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
 def test_gradcheck_float64(backend, case):
