@@ -471,7 +471,9 @@ def pixelwise_cross_entropy(
             kernel still raises.
 
     Returns:
-        The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32.
+        The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32, then rounded:
+        as with ``F.cross_entropy``, an fp16 sum over a large batch can exceed fp16's 65504 and be inf (150 classes
+        over 210 x 55 pixels is ~1e5) while the gradient stays finite; take ``reduction="mean"`` or bf16 there.
     """
     _validate(logits, target, weight, ignore_index, reduction)
     be = _backend.resolve(backend, logits.device.type, "pixelwise_cross_entropy")

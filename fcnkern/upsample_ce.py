@@ -268,7 +268,8 @@ def upsample_cross_entropy(
 
     Returns:
         The loss in ``scores.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32 (logits are never
-        rounded to ``scores.dtype``, unlike the unfused composition). Gradient with respect to ``scores``.
+        rounded to ``scores.dtype``, unlike the unfused composition). Gradient with respect to ``scores``. An fp16
+        sum can exceed 65504 and be inf, as ``pixelwise_cross_entropy``'s and ``F.cross_entropy``'s do.
     """
     crop_t = _pair(tuple(crop), "crop")
     _validate(scores, target, factor, crop_t)
