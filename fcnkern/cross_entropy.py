@@ -95,8 +95,10 @@ def check_loss_options(
             raise ValueError("a gradient with respect to weight is not supported (as in F.cross_entropy)")
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:  # the kernels and the label comparison take it as an int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
 def validate_labels(target: Tensor, num_classes: int, ignore_index: int) -> None:

@@ -192,7 +192,7 @@ def bilinear_upsample_crop(
         N x C x H x W in x's dtype and memory format.
     """
     _check_input(x)
-    if not isinstance(factor, int) or factor < 1:
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
         raise ValueError(f"factor must be an int >= 1, got {factor!r}")
     k = 2 * factor
     crop_t, size_t = _pair(tuple(crop), "crop"), _pair(tuple(out_size), "out_size")

@@ -274,6 +274,11 @@ def test_bad_arguments_raise():
         pixelwise_cross_entropy(logits, target, weight.requires_grad_())
     with pytest.raises(ValueError, match="reduction"):
         pixelwise_cross_entropy(logits, target, reduction="avg")
+    for backend in ("torch", "cpu"):  # the torch backend raised OverflowError from its label check, cpu the schema's
+        with pytest.raises(ValueError, match="fit in int64"):
+            pixelwise_cross_entropy(logits, target, ignore_index=2**70, backend=backend)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pixelwise_cross_entropy(logits, target, ignore_index=True)
     with pytest.raises(ValueError, match="unknown backend"):
         pixelwise_cross_entropy(logits, target, backend="cudnn")
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA tensors"):

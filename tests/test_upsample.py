@@ -335,8 +335,9 @@ def test_bad_input_raises():
         upsample_crop_fn(x, w.double(), 2, (0, 0), (4, 4))
     with pytest.raises(TypeError, match="float32"):
         bilinear_upsample_crop(x.long(), 2, (0, 0), (4, 4))
-    with pytest.raises(ValueError, match="factor"):
-        bilinear_upsample_crop(x, 0, (0, 0), (4, 4))
+    for factor in (0, True, 2.0):  # True was taken as factor 1 by the kernel backends (the torch one raised)
+        with pytest.raises(ValueError, match="factor"):
+            bilinear_upsample_crop(x, factor, (0, 0), (4, 4))
     with pytest.raises(BackendUnavailableError, match="backend 'cuda'"):  # CPU tensors, or no CUDA build here
         upsample_crop_fn(x, w, 2, (0, 0), (4, 4), backend="cuda")
     with pytest.raises(ValueError, match="at least one pixel"):
