@@ -336,7 +336,9 @@ def _cell_weight(weight: Tensor, groups: int, stride: tuple[int, int], taps: tup
     (sh, sw), (th, tw) = stride, taps
     padded = F.pad(weight, (0, tw * sw - kw, 0, th * sh - kh)) if (kh, kw) != (th * sh, tw * sw) else weight
     a = padded.reshape(groups, cin // groups, cout_g, th, sh, tw, sw).permute(0, 2, 4, 6, 1, 3, 5)
-    return a.reshape(groups, cout_g * sh * sw, cin // groups * th * tw)
+    # With one tap per cell (a kernel no larger than the stride) the reshape can stay a strided view; the kernels
+    # index A as row-major, so it is made contiguous (a view gave wrong outputs and dx for every k <= s layer).
+    return a.reshape(groups, cout_g * sh * sw, cin // groups * th * tw).contiguous()
 
 
 def _triton_upsample_dgrad(grad: Tensor, x: Tensor, weight: Tensor, stride, crop, groups: int) -> Tensor:

@@ -50,6 +50,11 @@ CASES = [
     (150, 2, 4, 150, 3, 2, (1, 1), (5, 3)),  # ADE20K-sized class count, per-class
     (21, 32, 64, 1, 2, 2, (19, 7), (37, 29)),  # FCN-32s learned with full mixing: the cell GEMM at stride 32
     (16, 3, 7, 2, 4, 5, (2, 1), (13, 11)),  # cell GEMM, groups 2, kernel not a multiple of the stride
+    # cell GEMMs with one tap per cell (a kernel no larger than the stride), whose rearranged weight the Triton path
+    # read as row-major while it was a strided view: kernel = stride; kernel < stride, a window whose rows no tap
+    # reaches (bias only)
+    (16, 4, 4, 1, 3, 5, (1, 2), (9, 14)),
+    (21, 16, 3, 1, 4, 5, (20, 5), (8, 25)),
 ]
 
 
@@ -291,7 +296,7 @@ def test_fcn32s_geometry_gives_an_input_sized_output():
 @split_examples(2)
 @given(
     data=st.data(),
-    c_g=st.integers(1, 5),
+    c_g=st.integers(1, 9),  # from 8 output channels per group the Triton path takes the cell GEMMs
     groups=st.integers(1, 3),
     factor=st.integers(1, 5),
     k=st.integers(1, 11),
