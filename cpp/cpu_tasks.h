@@ -181,7 +181,7 @@ inline bool dense_either_way(const at::Tensor& m) {
 inline bool use_onednn(const at::Tensor& out, const at::Tensor& a) {
   if (gemm_library() != GemmLibrary::kOneDnn || out.scalar_type() != at::kFloat) return false;
   // One-row products stay on MKL: the in-place matmul corrupts the heap on them (with a transposed right operand,
-  // beta = 1, an inner dimension from about 1100 and 64 or more columns; torch 2.13 and 2.14 on a 2-core Xeon),
+  // beta = 1, an inner dimension from about 1100 and 64 or more columns; torch 2.14.1 on a 2-core Xeon),
   // while every other shape of M in {1, 2, 3, 8, 17} x N in {1, 2, 64, 300} x K in {100, 1500, 5000}, in both
   // operand layouts and both betas, gave the right product. A conv with one output channel per group reached it
   // through its weight gradient (tests/test_conv_relu.py::test_cpu_one_output_channel_weight_gradient).
