@@ -84,6 +84,12 @@ def _check_window(full: tuple[int, int], crop: tuple[int, int], out_size: tuple[
             )
 
 
+def _check_factor(factor: int) -> None:
+    """The bilinear factor: an int >= 1 (bool, though an int subclass, is refused: True would pass as 1)."""
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+
+
 def _check_input(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{name} must be an N x C x h x w tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -192,8 +198,7 @@ def bilinear_upsample_crop(
         N x C x H x W in x's dtype and memory format.
     """
     _check_input(x)
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    _check_factor(factor)
     k = 2 * factor
     crop_t, size_t = _pair(tuple(crop), "crop"), _pair(tuple(out_size), "out_size")
     _check_window(((x.shape[2] - 1) * factor + k, (x.shape[3] - 1) * factor + k), crop_t, size_t)

@@ -45,7 +45,7 @@ from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv
 from fcnkern.cross_entropy import Reduction, check_loss_options, reduce_pixel_loss, scale_by_cpu_scalar, validate_labels
 from fcnkern.second_order import differentiable_grad
-from fcnkern.upsample import _check_input, _check_window, _pair, bilinear_upsample_crop
+from fcnkern.upsample import _check_factor, _check_input, _check_window, _pair, bilinear_upsample_crop
 
 __all__ = ["IMPLEMENTED", "upsample_cross_entropy"]
 
@@ -235,8 +235,7 @@ def _validate(scores: Tensor, target: Tensor, factor: int, crop: tuple[int, int]
         raise ValueError(f"target has {target.shape[0]} images but scores have {scores.shape[0]}")
     if target.device != scores.device:
         raise ValueError(f"target is on {target.device} but scores are on {scores.device}")
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    _check_factor(factor)
     h, w = scores.shape[2:]
     _check_window(((h + 1) * factor, (w + 1) * factor), crop, tuple(target.shape[1:]))
 
