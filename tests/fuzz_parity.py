@@ -22,7 +22,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from helpers import UNIT_ROUNDOFF
+from helpers import LAYOUTS, UNIT_ROUNDOFF, memory_layout
 
 import fcnkern
 
@@ -33,18 +33,10 @@ FLOOR = {
 }
 
 
-def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        return torch.cat([t, t], dim=3)[..., ::2]
-    return t
-
-
-def _leaf(t: torch.Tensor | None, dtype: torch.dtype, kind: str = "nchw", grad: bool = True):
+def _leaf(t: torch.Tensor | None, dtype: torch.dtype, kind: str = "contiguous", grad: bool = True):
     if t is None:
         return None
-    return _layout(t.to(dtype), kind if t.dim() == 4 else "nchw").detach().requires_grad_(grad)
+    return memory_layout(t.to(dtype), kind if t.dim() == 4 else "contiguous").detach().requires_grad_(grad)
 
 
 def _results(fn, inputs: list[torch.Tensor | None], upstream: torch.Tensor) -> list[torch.Tensor]:
@@ -97,7 +89,7 @@ def conv_case(rng: random.Random, backend: str, max_hw: int, dtype: torch.dtype,
         y = F.conv2d(x, w, b, **geometry)
         return F.relu(y) if relu else y
 
-    return _compare(tag, dtype, ours, ref, [x, weight, bias], [True] * 3, [kind, "nchw", "nchw"],
+    return _compare(tag, dtype, ours, ref, [x, weight, bias], [True] * 3, [kind, "contiguous", "contiguous"],
                     torch.randn(y_shape, dtype=torch.float64))  # fmt: skip
 
 
@@ -136,7 +128,7 @@ def upsample_case(rng: random.Random, backend: str, max_hw: int, dtype: torch.dt
     def ref(x, wt, b):
         return _cropped(F.conv_transpose2d(x, wt, b, f, groups=groups), crop, size)
 
-    return _compare(tag, dtype, ours, ref, [x, weight, bias], [True, learned, True], [kind, "nchw", "nchw"],
+    return _compare(tag, dtype, ours, ref, [x, weight, bias], [True, learned, True], [kind, "contiguous", "contiguous"],
                     torch.randn(n, c, *size, dtype=torch.float64))  # fmt: skip
 
 
@@ -196,7 +188,7 @@ def main() -> None:
     rng, bad = random.Random(args.seed), 0
     for _ in range(args.cases):
         dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
-        kind = rng.choice(["nchw", "channels_last", "strided"])
+        kind = rng.choice(LAYOUTS)
         bad += CASES[args.op](rng, args.backend, args.max_hw, dtype, kind)
     print(f"{args.op} {args.backend} seed {args.seed}: {args.cases} cases, {bad} bad results")
     raise SystemExit(1 if bad else 0)

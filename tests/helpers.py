@@ -71,6 +71,21 @@ def draw_window(data, full: tuple[int, int]) -> tuple[tuple[int, int], tuple[int
     return crop, size  # type: ignore[return-value]
 
 
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def memory_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t's values (N x C x H x W) in another memory layout: "contiguous", "channels_last", or "strided" (every other
+    element of a twice-as-wide row: a non-contiguous view with a column stride of 2)."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        return torch.stack([t, t], dim=-1).flatten(-2)[..., ::2]
+    if kind == "contiguous":
+        return t.contiguous()
+    raise ValueError(f"unknown layout {kind!r}")
+
+
 def generator(*key) -> torch.Generator:
     """A generator seeded from the test's parameters: inputs differ between cases and repeat between runs."""
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generator, load_cpu_check
+from helpers import LAYOUTS, generator, load_cpu_check, memory_layout
+from hypothesis import given
+from hypothesis import strategies as st
 
 SOURCE = r"""
 #include <ATen/ATen.h>
@@ -120,11 +122,42 @@ CASES = [
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[1]}k{c[4]}r{c[5]}x{c[6]}s{c[7][0]}d{c[9][0]}g{c[10]}")
 def test_gathers_match_pytorch(problems, case, relu):
-    n, c, h, w, k, r, s, stride, padding, dilation, groups, channels_last = case
-    g = generator("cuda-problems", case, relu)
-    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    *geometry, channels_last = case
+    layouts = ("channels_last" if channels_last else "contiguous", "contiguous", "contiguous")
+    _check_gathers(problems, tuple(geometry), relu, layouts, generator("cuda-problems", case, relu))
+
+
+@given(
+    data=st.data(),
+    n=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    c_g=st.integers(1, 3),
+    k_g=st.integers(1, 3),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    relu=st.booleans(),
+    layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 3),
+)
+def test_gathers_match_pytorch_on_random_geometries(
+    problems, data, n, groups, c_g, k_g, kernel, stride, padding, dilation, relu, layouts
+):  # fmt: skip
+    """Random kernels, strides, paddings, dilations and groups, and x, y and dy each contiguous, channels_last or
+    strided (the kernels take every tensor's own strides): the gathers against PyTorch as above."""
+    # At least one output pixel: the padded input spans the dilated kernel.
+    smallest = [max(1, d * (k - 1) + 1 - 2 * p) for k, p, d in zip(kernel, padding, dilation, strict=True)]
+    h, w = (data.draw(st.integers(least, least + 10)) for least in smallest)
+    case = (n, groups * c_g, h, w, groups * k_g, *kernel, stride, padding, dilation, groups)
+    _check_gathers(problems, case, relu, layouts, generator("cuda-problems-random", case, relu, layouts))
+
+
+def _check_gathers(problems, case, relu, layouts, g):
+    """Forward, dx (both dgrad variants where the stride allows) and dW over one and several wgrad slices against
+    F.conv2d and autograd in float64; layouts are x's, y's (as the backward reads it) and dy's."""
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = case
+    x_layout, y_layout, grad_layout = layouts
+    x = memory_layout(torch.randn(n, c, h, w, generator=g, dtype=torch.float64), x_layout)
     weight = torch.randn(k, c // groups, r, s, generator=g, dtype=torch.float64)
     bias = torch.randn(k, generator=g, dtype=torch.float64)
     args = (list(stride), list(padding), list(dilation), groups)
@@ -132,13 +165,14 @@ def test_gathers_match_pytorch(problems, case, relu):
     xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
     ref = F.conv2d(xr, wr, br, stride, padding, dilation, groups)
     ref = F.relu(ref) if relu else ref
-    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    upstream = memory_layout(torch.randn(ref.shape, generator=g, dtype=torch.float64), grad_layout)
     ref_dx, ref_dw, ref_db = torch.autograd.grad(ref, (xr, wr, br), upstream)
 
     y = problems.forward(x, weight, bias, *args, relu)
     torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+    y = memory_layout(y, y_layout)
     # The strided dgrad serves any stride; the unit-stride one (what the launcher picks then) only stride 1.
-    strided_variants = (True, False) if stride == (1, 1) else (True,)
+    strided_variants = (True, False) if tuple(stride) == (1, 1) else (True,)
     for splits, strided in ((1, strided_variants[-1]), (3, strided_variants[0])):  # several slices, a short last one
         dx, dw = problems.backward(upstream, y, x, weight, *args, relu, splits, strided)
         torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generator, load_cpu_check
+from helpers import LAYOUTS, draw_window, generator, load_cpu_check, memory_layout
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fcnkern
 
@@ -136,13 +138,34 @@ BILINEAR = [(3, 3, 2, 32, (19, 19), (41, 29)), (2, 5, 4, 8, (31, 3), (7, 23)), (
 
 @pytest.mark.parametrize("case", BILINEAR, ids=lambda c: f"f{c[3]}crop{c[4][0]}-{c[4][1]}")
 def test_bilinear_elements(elements, case):
+    _check_bilinear(elements, case, ("channels_last", "contiguous"), generator("bil-elements", case))
+
+
+@given(
+    data=st.data(),
+    c=st.integers(1, 4),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    f=st.integers(1, 9),
+    layouts=st.tuples(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS)),
+)
+def test_bilinear_elements_on_random_geometries(elements, data, c, h, w, f, layouts):
+    """Random factors and windows anywhere in the full output; x and the upstream gradient each contiguous,
+    channels_last or strided."""
+    crop, size = draw_window(data, ((h + 1) * f, (w + 1) * f))
+    case = (c, h, w, f, crop, size)
+    _check_bilinear(elements, case, layouts, generator("bil-elements-random", case, layouts))
+
+
+def _check_bilinear(elements, case, layouts, g):
+    """Both forward index plans and the two backward passes against the diagonal ConvTranspose2d + crop in float64;
+    layouts are x's and the upstream gradient's."""
     c, h, w, f, crop, size = case
-    g = generator("bil-elements", case)
-    x = torch.randn(2, c, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = memory_layout(torch.randn(2, c, h, w, generator=g, dtype=torch.float64), layouts[0])
     weight = fcnkern.bilinear_kernel(2 * f, torch.float64).expand(c, 1, 2 * f, 2 * f)
     xr = x.clone().requires_grad_()
     ref = _window(F.conv_transpose2d(xr, weight, stride=f, groups=c), crop, size)
-    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    upstream = memory_layout(torch.randn(ref.shape, generator=g, dtype=torch.float64), layouts[1])
     (ref_dx,) = torch.autograd.grad(ref, xr, upstream)
     for narrow in (True, False):
         out = elements.bilinear_fwd(x, f, *crop, *size, narrow)
@@ -161,14 +184,39 @@ LEARNED = [
 
 @pytest.mark.parametrize("case", LEARNED, ids=lambda c: f"k{c[5][0]}x{c[5][1]}s{c[6][0]}g{c[2]}")
 def test_learned_elements(elements, case):
+    _check_learned(elements, case, ("contiguous",) * 3, generator("learned-elements", case))
+
+
+@given(
+    data=st.data(),
+    groups=st.integers(1, 3),
+    cin_g=st.integers(1, 3),
+    cout_g=st.integers(1, 3),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    kernel=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    stride=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 3),
+)
+def test_learned_elements_on_random_geometries(elements, data, groups, cin_g, cout_g, h, w, kernel, stride, layouts):
+    """Random kernels (smaller and larger than the stride), strides, groups and windows; x, the weight and the
+    upstream gradient each contiguous, channels_last or strided."""
+    full = tuple((n - 1) * st_ + k for n, st_, k in zip((h, w), stride, kernel, strict=True))
+    crop, size = draw_window(data, full)
+    case = (groups * cin_g, cout_g, groups, h, w, kernel, stride, crop, size)
+    _check_learned(elements, case, layouts, generator("learned-elements-random", case, layouts))
+
+
+def _check_learned(elements, case, layouts, g):
+    """Forward, dx and dW against conv_transpose2d + crop and autograd in float64; layouts are x's, the weight's
+    and the upstream gradient's."""
     cin, cout_g, groups, h, w, kernel, stride, crop, size = case
-    g = generator("learned-elements", case)
-    x = torch.randn(2, cin, h, w, generator=g, dtype=torch.float64)
-    weight = torch.randn(cin, cout_g, *kernel, generator=g, dtype=torch.float64)
+    x = memory_layout(torch.randn(2, cin, h, w, generator=g, dtype=torch.float64), layouts[0])
+    weight = memory_layout(torch.randn(cin, cout_g, *kernel, generator=g, dtype=torch.float64), layouts[1])
     bias = torch.randn(cout_g * groups, generator=g, dtype=torch.float64)
     xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
     ref = _window(F.conv_transpose2d(xr, wr, bias, stride, groups=groups), crop, size)
-    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    upstream = memory_layout(torch.randn(ref.shape, generator=g, dtype=torch.float64), layouts[2])
     ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), upstream)
     out = elements.learned_fwd(x, weight, bias, list(stride), list(crop), *size, groups)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
