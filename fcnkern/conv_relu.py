@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _autograd, _ext
+from fcnkern import _amp, _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.second_order import register_reference_double_backward
 
@@ -420,11 +420,12 @@ def conv2d_relu(
 
     Returns:
         N x Cout x OH x OW (Cout x OH x OW for an unbatched x) in x's dtype and memory format. Accumulation is fp32
-        (fp64 for fp64).
+        (fp64 for fp64). Under ``torch.autocast`` x, weight and bias are cast to its dtype first, as for F.conv2d.
     """
     if isinstance(x, Tensor) and x.dim() == 3:
         y = conv2d_relu(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, relu, backend=backend)
         return y.squeeze(0)
+    x, weight, bias = _amp.cast_for_convolution(x, weight, bias)
     stride_t, dilation_t = _pair(stride, "stride"), _pair(dilation, "dilation")
     if isinstance(padding, str):
         x, padding_t = _string_padding(x, weight, padding, stride_t, dilation_t)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _autograd, _ext
+from fcnkern import _amp, _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.second_order import differentiable_grad
 
@@ -473,11 +473,14 @@ def pixelwise_cross_entropy(
             kernel still raises.
 
     Returns:
-        The loss in ``logits.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32, then rounded:
-        as with ``F.cross_entropy``, an fp16 sum over a large batch can exceed fp16's 65504 and be inf (150 classes
-        over 210 x 55 pixels is ~1e5) while the gradient stays finite; take ``reduction="mean"`` or bf16 there.
+        The loss in ``logits.dtype`` (float32 under ``torch.autocast``, as F.cross_entropy's; the kernels read
+        fp16/bf16 logits as they are and compute in fp32 either way): a scalar for sum/mean, N x H x W for none.
+        Computed in fp32, then rounded: as with ``F.cross_entropy``, an fp16 sum over a large batch can exceed
+        fp16's 65504 and be inf (150 classes over 210 x 55 pixels is ~1e5) while the gradient stays finite; take
+        ``reduction="mean"`` or bf16 there.
     """
     _validate(logits, target, weight, ignore_index, reduction)
+    out_dtype = _amp.loss_dtype(logits)
     be = _backend.resolve(backend, logits.device.type, "pixelwise_cross_entropy")
     num_classes = logits.shape[1]
     # A data-dependent check cannot be traced; under torch.compile the kernels' own handling stands alone.
@@ -488,8 +491,8 @@ def pixelwise_cross_entropy(
     if eager and (check_labels or own_check):
         validate_labels(target, num_classes, ignore_index)
     if be == "torch":
-        if weight is not None:
-            weight = weight.to(logits.dtype)
+        if weight is not None:  # float32 under autocast, which then computes in float32 (not a bf16-rounded weight)
+            weight = weight.to(out_dtype)
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
 
     if weight is not None:
@@ -498,7 +501,7 @@ def pixelwise_cross_entropy(
     if be != "triton":
         _ext.load()
     loss = _kernel_forward(be, logits, target, weight, ignore_index)
-    return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, logits.dtype)
+    return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, out_dtype)
 
 
 def reduce_pixel_loss(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _autograd, _ext
+from fcnkern import _amp, _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _index_type, _wgrad_splits
 from fcnkern.second_order import register_reference_double_backward
@@ -143,8 +143,10 @@ def upsample_crop(
             :mod:`fcnkern.backend`).
 
     Returns:
-        N x Cout x H x W in x's dtype and memory format.
+        N x Cout x H x W in x's dtype and memory format (under ``torch.autocast``, x, weight and bias are cast to its
+        dtype first, as for ``F.conv_transpose2d``).
     """
+    x, weight, bias = _amp.cast_for_convolution(x, weight, bias)
     _check_input(x)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be Cin x Cout/groups x kh x kw, got {getattr(weight, 'shape', weight)}")
@@ -195,8 +197,10 @@ def bilinear_upsample_crop(
         crop, out_size: as in :func:`upsample_crop`.
 
     Returns:
-        N x C x H x W in x's dtype and memory format.
+        N x C x H x W in x's dtype and memory format (under ``torch.autocast``, in its dtype, as
+        ``F.conv_transpose2d``).
     """
+    (x,) = _amp.cast_for_convolution(x)
     _check_input(x)
     _check_factor(factor)
     k = 2 * factor

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fcnkern import _autograd, _ext
+from fcnkern import _amp, _autograd, _ext
 from fcnkern import backend as _backend
 from fcnkern.conv_relu import _acc, _cdiv
 from fcnkern.cross_entropy import Reduction, check_loss_options, reduce_pixel_loss, scale_by_cpu_scalar, validate_labels
@@ -266,9 +266,10 @@ def upsample_cross_entropy(
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None for the current choice.
 
     Returns:
-        The loss in ``scores.dtype``: a scalar for sum/mean, N x H x W for none. Computed in fp32 (logits are never
-        rounded to ``scores.dtype``, unlike the unfused composition). Gradient with respect to ``scores``. An fp16
-        sum can exceed 65504 and be inf, as ``pixelwise_cross_entropy``'s and ``F.cross_entropy``'s do.
+        The loss in ``scores.dtype`` (float32 under ``torch.autocast``): a scalar for sum/mean, N x H x W for none.
+        Computed in fp32 (logits are never rounded to ``scores.dtype``, unlike the unfused composition). Gradient
+        with respect to ``scores``. An fp16 sum can exceed 65504 and be inf, as ``pixelwise_cross_entropy``'s and
+        ``F.cross_entropy``'s do.
     """
     crop_t = _pair(tuple(crop), "crop")
     _validate(scores, target, factor, crop_t)
@@ -297,4 +298,4 @@ def upsample_cross_entropy(
     else:
         _ext.load()
         loss = _autograd.call("fcnkern::upsample_ce_fwd", *args)[0]
-    return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, scores.dtype)
+    return reduce_pixel_loss(loss, target, weight, ignore_index, reduction, _amp.loss_dtype(scores))
