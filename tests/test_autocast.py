@@ -13,12 +13,12 @@ from helpers import (
     assert_fp32_ok,
     assert_low_precision_ok,
     device_backend_params,
+    fcn_and_twin,
     generator,
     rel_err,
 )
 
 import fcnkern
-from fcnkern import models
 from fcnkern.upsample import bilinear_weight
 
 
@@ -146,14 +146,8 @@ def test_fcn_under_autocast_matches_its_twin(backend):
     pool's tied window, common in bf16, may send its gradient to either input)."""
     if not fcnkern.backend_info(backend).available:
         pytest.skip(f"backend {backend!r} unavailable: {fcnkern.backend_info(backend).reason}")
-    torch.manual_seed(0)
-    model = models.FCN("fcn8s", num_classes=5, backend=backend, width=1 / 16, dropout=0.0)
-    twin = models.FCN("fcn8s", num_classes=5, twin=True, width=1 / 16, dropout=0.0)
-    g = generator("autocast-fcn")
-    state = {k: torch.randn(v.shape, generator=g) * 0.1 if k.startswith("score") else v
-             for k, v in model.state_dict().items()}  # fmt: skip
-    model.load_state_dict(state)
-    twin.load_state_dict(state)
+    model, twin = fcn_and_twin("fcn8s", backend, ("autocast-fcn",), num_classes=5)
+    g = generator("autocast-fcn-input")
     x = torch.randn(2, 3, 37, 41, generator=g)
     target = torch.randint(0, 5, (2, 37, 41), generator=g)
 

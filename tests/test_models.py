@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generator, rel_err
+from helpers import fcn_and_twin, generator, rel_err
 
 import fcnkern
 from fcnkern import geometry, models
@@ -15,18 +15,7 @@ WIDTH = 1 / 16  # channels 4..32, fc6/fc7 256: the real topology, small enough f
 
 
 def _pair(variant: str, backend: str, width: float = WIDTH, **kwargs):
-    torch.manual_seed(0)
-    model = models.FCN(variant, backend=backend, width=width, **kwargs)
-    twin = models.FCN(variant, twin=True, width=width, **kwargs)
-    g = generator("weights", variant)
-    # Score layers start at zero in the paper; random ones make every path of the network visible in the output.
-    state = {
-        k: torch.randn(v.shape, generator=g) * 0.1 if k.startswith("score") else v
-        for k, v in model.state_dict().items()
-    }
-    model.load_state_dict(state)
-    twin.load_state_dict(state)
-    return model.eval(), twin.eval()
+    return fcn_and_twin(variant, backend, ("weights", variant), width, **kwargs)
 
 
 def _outputs_and_grads(model, x, upstream):

@@ -16,6 +16,7 @@ from helpers import (
     assert_low_precision_ok,
     device_backend_params,
     draw_window,
+    fcn_and_twin,
     generator,
     interpreted,
     rel_err,
@@ -26,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fcnkern
-from fcnkern import bilinear_weight, models, upsample_ce, upsample_cross_entropy
+from fcnkern import bilinear_weight, upsample_ce, upsample_cross_entropy
 
 IGNORE = 255
 
@@ -338,18 +339,6 @@ def test_module_form():
                                                                               reduction="mean"))  # fmt: skip
 
 
-def _model_pair(variant: str, backend: str):
-    torch.manual_seed(0)
-    model = models.FCN(variant, backend=backend, width=1 / 16)
-    twin = models.FCN(variant, twin=True, width=1 / 16)
-    g = generator("head-weights", variant)
-    state = {k: torch.randn(v.shape, generator=g) * 0.1 if k.startswith("score") else v
-             for k, v in model.state_dict().items()}  # fmt: skip
-    model.load_state_dict(state)
-    twin.load_state_dict(state)
-    return model.eval(), twin.eval()
-
-
 # The Triton interpreter would need many minutes for a VGG16 at padding 100; the op tests above cover its head.
 CPU_MODEL_BACKENDS = [p for p in device_backend_params() if p.values[0] == "cpu" and p.values[1] != "triton"]
 
@@ -360,7 +349,7 @@ CPU_MODEL_BACKENDS = [p for p in device_backend_params() if p.values[0] == "cpu"
 def test_model_loss_uses_the_fused_head_and_matches_twin(device, backend, variant, reduction):
     """model(x, target) on the fcnkern network runs the fused head; the twin's is F.cross_entropy of its output.
     Same weights: the same loss and parameter gradients."""
-    model, twin = _model_pair(variant, backend)
+    model, twin = fcn_and_twin(variant, backend, ("head-weights", variant))
     assert model.head_backend == backend and twin.head_backend is None
     g = generator("head-input", variant)
     x = torch.randn(2, 3, 37, 29, generator=g)
