@@ -9,9 +9,9 @@ Each result is judged against a float64 reference, no worse than twice PyTorch's
 floor: the tests' rule (tests/helpers.py), but on the largest elementwise error relative to the reference's largest
 value rather than on norms, and with an fp32 floor of 1e-6 rather than 1e-5, so stricter (fp16/bf16: four
 roundings, as the tests; the Triton interpreter truncates fp32 -> bf16 where GPUs round to nearest). Non-finite
-values where the reference is finite fail. Session
-26 found with it a heap corruption in oneDNN's in-place matmul (one-row products; the CPU conv's weight gradient of
-one output channel per group) and wrong Triton learned upsampling for kernels no larger than the stride.
+values where the reference is finite fail. Session 26 found with it a heap corruption in oneDNN's in-place matmul
+(one-row products; the CPU conv's weight gradient of one output channel per group) and wrong Triton learned
+upsampling for kernels no larger than the stride.
 """
 
 from __future__ import annotations
