@@ -221,12 +221,15 @@ def _compare_with_twin(cfg, steps: int) -> dict:
     for name, twin in (("fcnkern", False), ("pytorch", True)):
         c = dataclasses.replace(cfg, twin=twin)
         model = t.build_model(c, num_classes).to(cfg.device, t.DTYPES[cfg.dtype])
-        opt = t.make_optimizer(c, model)
+        opt, scaler = t.make_optimizer(c, model), t.make_scaler(c)
 
-        def step(model=model, opt=opt, c=c):
+        def step(model=model, opt=opt, scaler=scaler, c=c):
             opt.zero_grad(set_to_none=True)
-            t.training_loss(c, model, image, label).backward()
-            opt.step()
+            with t.autocast(c):
+                loss = t.training_loss(c, model, image, label)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
         result[name] = median_ms(step, cfg.device, rounds=steps)
     result["speedup"] = result["pytorch"] / result["fcnkern"]
@@ -237,8 +240,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fcnkern import train as t
 
     cfg = _config(args)
+    cfg.check_precision()
+    precision = cfg.dtype if cfg.amp is None else f"fp32 weights, {cfg.amp} autocast"
     print(f"training {cfg.model} (width {cfg.width}) on {cfg.data} data, {cfg.size}x{cfg.size}, batch {cfg.batch}, "
-          f"{cfg.iters} iterations, recipe {cfg.recipe}, backend {cfg.backend or 'auto'}, {cfg.dtype} on {cfg.device}",
+          f"{cfg.iters} iterations, recipe {cfg.recipe}, backend {cfg.backend or 'auto'}, {precision} on {cfg.device}",
           flush=True)  # fmt: skip
     from tqdm import tqdm
 
@@ -326,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate (overrides the recipe's)")
     train.add_argument("--backend", choices=fcnkern.BACKENDS, help="fcnkern backend (default: automatic)")
     train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="model and input dtype (default fp32)")
+    train.add_argument("--amp", choices=("bf16", "fp16"),
+                       help="mixed precision: fp32 weights, forward under torch.autocast in this dtype (fp16 with "
+                            "a gradient scaler)")  # fmt: skip
     train.add_argument("--device", help="cpu or cuda (default cpu)")
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     train.add_argument("--seed", type=int, help="seed of weights, data order and dropout")

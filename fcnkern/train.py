@@ -4,13 +4,20 @@ One process, or several through ``torchrun`` (DistributedDataParallel; gloo on C
 its share of every epoch's shuffled order (DistributedSampler), gradients are averaged by DDP, and the confusion
 matrix of the evaluation is summed over ranks. Rank 0 alone prints, saves checkpoints and writes files.
 
-Checkpoints hold the model, the optimiser, the iteration, the RNG state and the configuration; they are written to a
-temporary file and renamed, so a crash never leaves a half-written one. Resuming continues exactly: the epoch's
-order is a function of (seed, epoch), and the batches already done are skipped.
+Mixed precision (``amp="bf16"`` or ``"fp16"``, the CLI's ``--amp``): fp32 weights and optimiser state, each step's
+forward under ``torch.autocast`` in that dtype (the fcnkern layers cast as nn.Conv2d does, the losses stay fp32),
+and for fp16 a ``torch.amp.GradScaler`` so that small gradients do not flush to zero. Evaluation runs under the same
+autocast. ``dtype`` instead casts the whole model and its input (weights and updates in that dtype too).
+
+Checkpoints hold the model, the optimiser, the gradient scaler (fp16 mixed precision), the iteration, the RNG state
+and the configuration; they are written to a temporary file and renamed, so a crash never leaves a half-written
+one. Resuming continues exactly: the epoch's order is a function of (seed, epoch), and the batches already done are
+skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -26,9 +33,10 @@ from fcnkern import models
 from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, denormalize, voc_palette
 from fcnkern.metrics import confusion_matrix, segmentation_scores
 
-__all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["TrainConfig", "autocast", "evaluate", "load_checkpoint", "make_scaler", "save_checkpoint", "train"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,6 +59,7 @@ class TrainConfig:
     backend: str | None = None
     twin: bool = False
     dtype: str = "fp32"
+    amp: str | None = None  # mixed precision: fp32 weights, forward under torch.autocast in bf16 / fp16
     device: str = "cpu"
     compile: bool = False
     seed: int = 0
@@ -63,6 +72,29 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 1e-3 if self.recipe == "modern" else 1e-10
+
+    def check_precision(self) -> None:
+        """ValueError for a dtype or amp setting the loop cannot run."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"unknown amp dtype {self.amp!r}; choose one of {', '.join(AMP_DTYPES)}")
+        if self.amp is not None and self.dtype != "fp32":
+            raise ValueError(f"--amp {self.amp} keeps fp32 weights and computes in {self.amp}: use it with --dtype "
+                             f"fp32, not {self.dtype}")  # fmt: skip
+
+
+def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """torch.autocast in cfg.amp's dtype on cfg.device's type, or a no-op context without amp."""
+    if cfg.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg.device).type, dtype=AMP_DTYPES[cfg.amp])
+
+
+def make_scaler(cfg: TrainConfig) -> torch.amp.GradScaler:
+    """The loss scaler of fp16 mixed precision; for every other setting a disabled one, whose scale(), step()
+    and update() are plain loss, optimizer.step() and nothing."""
+    return torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp == "fp16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,13 +164,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-                    cfg: TrainConfig) -> None:  # fmt: skip
+                    cfg: TrainConfig, scaler: torch.amp.GradScaler | None = None) -> None:  # fmt: skip
     """Write atomically: to a temporary file in the same directory, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": "fcnkern-checkpoint-1",
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "iteration": iteration,
         "rng": torch.get_rng_state(),
         "config": dataclasses.asdict(cfg),
@@ -211,7 +244,8 @@ def _evaluate(model: nn.Module, dataset: Dataset, num_classes: int, cfg: TrainCo
     loader = DataLoader(dataset, batch_size=cfg.batch, sampler=sampler)
     hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=cfg.device)
     for image, label in _progress(loader, len(loader), "eval"):
-        logits = model(image.to(cfg.device, DTYPES[cfg.dtype]))
+        with autocast(cfg):
+            logits = model(image.to(cfg.device, DTYPES[cfg.dtype]))
         hist += confusion_matrix(logits.argmax(1), label.to(cfg.device), num_classes, IGNORE_INDEX)
     if world > 1:
         dist.all_reduce(hist)
@@ -241,15 +275,19 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print, on_finish=None
 
 
 def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
+    cfg.check_precision()
     rank, world = _world()
     train_set, val_set, num_classes = make_datasets(cfg)
     model = build_model(cfg, num_classes).to(cfg.device, DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg, model)
+    scaler = make_scaler(cfg)
     start = 0
     if resume:
         state = load_checkpoint(resume)
         _restore(model, state, resume)
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = int(state["iteration"])
         torch.set_rng_state(state["rng"])
     net: nn.Module = model
@@ -280,9 +318,11 @@ def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
         label = torch.stack(labels).to(cfg.device)
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = training_loss(cfg, net, image, label)
-        loss.backward()
-        optimizer.step()
+        with autocast(cfg):
+            loss = training_loss(cfg, net, image, label)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
@@ -295,12 +335,12 @@ def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
             log(f"epoch {it / per_epoch:.2f} | iter {it}/{cfg.iters} | loss {sum(recent) / len(recent):.4g} | "
                 f"{1000 * sum(step_times[-len(recent):]) / len(recent):.0f} ms/iter")  # fmt: skip
         if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iters and _is_main():
-            save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
+            save_checkpoint(out / "last.pt", model, optimizer, it, cfg, scaler)
     scores, _ = evaluate(net, val_set, num_classes, cfg)
     if on_finish is not None:
         on_finish(model)
     if _is_main():
-        save_checkpoint(out / "last.pt", model, optimizer, it, cfg)
+        save_checkpoint(out / "last.pt", model, optimizer, it, cfg, scaler)
     timed = step_times[len(step_times) // 5 :] or step_times  # the first steps warm up
     summary = {
         "iterations": it,
@@ -324,7 +364,7 @@ def save_prediction_grid(model: nn.Module, dataset: Dataset, cfg: TrainConfig, p
     palette[255] = (255, 255, 255)
     model.eval()
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg):
         for i in range(min(count, len(dataset))):
             image, label = dataset[i]
             pred = model(image[None].to(cfg.device, DTYPES[cfg.dtype])).argmax(1)[0].cpu()
