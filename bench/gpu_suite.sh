@@ -7,7 +7,8 @@
 #   2. at the same time (correctness only, so they may share the GPU): the CUDA-device parity tests (`-k cuda`; CI
 #      runs the CPU ones) and compute-sanitizer memcheck and racecheck, one process per backend;
 #   3. alone on the GPU (timings): copy bandwidth and bf16 GEMM rate (floors.json), the CE probe, the benchmarks with
-#      their PyTorch baselines in the same run (bench.json), then the main job on the GPU (train.json), its eval and
+#      their PyTorch baselines in the same run (bench.json), then the main job on the GPU (train.json; train-amp:
+#      under bf16 autocast), its eval and
 #      `fcnkern bench` (cli.log).
 # The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
 # and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
@@ -88,13 +89,17 @@ step ncu 50 "${NCU:-ncu}" --profile-from-start off -k "regex:conv_|gather_gemm|u
 step bench 120 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
   --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and not interleaved}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
+# Mixed precision, the usual way to train on a GPU (fp32 weights, bf16 autocast): learns, and its step against the
+# twin's under the same autocast (logs.tar.gz: train-amp.log and .json).
+step train-amp 60 python3 -m fcnkern train --device cuda --amp bf16 --iters 150 --out "$LOGS/run-amp" \
+  --compare-steps 20 --json "$LOGS/train-amp.json"
 # The rest of the command line on the GPU: eval of that checkpoint (metrics, prediction grid) and `fcnkern bench`.
 step cli 60 sh -c "python3 -m fcnkern eval --checkpoint '$LOGS/run/last.pt' --png '$LOGS/predictions.png' &&
   python3 -m fcnkern bench --ops cross_entropy upsample --rounds 5 --json '$LOGS/cli-bench.json'"
 # Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=compile in a later call.
 step compile 240 python3 -m pytest bench/test_bench_models.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (compile or fcnkern)" --benchmark-json="$LOGS/bench-compile.json"
-rm -rf "$LOGS/run"
+rm -rf "$LOGS/run" "$LOGS/run-amp"
 pack
 
 echo "== summary"; cat "$LOGS/summary.txt"
