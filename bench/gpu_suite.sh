@@ -8,8 +8,7 @@
 #      runs the CPU ones) and compute-sanitizer memcheck and racecheck, one process per backend;
 #   3. alone on the GPU (timings): copy bandwidth and bf16 GEMM rate (floors.json), the CE probe, the benchmarks with
 #      their PyTorch baselines in the same run (bench.json), then the main job on the GPU (train.json; train-amp:
-#      under bf16 autocast), its eval and
-#      `fcnkern bench` (cli.log).
+#      under bf16 autocast), its eval and `fcnkern bench` (cli.log).
 # The device tool brings back at most 8 files from $OUT: summary.txt, env.txt, bench.json, floors.json, train.json
 # and logs.tar.gz (every log), packed again after each step so that a cut-off run still returns what it did.
 # STEPS="build tests" (say) runs a subset, BENCH_K picks benchmarks and TESTS_K tests (pytest -k), SANITIZE_JOBS the
