@@ -66,12 +66,14 @@ def _jit_compile(prebuilt_error: str) -> ModuleType:
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg.CUDA_ARCH_LIST)
     build_dir = cpp_extension._get_build_directory("fcnkern_C", verbose=False)
     what = "C++/CUDA" if no_cuda is None else "C++ (CPU only: " + no_cuda + ")"
-    print(
-        f"fcnkern: compiling the {what} extension on first use, once; cached in {build_dir} "
-        f"(no prebuilt one: {prebuilt_error})",
-        file=sys.stderr,
-        flush=True,
-    )
+    if os.path.exists(os.path.join(build_dir, "fcnkern_C.so")):
+        message = (
+            f"loading the {what} extension compiled on first use from {build_dir} (recompiled first if its "
+            "sources changed)"
+        )
+    else:
+        message = f"compiling the {what} extension on first use, once (a few minutes); cached in {build_dir}"
+    print(f"fcnkern: {message} (no prebuilt one: {prebuilt_error})", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name="fcnkern_C",
         sources=sources,
