@@ -122,7 +122,7 @@ class FCN(nn.Module):
         if num_classes < 1 or width <= 0:
             raise ValueError(f"num_classes must be >= 1 and width > 0, got {num_classes} and {width}")
         self.variant, self.num_classes, self.twin, self.at_once = variant, num_classes, twin, at_once
-        self.backend, self.skip_background = backend, skip_background
+        self.backend, self.skip_background, self.width = backend, skip_background, width
         self.crops = geometry.fcn_crops(variant)
 
         def conv(cin: int, cout: int, k: int, padding: int = 0, relu: bool = True) -> nn.Module:
@@ -260,6 +260,17 @@ class FCN(nn.Module):
             h = self.upscore_pool4(h, (0, 0), self._full(h, 2))
             h = h + self._skip_score("score_pool3", background.dense(pools["pool3"]), h)
         return h
+
+    def to_twin(self) -> FCN:
+        """This network in plain PyTorch modules (the pure-PyTorch twin) with its weights, device, dtype and
+        train/eval mode: what to hand torch.export, torch.onnx.export or a runtime without fcnkern. fcnkern's
+        layers are custom ops there, and the skipped background of CPU inputs would trace into hundreds of slices
+        and small convolutions; the twin traces into one op per layer."""
+        twin = FCN(self.variant, self.num_classes, twin=True, at_once=self.at_once, width=self.width,
+                   dropout=self.drop6.p)  # fmt: skip
+        reference = next(self.parameters())
+        twin.to(reference.device, reference.dtype).load_state_dict(self.state_dict())
+        return twin.train(self.training)
 
     def skips_background(self, x: Tensor) -> bool:
         """Whether the forward on x computes the early layers without their constant background (see
