@@ -95,6 +95,11 @@ step train-amp 60 python3 -m fcnkern train --device cuda --amp bf16 --iters 150 
 # The rest of the command line on the GPU: eval of that checkpoint (metrics, prediction grid) and `fcnkern bench`.
 step cli 60 sh -c "python3 -m fcnkern eval --checkpoint '$LOGS/run/last.pt' --png '$LOGS/predictions.png' &&
   python3 -m fcnkern bench --ops cross_entropy upsample --rounds 5 --json '$LOGS/cli-bench.json'"
+# Not in the default STEPS (the default fills the deadline): STEPS=large in a later call. Every op past 2**31
+# elements on each GPU backend: the 64-bit index plans on real sizes, not only forced on small tensors (~18 GB).
+for backend in triton cuda; do
+  step "large-$backend" 120 python3 tests/large_tensors.py --device cuda --backend "$backend"
+done
 # Not in the default STEPS (compiling the twin takes about a minute per mode): STEPS=compile in a later call.
 step compile 240 python3 -m pytest bench/test_bench_models.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (compile or fcnkern)" --benchmark-json="$LOGS/bench-compile.json"

@@ -1,7 +1,10 @@
-"""Each op's CPU kernels on tensors past 2**31 elements, where a 32-bit offset would wrap; a tool, not a test
-(pytest does not collect it: it needs up to 18 GB of memory and a few minutes on 2 cores).
+"""Each op's kernels on tensors past 2**31 elements, where a 32-bit offset would wrap; a tool, not a test (pytest
+does not collect it: it needs up to 18 GB of memory, and a few minutes on 2 CPU cores).
 
-    FCNKERN_NO_CUDA=1 python tests/large_tensors.py ce conv upsample
+    FCNKERN_NO_CUDA=1 python tests/large_tensors.py ce conv upsample        # the cpu backend
+    python tests/large_tensors.py --device cuda --backend triton            # or --backend cuda; all checks
+
+Inputs are drawn on the CPU (the same values on every device) and moved to the device; references run there.
 
 bf16 throughout, to halve the memory; every reference is fp32 or wider, so errors of one bf16 rounding are expected.
 - ce: pixelwise cross-entropy of 1 x 21 x 10113^2 logits (2,147,728,149 elements), sum, forward and backward,
@@ -16,6 +19,7 @@ Prints each comparison and exits 1 if any error passes its bound.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -26,6 +30,13 @@ import fcnkern
 
 BF16_ROUNDING = 2.0**-8  # relative: a bf16 result rounded once, plus headroom for fp32 summation order
 FAILURES: list[str] = []
+DEVICE, BACKEND = "cpu", "cpu"  # set by main()
+
+
+def _seconds_since(start: float) -> float:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _check(label: str, err: float, scale: float, nan: bool = False) -> None:
@@ -38,7 +49,7 @@ def _check(label: str, err: float, scale: float, nan: bool = False) -> None:
 
 def _randn_bf16(shape: tuple[int, ...], g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     """Filled one plane row-band at a time: a full fp32 randn of this size would need 8.6 GB more."""
-    out = torch.empty(shape, dtype=torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE)
     flat = out.view(-1, shape[-1])
     for r in range(0, flat.shape[0], 4096):
         rows = flat[r : r + 4096]
@@ -52,11 +63,12 @@ def check_cross_entropy() -> None:
     x = _randn_bf16((1, c, h, h), g, scale=3.0)
     t = torch.randint(0, c, (1, h, h), generator=g)
     t[0, -7:] = torch.where(torch.rand(7, h, generator=g) < 0.2, 255, t[0, -7:])  # ignored pixels at the end
+    t = t.to(DEVICE)
     x.requires_grad_()
     start = time.perf_counter()
-    loss = fcnkern.pixelwise_cross_entropy(x, t, backend="cpu")
+    loss = fcnkern.pixelwise_cross_entropy(x, t, backend=BACKEND)
     loss.backward()
-    print(f"ce: {x.numel():,} logits, forward + backward {time.perf_counter() - start:.1f} s")
+    print(f"ce: {x.numel():,} logits, forward + backward {_seconds_since(start):.1f} s")
     ref = sum(
         float(
             F.cross_entropy(
@@ -74,29 +86,30 @@ def check_cross_entropy() -> None:
 
 
 def _conv_band(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, first: int, rows: int) -> torch.Tensor:
-    """F.relu(F.conv2d(x, w, b, padding=1)) on output rows [first, first + rows), from x's rows around them."""
+    """F.relu(F.conv2d(x, w, b, padding=1)) in fp32 on output rows [first, first + rows), from x's rows around them
+    (only those are converted: all of x in fp32 would be 8.6 GB)."""
     h = x.shape[-2]
     lo, hi = max(first - 1, 0), min(first + rows + 1, h)
     pad = (1, 1, 1 if first == 0 else 0, 1 if first + rows == h else 0)
-    return F.relu(F.conv2d(F.pad(x[:, :, lo:hi], pad), w, b))
+    return F.relu(F.conv2d(F.pad(x[:, :, lo:hi].float(), pad), w.float(), b.float()))
 
 
 def check_conv() -> None:
     h = 46341
     g = torch.Generator().manual_seed(1)
     x = _randn_bf16((1, 1, h, h), g)
-    w = torch.randn(1, 1, 3, 3, generator=g).to(torch.bfloat16)
-    b = torch.randn(1, generator=g).to(torch.bfloat16)
+    w = torch.randn(1, 1, 3, 3, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(1, generator=g).to(DEVICE, torch.bfloat16)
     x.requires_grad_()
     start = time.perf_counter()
-    y = fcnkern.conv2d_relu(x, w, b, padding=1, backend="cpu")
-    print(f"conv: {x.numel():,} input elements, forward {time.perf_counter() - start:.1f} s")
-    ref = _conv_band(x.detach().float(), w.float(), b.float(), h - 64, 64)
+    y = fcnkern.conv2d_relu(x, w, b, padding=1, backend=BACKEND)
+    print(f"conv: {x.numel():,} input elements, forward {_seconds_since(start):.1f} s")
+    ref = _conv_band(x.detach(), w, b, h - 64, 64)
     _check("conv y last rows", float((y.detach()[:, :, -64:].float() - ref).abs().max()), float(ref.abs().max()))
     gy = _randn_bf16(tuple(y.shape), g)
     start = time.perf_counter()
     y.backward(gy)
-    print(f"conv: backward {time.perf_counter() - start:.1f} s")
+    print(f"conv: backward {_seconds_since(start):.1f} s")
     del y
     for first in (0, h - 64):
         lo = max(first - 1, 0)
@@ -123,12 +136,12 @@ def _torch_window(x: torch.Tensor, f: int, top_left: tuple[int, int], size: tupl
 def check_upsample() -> None:
     c, h, f, crop = 21, 10113, 32, (19, 19)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, c, 318, 318, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, c, 318, 318, generator=g).to(DEVICE, torch.bfloat16)
     start = time.perf_counter()
-    y = fcnkern.bilinear_upsample_crop(x, f, crop, (h, h), backend="cpu")
-    print(f"upsample: {y.numel():,} output elements, bilinear forward {time.perf_counter() - start:.1f} s")
+    y = fcnkern.bilinear_upsample_crop(x, f, crop, (h, h), backend=BACKEND)
+    print(f"upsample: {y.numel():,} output elements, bilinear forward {_seconds_since(start):.1f} s")
     for first in (0, h // 2, h - 300):
-        band = fcnkern.bilinear_upsample_crop(x, f, (crop[0] + first, crop[1]), (300, h), backend="cpu")
+        band = fcnkern.bilinear_upsample_crop(x, f, (crop[0] + first, crop[1]), (300, h), backend=BACKEND)
         _check(f"bilinear y rows {first}+ vs its band", float((y[:, :, first : first + 300] != band).sum()), 0.0)
         window = _torch_window(x, f, (crop[0] + first, crop[1] + h - 50), (300, 50))
         err = float((y[:, :, first : first + 300, -50:].float() - window.float()).abs().max())
@@ -137,24 +150,25 @@ def check_upsample() -> None:
     gy = _randn_bf16((1, c, h, h), g)
     xg = x.clone().requires_grad_()
     start = time.perf_counter()
-    fcnkern.bilinear_upsample_crop(xg, f, crop, (h, h), backend="cpu").backward(gy)
-    print(f"upsample: bilinear backward {time.perf_counter() - start:.1f} s")
-    ref = torch.zeros(x.shape)
+    fcnkern.bilinear_upsample_crop(xg, f, crop, (h, h), backend=BACKEND).backward(gy)
+    print(f"upsample: bilinear backward {_seconds_since(start):.1f} s")
+    ref = torch.zeros(x.shape, device=DEVICE)
     for first in range(0, h, 1024):
         rows = min(1024, h - first)
         xb = x.float().requires_grad_()
-        band = fcnkern.bilinear_upsample_crop(xb, f, (crop[0] + first, crop[1]), (rows, h), backend="cpu")
+        band = fcnkern.bilinear_upsample_crop(xb, f, (crop[0] + first, crop[1]), (rows, h), backend=BACKEND)
         band.backward(gy[:, :, first : first + rows].float())
         ref += xb.grad
     _check("bilinear dx vs the sum of its bands (fp32)", float((xg.grad.float() - ref).abs().max()),
            float(ref.abs().max()), bool(xg.grad.isnan().any()))  # fmt: skip
     del gy
-    w = (fcnkern.bilinear_weight(c, 2 * f) + 0.01 * torch.randn(c, c, 2 * f, 2 * f, generator=g)).to(torch.bfloat16)
+    w = fcnkern.bilinear_weight(c, 2 * f) + 0.01 * torch.randn(c, c, 2 * f, 2 * f, generator=g)
+    w = w.to(DEVICE, torch.bfloat16)
     start = time.perf_counter()
-    y = fcnkern.upsample_crop(x, w, f, crop, (h, h), backend="cpu")
-    print(f"upsample: learned forward {time.perf_counter() - start:.1f} s")
+    y = fcnkern.upsample_crop(x, w, f, crop, (h, h), backend=BACKEND)
+    print(f"upsample: learned forward {_seconds_since(start):.1f} s")
     for first in (0, h - 300):
-        band = fcnkern.upsample_crop(x, w, f, (crop[0] + first, crop[1]), (300, h), backend="cpu")
+        band = fcnkern.upsample_crop(x, w, f, (crop[0] + first, crop[1]), (300, h), backend=BACKEND)
         _check(f"learned y rows {first}+ vs its band", float((y[:, :, first : first + 300] != band).sum()), 0.0,
                bool(band.isnan().any()))  # fmt: skip
 
@@ -163,17 +177,23 @@ CHECKS = {"ce": check_cross_entropy, "conv": check_conv, "upsample": check_upsam
 
 
 def main(argv: list[str]) -> int:
-    unknown = set(argv) - set(CHECKS)
+    global DEVICE, BACKEND
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checks", nargs="*", help=f"any of {', '.join(CHECKS)} (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "cuda", "triton"))
+    args = parser.parse_args(argv)
+    unknown = set(args.checks) - set(CHECKS)
     if unknown:
-        print(f"unknown checks {sorted(unknown)}; choose from {list(CHECKS)}", file=sys.stderr)
+        parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+    DEVICE, BACKEND = args.device, args.backend
+    info = fcnkern.backend_info(BACKEND)
+    if not info.available:
+        print(f"backend {BACKEND} is unavailable: {info.reason}", file=sys.stderr)
         return 2
-    status = fcnkern._ext.load()
-    if status.error is not None:
-        print(f"the C++ extension is unavailable: {status.error}", file=sys.stderr)
-        return 2
-    for name in argv or list(CHECKS):
+    for name in args.checks or list(CHECKS):
         CHECKS[name]()
-    print(f"{len(FAILURES)} failures" + (f": {FAILURES}" if FAILURES else ""))
+    print(f"{BACKEND} on {DEVICE}: {len(FAILURES)} failures" + (f": {FAILURES}" if FAILURES else ""))
     return 1 if FAILURES else 0
 
 
