@@ -224,12 +224,7 @@ def _compare_with_twin(cfg, steps: int) -> dict:
         opt, scaler = t.make_optimizer(c, model), t.make_scaler(c)
 
         def step(model=model, opt=opt, scaler=scaler, c=c):
-            opt.zero_grad(set_to_none=True)
-            with t.autocast(c):
-                loss = t.training_loss(c, model, image, label)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            t.training_step(c, model, opt, scaler, image, label)
 
         result[name] = median_ms(step, cfg.device, rounds=steps)
     result["speedup"] = result["pytorch"] / result["fcnkern"]

@@ -33,7 +33,8 @@ from fcnkern import models
 from fcnkern.data import IGNORE_INDEX, SyntheticScenes, VOCSegmentation, denormalize, voc_palette
 from fcnkern.metrics import confusion_matrix, segmentation_scores
 
-__all__ = ["TrainConfig", "autocast", "evaluate", "load_checkpoint", "make_scaler", "save_checkpoint", "train"]
+__all__ = ["TrainConfig", "autocast", "evaluate", "load_checkpoint", "make_scaler", "save_checkpoint", "train",
+           "training_step"]  # fmt: skip
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,6 +221,19 @@ def training_loss(cfg: TrainConfig, net: nn.Module, image: Tensor, target: Tenso
     return net(image, target, reduction=reduction, ignore_index=IGNORE_INDEX)
 
 
+def training_step(cfg: TrainConfig, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  image: Tensor, target: Tensor) -> Tensor:  # fmt: skip
+    """One optimiser step on one batch: the loss under cfg's autocast, the (scaled) backward, the step. Returns the
+    loss (fp32 under autocast, unscaled)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(cfg):
+        loss = training_loss(cfg, net, image, target)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def _progress(iterable, total: int, desc: str, initial: int = 0):
     if not _is_main():
         return iterable
@@ -317,12 +331,7 @@ def _train(cfg: TrainConfig, resume: str | None, log, on_finish) -> dict:
         image = torch.stack(images).to(cfg.device, DTYPES[cfg.dtype])
         label = torch.stack(labels).to(cfg.device)
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(cfg):
-            loss = training_loss(cfg, net, image, label)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = training_step(cfg, net, optimizer, scaler, image, label)
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)

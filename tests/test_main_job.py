@@ -99,43 +99,26 @@ def test_training_lowers_the_loss_and_raises_mean_iu(tmp_path):
 
 def test_fcnkern_model_and_twin_train_together(tmp_path):
     """Same seed, weights and batches: the losses of the first steps agree."""
-    losses = {}
-    for twin in (False, True):
-        cfg = t.TrainConfig(**TINY, iters=4, twin=twin, out=str(tmp_path / str(twin)))
-        train_set, _, num_classes = t.make_datasets(cfg)
-        model = t.build_model(cfg, num_classes)
-        opt = t.make_optimizer(cfg, model)
-        image, label = (torch.stack(v) for v in zip(*(train_set[i] for i in range(4)), strict=True))
-        run = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = t.training_loss(cfg, model, image, label)
-            loss.backward()
-            opt.step()
-            run.append(float(loss.detach()))
-        losses[twin] = run
-    np.testing.assert_allclose(losses[False], losses[True], rtol=1e-4)
+    configs = (t.TrainConfig(**TINY, iters=4, twin=is_twin, out=str(tmp_path)) for is_twin in (False, True))
+    fused, twin = (_steps(cfg, 4) for cfg in configs)
+    np.testing.assert_allclose(fused, twin, rtol=1e-4)
 
 
-def _steps(cfg: t.TrainConfig, steps: int = 3) -> tuple[list[float], torch.nn.Module]:
-    """The training loop's step (autocast, scaler, optimizer) ``steps`` times on the first batch: losses, model."""
+def _steps(cfg: t.TrainConfig, steps: int = 3) -> list[float]:
+    """The training loop's step (autocast, scaler, optimizer) ``steps`` times on the first batch: the losses.
+    Each step's gradients (left in place by the step) must be fp32 like the weights."""
     train_set, _, num_classes = t.make_datasets(cfg)
     model = t.build_model(cfg, num_classes)
     opt, scaler = t.make_optimizer(cfg, model), t.make_scaler(cfg)
     image, label = (torch.stack(v) for v in zip(*(train_set[i] for i in range(cfg.batch)), strict=True))
     losses = []
     for _ in range(steps):
-        opt.zero_grad()
-        with t.autocast(cfg):
-            loss = t.training_loss(cfg, model, image, label)
+        loss = t.training_step(cfg, model, opt, scaler, image, label)
         assert loss.dtype == torch.float32
-        scaler.scale(loss).backward()
         for name, p in model.named_parameters():
             assert p.dtype == p.grad.dtype == torch.float32, name
-        scaler.step(opt)
-        scaler.update()
         losses.append(float(loss.detach()))
-    return losses, model
+    return losses
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -143,9 +126,9 @@ def test_mixed_precision_keeps_fp32_weights_and_matches_the_twin(tmp_path, amp):
     """--amp: fp32 weights and gradients; the fcnkern model and its twin, both under autocast, agree; and autocast
     is really on (the losses differ from fp32 training's by the low-precision rounding)."""
     cfg = t.TrainConfig(**TINY, iters=3, amp=amp, out=str(tmp_path))
-    fused, _ = _steps(cfg)
-    twin, _ = _steps(dataclasses.replace(cfg, twin=True))
-    fp32, _ = _steps(dataclasses.replace(cfg, amp=None))
+    fused = _steps(cfg)
+    twin = _steps(dataclasses.replace(cfg, twin=True))
+    fp32 = _steps(dataclasses.replace(cfg, amp=None))
     np.testing.assert_allclose(fused, twin, rtol=1e-3)  # observed 7e-5 (bf16) and 1e-5 (fp16)
     np.testing.assert_allclose(fused, fp32, rtol=1e-2)
     assert not np.allclose(fused, fp32, rtol=1e-5, atol=0), (fused, fp32)
