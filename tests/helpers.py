@@ -87,22 +87,21 @@ def memory_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def fcn_and_twin(variant: str, backend: str | None, key: tuple, width: float = 1 / 16, **kwargs):
-    """An FCN on fcnkern's layers and its pure-PyTorch twin with the same weights, both in eval mode. The score
+    """An FCN on fcnkern's layers and its pure-PyTorch twin (``to_twin()``), both in eval mode. The score
     layers start at zero in the paper; here they are random (from ``generator(*key)``), so that every path of the
     network shows in the output. ``kwargs`` go to both (num_classes, at_once, ...)."""
     from fcnkern import models
 
     torch.manual_seed(0)
     model = models.FCN(variant, backend=backend, width=width, **kwargs)
-    twin = models.FCN(variant, twin=True, width=width, **kwargs)
     g = generator(*key)
     state = {
         k: torch.randn(v.shape, generator=g) * 0.1 if k.startswith("score") else v
         for k, v in model.state_dict().items()
     }
     model.load_state_dict(state)
-    twin.load_state_dict(state)
-    return model.eval(), twin.eval()
+    model.eval()
+    return model, model.to_twin()
 
 
 def generator(*key) -> torch.Generator:
