@@ -85,13 +85,15 @@ def check_cross_entropy() -> None:
         _check(f"ce grad rows {r}-{r + 6}", float((got - xs.grad).abs().max()), 1.0, bool(got.isnan().any()))
 
 
-def _conv_band(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+def _conv_band(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, first: int, rows: int):
     """F.relu(F.conv2d(x, w, b, padding=1)) in fp32 on output rows [first, first + rows), from x's rows around them
-    (only those are converted: all of x in fp32 would be 8.6 GB)."""
+    (only those are converted: all of x in fp32 would be 8.6 GB). Returns (output rows, those x rows as an fp32
+    leaf that requires grad, the index of its first row in x)."""
     h = x.shape[-2]
     lo, hi = max(first - 1, 0), min(first + rows + 1, h)
     pad = (1, 1, 1 if first == 0 else 0, 1 if first + rows == h else 0)
-    return F.relu(F.conv2d(F.pad(x[:, :, lo:hi].float(), pad), w.float(), b.float()))
+    band = x[:, :, lo:hi].float().requires_grad_()
+    return F.relu(F.conv2d(F.pad(band, pad), w.float(), b.float())), band, lo
 
 
 def check_conv() -> None:
@@ -104,7 +106,7 @@ def check_conv() -> None:
     start = time.perf_counter()
     y = fcnkern.conv2d_relu(x, w, b, padding=1, backend=BACKEND)
     print(f"conv: {x.numel():,} input elements, forward {_seconds_since(start):.1f} s")
-    ref = _conv_band(x.detach(), w, b, h - 64, 64)
+    ref = _conv_band(x.detach(), w, b, h - 64, 64)[0].detach()
     _check("conv y last rows", float((y.detach()[:, :, -64:].float() - ref).abs().max()), float(ref.abs().max()))
     gy = _randn_bf16(tuple(y.shape), g)
     start = time.perf_counter()
@@ -112,13 +114,11 @@ def check_conv() -> None:
     print(f"conv: backward {_seconds_since(start):.1f} s")
     del y
     for first in (0, h - 64):
-        lo = max(first - 1, 0)
-        xs = x.detach()[:, :, lo : first + 65].float().requires_grad_()
-        pad = (1, 1, 1 if first == 0 else 0, 1 if first + 64 == h else 0)
-        F.relu(F.conv2d(F.pad(xs, pad), w.float(), b.float())).backward(gy[:, :, first : first + 64].float())
+        out, xs, lo = _conv_band(x.detach(), w, b, first, 64)
+        out.backward(gy[:, :, first : first + 64].float())
         # x rows all of whose outputs lie in the band: the band's own gradient is complete there
         keep = slice(0, 63) if first == 0 else slice(2, None)
-        got = x.grad[:, :, lo : first + 65].float()[:, :, keep]
+        got = x.grad[:, :, lo : lo + xs.shape[-2]].float()[:, :, keep]
         want = xs.grad[:, :, keep]
         _check(f"conv dx rows near {first}", float((got - want).abs().max()), float(want.abs().max()),
                bool(got.isnan().any()))  # fmt: skip
