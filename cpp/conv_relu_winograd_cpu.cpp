@@ -199,6 +199,81 @@ int64_t tiles_per_block(const WinogradProblem& p, int alpha, int64_t elem_bytes)
   return std::clamp<int64_t>(fit / 16 * 16, 16, 1024);
 }
 
+// (G g G^T)[a][b] of `len` <= kFilterRun filters in double: filter i's 3 x 3 taps at g + i * step, rotated by 180
+// degrees where `flip`, the result to dst[(a * alpha + b) * dst_stride + i]. Filter-major in the scratch so that the
+// arithmetic runs across filters in vectors (one filter at a time, scalar, took a third of the GEMMs' time on a
+// 512 x 512 layer at 44 x 44). Returns whether a tap was inf or NaN.
+constexpr int64_t kFilterRun = 64;
+
+template <typename T, int M, typename scalar_t>
+inline __attribute__((always_inline)) bool transform_filters(const scalar_t* g, int64_t step, int64_t len, bool flip,
+                                                             T* dst, int64_t dst_stride) {
+  using Wg = Winograd<M>;
+  constexpr int kA = Wg::kAlpha;
+  double tap[9][kFilterRun];
+  for (int rs = 0; rs < 9; ++rs) {
+    const scalar_t* src = g + (flip ? 8 - rs : rs);
+    for (int64_t i = 0; i < len; ++i) tap[rs][i] = static_cast<double>(src[i * step]);
+  }
+  // Per filter, not one flag: inf - inf and NaN - NaN are NaN, and an elementwise sum vectorises where a flag
+  // reduction did not (its compare-and-set per tap was a third of this function's time).
+  double zero_if_finite[kFilterRun] = {};
+  for (int rs = 0; rs < 9; ++rs) {
+    for (int64_t i = 0; i < len; ++i) zero_if_finite[i] += tap[rs][i] - tap[rs][i];
+  }
+  bool bad = false;
+  for (int64_t i = 0; i < len; ++i) bad |= zero_if_finite[i] != 0;
+  double half[kA][3][kFilterRun];  // G g
+  for (int a = 0; a < kA; ++a) {
+    for (int s = 0; s < 3; ++s) {
+      for (int64_t i = 0; i < len; ++i) {
+        half[a][s][i] = Wg::kG[a][0] * tap[s][i] + Wg::kG[a][1] * tap[3 + s][i] + Wg::kG[a][2] * tap[6 + s][i];
+      }
+    }
+  }
+  for (int a = 0; a < kA; ++a) {
+    for (int b = 0; b < kA; ++b) {
+      T* out = dst + (a * kA + b) * dst_stride;
+      for (int64_t i = 0; i < len; ++i) {
+        out[i] = static_cast<T>(half[a][0][i] * Wg::kG[b][0] + half[a][1][i] * Wg::kG[b][1] +
+                                half[a][2][i] * Wg::kG[b][2]);
+      }
+    }
+  }
+  return bad;
+}
+
+// The dgrad's transform from the forward's, for F(2, 3): rotating a filter by 180 degrees reverses its taps, and G J
+// = P G for the reversal J and the permutation P that swaps rows 0 and 3 of G, so G rot180(g) G^T = P (G g G^T) P^T.
+// With the transpose (g'[c][k] = rot180(g[k][c])), the dgrad's U'[a][b] is the forward's U[P a][P b]^T.
+constexpr int reflected_index_f2(int xi) {
+  constexpr int kP[4] = {3, 1, 2, 0};
+  return kP[xi / 4] * 4 + kP[xi % 4];
+}
+
+// The float ones as AVX-512 / AVX2 / baseline clones (see input_transform_f2 below).
+FCNK_MULTIVERSION bool transform_filters_f2(const float* g, int64_t step, int64_t len, bool flip, float* dst,
+                                            int64_t dst_stride) {
+  return transform_filters<float, 2>(g, step, len, flip, dst, dst_stride);
+}
+FCNK_MULTIVERSION bool transform_filters_f4(const float* g, int64_t step, int64_t len, bool flip, float* dst,
+                                            int64_t dst_stride) {
+  return transform_filters<float, 4>(g, step, len, flip, dst, dst_stride);
+}
+
+// The forward's and dgrad's block size: at most `budget` tiles, and small enough for two tasks per thread where
+// blocks of FCNKERN_WINOGRAD_MIN_TILES (default 32; 16 and 64 measured slower on 512 channels at 15^2 and 22^2) allow. Fewer tasks than that run on one thread (spread_tasks), the transforms serial and
+// only the GEMMs threaded: 1 x 512 x 29^2 (225 tiles) in 2 blocks of 113 took 17.2 ms forward, in 4 blocks of 57
+// 14.2 (2-core Zen 4). The weight gradient keeps the budget: its blocks each sum into alpha^2 x K x C accumulators.
+int64_t spread_tiles_per_block(int64_t tiles, int64_t outer, int64_t budget) {
+  const char* v = std::getenv("FCNKERN_WINOGRAD_MIN_TILES");
+  const int64_t min_tiles = v != nullptr ? std::atoll(v) : 32;
+  const int64_t want = (2 * at::get_num_threads() + outer - 1) / outer;  // blocks per (image, group)
+  if (want <= 1) return budget;
+  const int64_t even = (tiles + want - 1) / want;
+  return std::min(budget, std::max(min_tiles, (even + 15) / 16 * 16));
+}
+
 // U = G g G^T per (output channel, input channel) as groups x alpha^2 x K/G x C/G, computed in double from a
 // K x C/G x 3 x 3 weight. `flip_transpose`: the dgrad's weight, g'[c][k] = rot180(g[k][c]) within each group.
 // Undefined where the weight holds a non-finite value (see winograd_conv). The weight is read as it is (a double
@@ -206,8 +281,7 @@ int64_t tiles_per_block(const WinogradProblem& p, int alpha, int64_t elem_bytes)
 // 44 x 44 map); U comes from the large-block cache.
 template <typename T, int M, typename scalar_t>
 at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_transpose) {
-  using Wg = Winograd<M>;
-  constexpr int kA = Wg::kAlpha;
+  constexpr int kA = Winograd<M>::kAlpha;
   const at::Tensor w = weight.contiguous();
   const int64_t k_g = weight.size(0) / groups, c_g = weight.size(1);
   const int64_t outs = flip_transpose ? c_g : k_g, ins = flip_transpose ? k_g : c_g;
@@ -215,37 +289,24 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t groups, bool flip_
                              at::MemoryFormat::Contiguous);
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   T* up = u.mutable_data_ptr<T>();
+  // Filter (o, i)'s taps: the weight's [k][c] with k = o, c = i, or k = i, c = o where transposed.
+  const int64_t o_step = (flip_transpose ? 1 : c_g) * 9, i_step = (flip_transpose ? c_g : 1) * 9;
+  const int64_t runs = (ins + kFilterRun - 1) / kFilterRun;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, groups * outs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t go = begin; go < end; ++go) {
-      const int64_t group = go / outs, o = go % outs;
-      for (int64_t i = 0; i < ins; ++i) {
-        const int64_t kk = flip_transpose ? i : o, cc = flip_transpose ? o : i;
-        const scalar_t* g = wp + ((group * k_g + kk) * c_g + cc) * 9;
-        double tap[3][3];
-        bool bad = false;
-        for (int r = 0; r < 3; ++r) {
-          for (int s = 0; s < 3; ++s) {
-            tap[r][s] = static_cast<double>(flip_transpose ? g[(2 - r) * 3 + (2 - s)] : g[r * 3 + s]);
-            bad |= non_finite(tap[r][s]);
-          }
-        }
-        if (bad) finite = false;
-        double half[kA][3];  // G g
-        for (int a = 0; a < kA; ++a) {
-          for (int s = 0; s < 3; ++s) {
-            half[a][s] = Wg::kG[a][0] * tap[0][s] + Wg::kG[a][1] * tap[1][s] + Wg::kG[a][2] * tap[2][s];
-          }
-        }
-        T* dst = up + (group * kA * kA * outs + o) * ins + i;
-        for (int a = 0; a < kA; ++a) {
-          for (int b = 0; b < kA; ++b) {
-            const double v = half[a][0] * Wg::kG[b][0] + half[a][1] * Wg::kG[b][1] + half[a][2] * Wg::kG[b][2];
-            dst[(a * kA + b) * outs * ins] = static_cast<T>(v);
-          }
-        }
+  at::parallel_for(0, groups * outs * runs, 1, [&](int64_t begin, int64_t end) {
+    bool bad = false;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / (outs * runs), o = task / runs % outs, i0 = task % runs * kFilterRun;
+      const int64_t len = std::min(kFilterRun, ins - i0);
+      const scalar_t* g = wp + group * k_g * c_g * 9 + o * o_step + i0 * i_step;
+      T* dst = up + (group * kA * kA * outs + o) * ins + i0;
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<scalar_t, float>) {
+        bad |= (M == 2 ? transform_filters_f2 : transform_filters_f4)(g, i_step, len, flip_transpose, dst, outs * ins);
+      } else {
+        bad |= transform_filters<T, M>(g, i_step, len, flip_transpose, dst, outs * ins);
       }
     }
+    if (bad) finite = false;
   });
   return finite ? u : at::Tensor();
 }
@@ -426,13 +487,18 @@ void output_transform(const TileGrid<M>& grid, const WinogradProblem& p, const T
 // transforming it, running the alpha^2 GEMMs and storing its output. Returns false, the output partly written,
 // where an input value is inf or NaN: the transforms' sums would turn an inf into inf - inf = NaN where the direct
 // form gives inf, so such a call is left to the direct kernels.
+//
+// `reflected`: u is the forward's transform of a K x C/G weight, and the GEMMs read U[P xi]^T, the dgrad's transform
+// of the flipped, transposed weight (see reflected_index_f2).
 template <typename scalar_t, typename T, int M, typename FillRow>
-bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u, const T* bias, bool relu,
-                   const at::Tensor& out, const FillRow& fill_row) {
+bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u, bool reflected, const T* bias,
+                   bool relu, const at::Tensor& out, const FillRow& fill_row) {
   constexpr int kA = Winograd<M>::kAlpha;
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const TileGrid<M> grid(p);
-  const EvenBlocks blocks(grid.tiles, tiles_per_block(p, kA, sizeof(T)), images * p.groups);
+  const EvenBlocks blocks(grid.tiles, spread_tiles_per_block(grid.tiles, images * p.groups,
+                                                             tiles_per_block(p, kA, sizeof(T))),
+                          images * p.groups);
   const int64_t per_image = p.groups * blocks.count, tasks = images * per_image, most = blocks.max_size();
   const int64_t v_size = kA * kA * p.c_g * most, m_size = kA * kA * p.k_g * most, tile_size = M * M * grid.cols_t;
   const int64_t band_size = p.c_g * grid.max_band_rows(most) * grid.plane_cols;
@@ -454,7 +520,8 @@ bool winograd_conv(const WinogradProblem& p, int64_t images, const at::Tensor& u
       }
       run_input_transform<T, M, Winograd<M>::kBT>(grid, band, p.c_g, t0, count, v);
       for (int xi = 0; xi < kA * kA; ++xi) {
-        mm_into(matrix(m + xi * p.k_g * count, p.k_g, count, acc), u[group][xi],
+        const at::Tensor left = M == 2 && reflected ? u[group][reflected_index_f2(xi)].t() : u[group][xi];
+        mm_into(matrix(m + xi * p.k_g * count, p.k_g, count, acc), left,
                 matrix(v + xi * p.c_g * count, p.c_g, count, acc), true);
       }
       output_transform<scalar_t, T, M>(grid, p, m, p.k_g, t0, count, n, group * p.k_g, bias, relu, op, os, tile);
@@ -573,15 +640,21 @@ bool use_winograd(const ConvGeometry& g, WinogradPass pass) {
   const bool computable = g.r == 3 && g.s == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
                           g.dil_w == 1 && (pass != WinogradPass::kDgrad || (g.pad_h <= 2 && g.pad_w <= 2));
   if (mode == "all") return computable;
-  // Below 64 channels the GEMMs are too short to repay the transforms. Thin or small maps (the skipped
-  // background's frame strips, 1-4 pixels wide, see fcnkern/background.py) waste most of each 2 x 2 tile and pay
-  // the weight transform per piece: the direct kernels keep them. So do calls of under 1e8 multiply-adds per tap,
-  // whose few tile blocks leave the 16 GEMMs small and the threads short of tasks (2-core Zen 5, fp32, forward +
-  // backward, Winograd against im2col: 64 channels at 1 x 66^2 8.4 vs 5.4 ms, 8 x 33^2 8.1 vs 7.7; 128 channels
-  // at 1 x 66^2 17.1 vs 12.8; from 128 channels at 8 x 33^2, 1.4e8, it wins: 20.1 vs 23.4).
-  const int64_t work = g.n * g.oh * g.ow * g.groups * g.c_g * g.k_g;
-  return computable && g.c_g >= 64 && g.k_g >= 64 && std::min(g.oh, g.ow) >= 8 && g.oh * g.ow >= 1024 &&
-         work >= 100'000'000;
+  // Thin maps (the skipped background's frame strips, 1-4 pixels wide, see fcnkern/background.py) waste most of
+  // each 2 x 2 tile and pay the weight transform per piece: the direct kernels keep them.
+  if (!computable || std::min(g.oh, g.ow) < 8) return false;
+  // From 128 channels, once a call has about 120k pixel-channels: each pass against the direct kernels (2-core
+  // Zen 4, fp32, min of two processes; forward / dx / dW time ratios): 1 x 512 x 29^2 0.64 / 0.75 / 0.86, 22^2
+  // 0.80 / 0.93 / 0.70; 1 x 256 x 22^2 0.93 / 0.97 / 0.86; 128 channels at 1 x 44^2 0.90 / 0.76 / 0.85, 8 x 17^2
+  // 0.91 / 0.77 / 0.64, 1 x 57^2 0.79 / 0.76 / 1.17. Below it: 512 at 15^2 0.89 / 1.10 / 1.00, 256 at 15^2
+  // 1.07 / 1.32 / 1.26, 128 at 1 x 29^2 0.94 / 1.15 / 0.97, at 8 x 9^2 1.46 / 1.15 / 0.95.
+  const int64_t pixels = g.n * g.oh * g.ow;
+  if (g.c_g >= 128 && g.k_g >= 128 && pixels * std::min(g.c_g, g.k_g) >= 120'000) return true;
+  // 64 channels: the GEMMs' reduction is short, and calls of under 1e8 multiply-adds per tap leave the 16 GEMMs
+  // small and the threads short of tasks (2-core Zen 5, fp32, forward + backward, Winograd against im2col:
+  // 64 channels at 1 x 66^2 8.4 vs 5.4 ms, 8 x 33^2 8.1 vs 7.7).
+  const int64_t work = pixels * g.groups * g.c_g * g.k_g;
+  return g.c_g >= 64 && g.k_g >= 64 && g.oh * g.ow >= 1024 && work >= 100'000'000;
 }
 
 bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -597,7 +670,7 @@ bool winograd_forward(const at::Tensor& x, const at::Tensor& weight, const std::
       constexpr int kM = decltype(tile)::value;
       const at::Tensor u = transform_weight<acc_t, kM, scalar_t>(weight, g.groups, false);
       done = u.defined() &&
-             winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, bp, relu, y, InputRows<scalar_t, acc_t>(x));
+             winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, false, bp, relu, y, InputRows<scalar_t, acc_t>(x));
     });
   });
   return done;
@@ -612,8 +685,11 @@ bool winograd_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tenso
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     with_tile([&](auto tile) {
       constexpr int kM = decltype(tile)::value;
-      const at::Tensor u = transform_weight<acc_t, kM, scalar_t>(weight, g.groups, true);
-      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, nullptr, false, dx,
+      // F(2, 3) reads the forward's transform reflected: transposed, its filters lie c_g * 9 apart (a cache line,
+      // and a page, per filter), which took 2x the forward's transform time.
+      constexpr bool kReflected = kM == 2;
+      const at::Tensor u = transform_weight<acc_t, kM, scalar_t>(weight, g.groups, !kReflected);
+      done = u.defined() && winograd_conv<scalar_t, acc_t, kM>(p, g.n, u, kReflected, nullptr, false, dx,
                                                                 MaskedGradRows<scalar_t, acc_t>(grad, y, relu));
     });
   });
