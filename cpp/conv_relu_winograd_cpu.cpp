@@ -262,9 +262,11 @@ FCNK_MULTIVERSION bool transform_filters_f4(const float* g, int64_t step, int64_
 }
 
 // The forward's and dgrad's block size: at most `budget` tiles, and small enough for two tasks per thread where
-// blocks of FCNKERN_WINOGRAD_MIN_TILES (default 32; 16 and 64 measured slower on 512 channels at 15^2 and 22^2) allow. Fewer tasks than that run on one thread (spread_tasks), the transforms serial and
-// only the GEMMs threaded: 1 x 512 x 29^2 (225 tiles) in 2 blocks of 113 took 17.2 ms forward, in 4 blocks of 57
-// 14.2 (2-core Zen 4). The weight gradient keeps the budget: its blocks each sum into alpha^2 x K x C accumulators.
+// blocks of FCNKERN_WINOGRAD_MIN_TILES (default 32) allow. Fewer tasks than that run on one thread (spread_tasks),
+// the transforms serial and only the GEMMs threaded: 1 x 512 x 29^2 (225 tiles) in 2 blocks of 113 took 17.2 ms
+// forward, in 4 blocks of 57 14.2 (2-core Zen 4). A floor of 16 tiles was slower on 512 channels at 15^2 (8.9 vs
+// 6.6 ms), one of 64 on 256 at 22^2 and 512 at 29^2. dW keeps the budget: its blocks each sum into alpha^2 x K x C
+// accumulators.
 int64_t spread_tiles_per_block(int64_t tiles, int64_t outer, int64_t budget) {
   const char* v = std::getenv("FCNKERN_WINOGRAD_MIN_TILES");
   const int64_t min_tiles = v != nullptr ? std::atoll(v) : 32;
