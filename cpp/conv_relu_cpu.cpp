@@ -87,6 +87,33 @@ inline std::pair<int64_t, int64_t> valid_columns(const ConvGeometry& g, int64_t 
   return {lo, std::max(lo, std::min(hi, g.ow))};
 }
 
+// fn(i) for i in [0, rows), rows of `row_elems` elements, spread over ATen's threads where the caller is not in a
+// parallel region itself (run_tasks did not spread its tasks: one block, a small map), else inline. A small map's
+// one block was otherwise copied, stored and scattered by one thread while the other waited for the GEMM (perf:
+// 1 x 128 x 38 x 10 forward, im2col a third of the samples, OpenMP's idle wait another third).
+template <typename Fn>
+void for_rows(int64_t rows, int64_t row_elems, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
+// dst[0, len) = src[0, len). The runs of a narrow map are a few values long, where std::copy's memmove call per run
+// cost more than the copy (memmove and its PLT stub a third of the im2col of a 1 x 128 x 223 x 5 frame strip);
+// GCC would turn a plain loop back into that call, hence the fixed-size chunks.
+template <typename T>
+inline void copy_run(const T* src, int64_t len, T* dst) {
+  if (len >= 64) {
+    std::copy(src, src + len, dst);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) __builtin_memcpy(dst + i, src + i, 8 * sizeof(T));
+  for (; i + 2 <= len; i += 2) __builtin_memcpy(dst + i, src + i, 2 * sizeof(T));
+  if (i < len) dst[i] = src[i];
+}
+
 // cols[jj][q] = x[n, group * c_g + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw] for the `count` output pixels
 // starting at p0 (row-major over oh, ow), jj = (c, r, s); 0 outside the input.
 template <typename scalar_t, typename acc_t>
@@ -94,7 +121,7 @@ void im2col(const scalar_t* x, const int64_t* xs, const ConvGeometry& g, int64_t
             int64_t count, acc_t* cols) {
   const scalar_t* xn = x + n * xs[0] + group * g.c_g * xs[1];
   const int64_t step = g.stride_w * xs[3];
-  for (int64_t jj = 0; jj < g.j; ++jj) {
+  for_rows(g.j, count, [&](int64_t jj) {
     const int64_t c = jj / (g.r * g.s), r = (jj / g.s) % g.r, s = jj % g.s;
     const auto [lo, hi] = valid_columns(g, s);
     const scalar_t* xc = xn + c * xs[1] + (s * g.dil_w - g.pad_w) * xs[3];
@@ -111,7 +138,7 @@ void im2col(const scalar_t* x, const int64_t* xs, const ConvGeometry& g, int64_t
       const scalar_t* src = xc + ih * xs[2];
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (step == 1) {
-          std::copy(src + a, src + b, dst + a);
+          copy_run(src + a, b - a, dst + a);
         } else {
           for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * step];
         }
@@ -120,30 +147,34 @@ void im2col(const scalar_t* x, const int64_t* xs, const ConvGeometry& g, int64_t
       }
       std::fill(dst + b, dst + end, acc_t(0));
     });
-  }
+  });
 }
 
 // The transpose of im2col: dx[...] += dcols[jj][q]. Callers guarantee no other thread touches the same rows.
 template <typename acc_t>
 void col2im_add(const acc_t* dcols, const ConvGeometry& g, int64_t group, int64_t p0, int64_t count, acc_t* dx_img) {
-  // dx_img: this image's c x h x w gradient, contiguous, in acc_t.
-  for (int64_t jj = 0; jj < g.j; ++jj) {
-    const int64_t c = jj / (g.r * g.s), r = (jj / g.s) % g.r, s = jj % g.s;
-    const auto [lo, hi] = valid_columns(g, s);
-    acc_t* dc = dx_img + (group * g.c_g + c) * g.h * g.w + (s * g.dil_w - g.pad_w);
-    const acc_t* in = dcols + jj * count;
-    for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-      if (ih < 0 || ih >= g.h) return;
-      const int64_t a = std::clamp(lo, ow0, ow0 + len), b = std::clamp(hi, a, ow0 + len);
-      const acc_t* src = in + q - ow0;
-      acc_t* dst = dc + ih * g.w;
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (g.stride_w == 1) return add_row_f(src + a, b - a, dst + a);
-      }
-      for (int64_t ow = a; ow < b; ++ow) dst[ow * g.stride_w] += src[ow];
-    });
-  }
+  // dx_img: this image's c x h x w gradient, contiguous, in acc_t. A channel's taps add to its own rows only, so the
+  // channels are the rows for_rows spreads.
+  const int64_t taps = g.r * g.s;
+  for_rows(g.c_g, taps * count, [&](int64_t c) {
+    for (int64_t jj = c * taps; jj < (c + 1) * taps; ++jj) {
+      const int64_t r = (jj / g.s) % g.r, s = jj % g.s;
+      const auto [lo, hi] = valid_columns(g, s);
+      acc_t* dc = dx_img + (group * g.c_g + c) * g.h * g.w + (s * g.dil_w - g.pad_w);
+      const acc_t* in = dcols + jj * count;
+      for_each_row_run(g, p0, count, [&](int64_t q, int64_t oh, int64_t ow0, int64_t len) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+        if (ih < 0 || ih >= g.h) return;
+        const int64_t a = std::clamp(lo, ow0, ow0 + len), b = std::clamp(hi, a, ow0 + len);
+        const acc_t* src = in + q - ow0;
+        acc_t* dst = dc + ih * g.w;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (g.stride_w == 1) return add_row_f(src + a, b - a, dst + a);
+        }
+        for (int64_t ow = a; ow < b; ++ow) dst[ow * g.stride_w] += src[ow];
+      });
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -171,7 +202,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
       auto out_m = matrix(out, g.k_g, count, acc);
       mm_into(out_m, w_acc[group], matrix(cols, g.j, count, acc), true);
       // Epilogue while the block is in cache: bias, ReLU, conversion, strided store (any memory format).
-      for (int64_t kk = 0; kk < g.k_g; ++kk) {
+      for_rows(g.k_g, count, [&](int64_t kk) {
         const int64_t k = group * g.k_g + kk;
         const acc_t add = bp != nullptr ? bp[k] : acc_t(0);
         const acc_t* src = out + kk * count;
@@ -188,7 +219,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w_acc, const std::optio
             for (int64_t i = 0; i < len; ++i) row[i * ys[3]] = static_cast<scalar_t>(in[i] + add);
           }
         });
-      }
+      });
     }
   });
 }
@@ -541,7 +572,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
           const int64_t p0 = band * band_rows * g.ow;
           const int64_t count = std::min(band_rows, g.oh - band * band_rows) * g.ow;
           // The masked output gradient of this block, once, in acc_t.
-          for (int64_t kk = 0; kk < g.k_g; ++kk) {
+          for_rows(g.k_g, count, [&](int64_t kk) {
             const int64_t k = group * g.k_g + kk;
             const scalar_t* gk = gp + n * gs[0] + k * gs[1];
             const scalar_t* yk = yp + n * ys[0] + k * ys[1];
@@ -559,7 +590,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
                 d[i] = (relu && static_cast<acc_t>(yr[i * ys[3]]) <= acc_t(0)) ? acc_t(0) : v;
               }
             });
-          }
+          });
           auto dy_m = matrix(dy, g.k_g, count, acc);
           if (need_b) db_parts[tid].narrow(0, group * g.k_g, g.k_g).add_(dy_m.sum(1));
           if (need_w) {

@@ -551,6 +551,23 @@ def test_cpu_one_output_channel_weight_gradient(case):
         _check("cpu", "cpu", torch.float32, [x, weight, bias], geometry)
 
 
+# Frame strips and small maps of wide layers (fcnkern.background's pieces of conv3-conv5): one im2col block per call,
+# whose copies, epilogue and col2im the CPU kernel spreads over threads itself (the tests' other maps are too small
+# to be split); 90 channels keep them off the register-blocked and Winograd kernels.
+IM2COL_ROW_SPLIT_CASES = [
+    (1, 90, 157, 5, 96, 3, 1, 0, 1, 1),  # a tall strip: runs of 3 values
+    (1, 90, 6, 131, 70, 3, 1, 1, 1, 1),  # a wide strip, padding 1
+    (2, 96, 29, 23, 90, 3, 1, 2, 2, 2),  # dilation 2, 2 groups
+]
+
+
+@pytest.mark.parametrize("case", IM2COL_ROW_SPLIT_CASES, ids=_case_id)
+def test_cpu_im2col_rows_split_over_threads(case):
+    require_backend("cpu")
+    (x, weight, bias), geometry = _inputs(case, torch.float32, "cpu", "row-split")
+    _check("cpu", "cpu", torch.float32, [x, weight, bias], geometry)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=_case_id)
 def test_gradcheck_float64(backend, case):
