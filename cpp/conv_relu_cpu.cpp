@@ -325,7 +325,8 @@ struct ShiftedGrid {
   at::Tensor untaps(const at::Tensor& by_taps) const {
     const at::Tensor src = by_taps.contiguous();
     if (g.r * g.s == 1) return src.view({g.k, g.c_g, 1, 1});
-    return per_group_transpose<acc_t>(src, at::empty({g.k, g.c_g, g.r, g.s}, src.options()), true);
+    const at::Tensor dst = empty_large({g.k, g.c_g, g.r, g.s}, src.options(), at::MemoryFormat::Contiguous);
+    return per_group_transpose<acc_t>(src, dst, true);
   }
 
  private:
@@ -442,7 +443,10 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const bool spread = spread_tasks(tasks);
   const int64_t threads = spread ? at::get_num_threads() : 1;
   std::optional<LazyParts> dw_parts;
-  if (need_w) dw_parts.emplace(at::empty({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc)));
+  if (need_w) {
+    dw_parts.emplace(empty_large({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc),
+                                 at::MemoryFormat::Contiguous));
+  }
   const ThreadScratch scratch(spread, need_x ? g.c_g * x_cut.max_size() : 0, x.options().dtype(acc));
 
   // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
@@ -674,7 +678,7 @@ at::Tensor batch_columns(const at::Tensor& x, const ConvGeometry& g, at::ScalarT
 // a[grp] @ b[grp] for every group, through the GEMM library of the direct kernels (oneDNN's ran fc7's 512 x 512 x 72
 // product in about half at::bmm's time here).
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  at::Tensor out = empty_large({a.size(0), a.size(1), b.size(2)}, a.options(), at::MemoryFormat::Contiguous);
   for (int64_t grp = 0; grp < a.size(0); ++grp) mm_into(out[grp], a[grp], b[grp], true);
   return out;
 }
@@ -777,7 +781,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_bwd(const at::Tensor& grad
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();
   std::optional<LazyParts> dw_parts;
-  if (need_w) dw_parts.emplace(at::empty({threads, g.groups, g.k_g, g.j}, x.options().dtype(acc)));
+  // From the large-block cache, resident: a fresh weight-sized buffer per call paid a page fault per 4 KiB on its
+  // first write (fc6's 411 MB at a 256 x 256 input: dW 191 -> 89 ms; a register-blocked outer-product kernel in place
+  // of the GEMM, tried on the way, was no faster than MKL once the faults were gone: 93 ms).
+  if (need_w) {
+    const at::TensorOptions options = x.options().dtype(acc);
+    dw_parts.emplace(empty_large({threads, g.groups, g.k_g, g.j}, options, at::MemoryFormat::Contiguous));
+  }
   at::Tensor db_parts = need_b ? at::zeros({threads, g.k}, x.options().dtype(acc)) : at::Tensor();
   if (y.numel() > 0 && (need_x || need_w || need_b)) {
     const at::Tensor w_acc = weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();
