@@ -443,10 +443,7 @@ void backward_shifted(const at::Tensor& grad, const at::Tensor& y, const at::Ten
   const bool spread = spread_tasks(tasks);
   const int64_t threads = spread ? at::get_num_threads() : 1;
   std::optional<LazyParts> dw_parts;
-  if (need_w) {
-    dw_parts.emplace(empty_large({threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc),
-                                 at::MemoryFormat::Contiguous));
-  }
+  if (need_w) dw_parts.emplace(at::IntArrayRef{threads, g.groups, taps, g.k_g, g.c_g}, x.options().dtype(acc));
   const ThreadScratch scratch(spread, need_x ? g.c_g * x_cut.max_size() : 0, x.options().dtype(acc));
 
   // dXp's rows [0, rows) of wide columns [p0, p0 + count) (row r at src + r * stride) are channels c0 + r of dx[n]:
@@ -781,13 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_bwd(const at::Tensor& grad
   const int threads = spread ? at::get_num_threads() : 1;
   at::Tensor dx_acc = need_x ? at::zeros({g.n, g.c, g.h, g.w}, x.options().dtype(acc)) : at::Tensor();
   std::optional<LazyParts> dw_parts;
-  // From the large-block cache, resident: a fresh weight-sized buffer per call paid a page fault per 4 KiB on its
-  // first write (fc6's 411 MB at a 256 x 256 input: dW 191 -> 89 ms; a register-blocked outer-product kernel in place
-  // of the GEMM, tried on the way, was no faster than MKL once the faults were gone: 93 ms).
-  if (need_w) {
-    const at::TensorOptions options = x.options().dtype(acc);
-    dw_parts.emplace(empty_large({threads, g.groups, g.k_g, g.j}, options, at::MemoryFormat::Contiguous));
-  }
+  if (need_w) dw_parts.emplace(at::IntArrayRef{threads, g.groups, g.k_g, g.j}, x.options().dtype(acc));
   at::Tensor db_parts = need_b ? at::zeros({threads, g.k}, x.options().dtype(acc)) : at::Tensor();
   if (y.numel() > 0 && (need_x || need_w || need_b)) {
     const at::Tensor w_acc = weight.to(acc).reshape({g.groups, g.k_g, g.j}).contiguous();

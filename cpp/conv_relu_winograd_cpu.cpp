@@ -568,7 +568,7 @@ bool winograd_wgrad_impl(const WinogradProblem& p, int64_t images, bool need_w, 
   const int64_t x_band = p.c_g * rows * grid.plane_cols, dy_band = p.k_g * rows * grid.plane_cols;
   const ThreadScratch scratch(spread_tasks(tasks), v_size + d_size + x_band + dy_band + std::max(p.w, p.ow),
                               options.dtype(acc));
-  LazyParts parts(at::empty({scratch.work.size(0), p.groups, kXi, p.k_g, p.c_g}, options.dtype(acc)));
+  LazyParts parts({scratch.work.size(0), p.groups, kXi, p.k_g, p.c_g}, options.dtype(acc));
   std::atomic<bool> finite{true};
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
     const int64_t tid = scratch.spread ? at::get_thread_num() : 0;

@@ -246,9 +246,15 @@ void transpose_into(const T* src, int64_t rows, int64_t cols, T* dst) {
 // a thread into its group's slot overwrites it (beta = 0), later ones add. Zero-filling them up front cost a pass over
 // threads x the weight's size per layer, page faults included (fc6's 411 MB at a 256 x 256 input: ~100 ms of a
 // 2.2 s FCN-8s training step). A slot is written only by its own thread, so the flags need no lock.
+// The block comes from the large-block cache, resident: a fresh weight-sized block per call paid a page fault per
+// 4 KiB on its first write (fc6's 411 MB at a 256 x 256 input: dW 191 -> 89 ms; a register-blocked outer-product
+// kernel in place of the GEMM, tried on the way, was no faster than MKL once the faults were gone: 93 ms).
 class LazyParts {
  public:
-  explicit LazyParts(at::Tensor parts) : parts_(std::move(parts)), started_(parts_.size(0) * parts_.size(1), 0) {}
+  // sizes: threads x groups x the slot's shape.
+  LazyParts(at::IntArrayRef sizes, const at::TensorOptions& options)
+      : parts_(empty_large(sizes, options, at::MemoryFormat::Contiguous)),
+        started_(parts_.size(0) * parts_.size(1), 0) {}
 
   // Runs gemms(slot, overwrite) on thread tid's slot for `group`, overwrite being true on the slot's first use.
   template <typename Gemms>

@@ -210,8 +210,8 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::
   const int64_t tasks = g.n * g.groups * p.row_blocks;
   const bool spread = spread_tasks(tasks);
   const int64_t slot_cols = p.ch_per_block * p.phases;
-  LazyParts da_parts(at::empty({need_w ? (spread ? at::get_num_threads() : 1) : 0, g.groups * p.ch_blocks,
-                                p.depth * slot_cols}, x.options().dtype(acc)));
+  LazyParts da_parts({need_w ? (spread ? at::get_num_threads() : 1) : 0, g.groups * p.ch_blocks, p.depth * slot_cols},
+                     x.options().dtype(acc));
   // dtaps of every cell of every image and group: [n, groups, cell rows x cell cols, depth].
   const int64_t cells_per_plane = p.cell_rows * p.cell_cols;
   at::Tensor dtaps = at::empty({need_x ? g.n * g.groups * cells_per_plane * p.depth : 0}, x.options().dtype(acc));
