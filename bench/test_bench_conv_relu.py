@@ -10,6 +10,9 @@ channels per layer take other kernels.
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,10 +80,19 @@ def _fn(impl: str, weight, bias, padding, relu):
     return lambda x: F.relu(F.conv2d(x, weight, bias, 1, padding)) if relu else F.conv2d(x, weight, bias, 1, padding)
 
 
-def _layer_step(layer: str, device: str, impl: str, mode: str, layers: dict = FCN8S_LAYERS, batch: int = 1):
-    """One synchronised call of ``impl`` on ``layers[layer]``: the forward (no grad) or forward + backward."""
+def _layer_step(
+    layer: str,
+    device: str,
+    impl: str,
+    mode: str,
+    layers: dict = FCN8S_LAYERS,
+    batch: int = 1,
+    dtype: torch.dtype | None = None,
+):
+    """One synchronised call of ``impl`` on ``layers[layer]``: the forward (no grad) or forward + backward, in
+    ``dtype`` (default bf16 on CUDA, fp32 on the CPU)."""
     cin, cout, size, k, padding, relu = layers[layer]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cin, size, size, generator=g).to(device, dtype)
     weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
@@ -141,3 +153,30 @@ def test_narrow_layer_interleaved(benchmark, layer, device, mode):
     register-blocked direct kernels (8-64 channels), not the GEMMs of the full-width network."""
     group = f"conv+relu {device} narrow {layer} {mode} interleaved"
     _run_interleaved(benchmark, layer, device, mode, NARROW_LAYERS, NARROW_BATCH, group)
+
+
+def _with_env(env: dict[str, str], step):
+    def run():
+        with mock.patch.dict(os.environ, env):
+            return step()
+
+    return run
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("layer", list(NARROW_LAYERS))
+def test_narrow_layer_bf16_cpu_interleaved(benchmark, layer, mode):
+    """The main job's layers in bf16 on the CPU (what ``fcnkern train --amp bf16`` runs), interleaved with eager bf16
+    (oneDNN, on AVX512-BF16 where the CPU has it): fcnkern's kernels as they choose (``fcnkern-cpu``: the blocked
+    layers on AVX512-BF16 dot products where the CPU has them) and with ``FCNKERN_CONV_BF16_DOT=0``
+    (``fcnkern-cpu-fp32-math``: every product in fp32, as before the dot kernels), all three alternating."""
+    steps = {
+        "fcnkern-cpu": _layer_step(layer, "cpu", "fcnkern-cpu", mode, NARROW_LAYERS, NARROW_BATCH, torch.bfloat16),
+        "fcnkern-cpu-fp32-math": _with_env(
+            {"FCNKERN_CONV_BF16_DOT": "0"},
+            _layer_step(layer, "cpu", "fcnkern-cpu", mode, NARROW_LAYERS, NARROW_BATCH, torch.bfloat16),
+        ),
+        "eager": _layer_step(layer, "cpu", "eager", mode, NARROW_LAYERS, NARROW_BATCH, torch.bfloat16),
+    }
+    benchmark.group = f"conv+relu cpu bf16 narrow {layer} {mode} interleaved"
+    run_interleaved(benchmark, steps, baseline="eager")

@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -35,6 +37,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FCNK_BLOCKED_KERNELS 1
+#include <immintrin.h>
 // Two builds of the micro-kernel, AVX-512 and AVX2 + FMA, chosen at run time. fp-contract=fast makes a * b + c one
 // FMA (ISO C++ mode leaves them separate: half the rate).
 namespace fcnkern::blocked_avx512 {
@@ -45,6 +48,17 @@ constexpr int kLanes = 16;
 #include "conv_relu_blocked_kernel.inc"
 #pragma GCC pop_options
 }  // namespace fcnkern::blocked_avx512
+// The bf16 kernels need AVX512-BF16 on top (Zen 4, Sapphire Rapids and later): a build of their own, so that the
+// fp32 kernels above keep running on AVX-512 CPUs without it.
+namespace fcnkern::blocked_avx512_bf16 {
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#pragma GCC optimize("fp-contract=fast")
+constexpr int kLanes = 16;
+#include "conv_relu_blocked_kernel.inc"
+#include "conv_relu_blocked_bf16_kernel.inc"
+#pragma GCC pop_options
+}  // namespace fcnkern::blocked_avx512_bf16
 namespace fcnkern::blocked_avx2 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
@@ -61,9 +75,14 @@ namespace {
 using BlockFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
                          int64_t);
 using WgradFn = void (*)(const float*, int64_t, const float*, const int64_t*, int64_t, float*);
+using BlockBf16Fn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t,
+                             float*, int64_t);
+using WgradBf16Fn = void (*)(const uint16_t*, int64_t, const uint16_t*, const int64_t*, int64_t, float*);
 struct Kernel {
   BlockFn block = nullptr;
   WgradFn wgrad = nullptr;
+  BlockBf16Fn block_bf16 = nullptr;  // where the CPU has AVX512-BF16 (same kBlock, kChunk and kLanes as block)
+  WgradBf16Fn wgrad_bf16 = nullptr;
   int64_t channels = 0;  // output channels per block
   int64_t chunk = 0;     // wide columns per step
   int64_t lanes = 0;     // floats per vector
@@ -77,12 +96,22 @@ const Kernel& kernel() {
     static_assert(blocked_avx512::kWgradTaps == kWgradTaps && blocked_avx2::kWgradTaps == kWgradTaps);
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) {
-      return Kernel{blocked_avx512::block, blocked_avx512::wgrad_block, blocked_avx512::kBlock,
-                    blocked_avx512::kChunk, blocked_avx512::kLanes, blocked_avx512::kWgradRows};
+      namespace bf = blocked_avx512_bf16;
+      static_assert(bf::kBlock == blocked_avx512::kBlock && bf::kChunk == blocked_avx512::kChunk &&
+                    bf::kWgradRows == blocked_avx512::kWgradRows && bf::kWgradTaps == kWgradTaps);
+      const bool bf16 = __builtin_cpu_supports("avx512bf16");
+      return Kernel{blocked_avx512::block,
+                    blocked_avx512::wgrad_block,
+                    bf16 ? bf::block_bf16 : nullptr,
+                    bf16 ? bf::wgrad_block_bf16 : nullptr,
+                    blocked_avx512::kBlock,
+                    blocked_avx512::kChunk,
+                    blocked_avx512::kLanes,
+                    blocked_avx512::kWgradRows};
     }
     if (__builtin_cpu_supports("x86-64-v3")) {
-      return Kernel{blocked_avx2::block, blocked_avx2::wgrad_block, blocked_avx2::kBlock, blocked_avx2::kChunk,
-                    blocked_avx2::kLanes, blocked_avx2::kWgradRows};
+      return Kernel{blocked_avx2::block,  blocked_avx2::wgrad_block, nullptr, nullptr, blocked_avx2::kBlock,
+                    blocked_avx2::kChunk, blocked_avx2::kLanes,      blocked_avx2::kWgradRows};
     }
 #endif
     return Kernel{};
@@ -109,6 +138,27 @@ int64_t rows_per_task(const Problem& p, int64_t extra_channels = 0) {
   return rows;
 }
 
+// Calls fn(g, o, c, i, j) for every weight of the problem's groups.
+template <typename Fn>
+void for_each_weight(const Problem& p, const Fn& fn) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int64_t o = 0; o < p.out_c; ++o) {
+      for (int64_t c = 0; c < p.in_c; ++c) {
+        for (int64_t i = 0; i < p.r; ++i) {
+          for (int64_t j = 0; j < p.s; ++j) fn(g, o, c, i, j);
+        }
+      }
+    }
+  }
+}
+
+// The bf16 bit pattern of a float that holds a bf16 value (a bf16 tensor's element read as float: exact).
+inline uint32_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b >> 16;
+}
+
 // Weights packed per block of kernel().channels outputs: [group][block][c][i][j][o], zero past out_c.
 // weight_of(g, o, c, i, j) gives the weight of output o, input c, tap (i, j) of group g.
 template <typename WeightOf>
@@ -116,46 +166,94 @@ at::Tensor pack_weights(const Problem& p, const at::TensorOptions& options, cons
   const int64_t kb = kernel().channels, blocks = (p.out_c + kb - 1) / kb;
   at::Tensor packed = at::zeros({p.groups, blocks, p.in_c, p.r, p.s, kb}, options.dtype(at::kFloat));
   float* dst = packed.mutable_data_ptr<float>();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    for (int64_t o = 0; o < p.out_c; ++o) {
-      for (int64_t c = 0; c < p.in_c; ++c) {
-        for (int64_t i = 0; i < p.r; ++i) {
-          for (int64_t j = 0; j < p.s; ++j) {
-            dst[((((g * blocks + o / kb) * p.in_c + c) * p.r + i) * p.s + j) * kb + o % kb] = weight_of(g, o, c, i, j);
-          }
-        }
-      }
-    }
-  }
+  for_each_weight(p, [&](int64_t g, int64_t o, int64_t c, int64_t i, int64_t j) {
+    dst[((((g * blocks + o / kb) * p.in_c + c) * p.r + i) * p.s + j) * kb + o % kb] = weight_of(g, o, c, i, j);
+  });
   return packed;
 }
 
-// The input rows [oh0, oh0 + plane_rows) - pad_h of the group's channels, zero-padded to wp columns, one plane of
-// plane_len floats per channel (zero past its rows).
+// The bf16 kernels' weights (block_bf16): [group][block][c / 2][i][j][o] as int32, each the bf16 bits of input
+// channels c (low half) and c + 1 (high half), zero past in_c and out_c. weight_of must give bf16 values.
+template <typename WeightOf>
+at::Tensor pack_weight_pairs(const Problem& p, const at::TensorOptions& options, const WeightOf& weight_of) {
+  const int64_t kb = kernel().channels, blocks = (p.out_c + kb - 1) / kb, pairs = (p.in_c + 1) / 2;
+  at::Tensor packed = at::zeros({p.groups, blocks, pairs, p.r, p.s, kb}, options.dtype(at::kInt));
+  auto* dst = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>());
+  for_each_weight(p, [&](int64_t g, int64_t o, int64_t c, int64_t i, int64_t j) {
+    dst[((((g * blocks + o / kb) * pairs + c / 2) * p.r + i) * p.s + j) * kb + o % kb] |=
+        bf16_bits(weight_of(g, o, c, i, j)) << (16 * (c % 2));
+  });
+  return packed;
+}
+
+// Row ih of input channel c into the wp floats at dst: fill_row's w values between the zero padding (c is the
+// problem's, within the group).
 template <typename FillRow>
-void stage_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, int64_t plane_rows, float* planes,
-                  int64_t plane_len, const FillRow& fill_row) {
+void stage_row(const Problem& p, int64_t n, int64_t group, int64_t c, int64_t ih, float* dst, const FillRow& fill_row) {
+  std::fill(dst, dst + p.pad_w, 0.f);
+  fill_row(n, group * p.in_c + c, ih, dst + p.pad_w);
+  std::fill(dst + p.pad_w + p.w, dst + p.wp(), 0.f);
+}
+
+// The input rows [oh0, oh0 + plane_rows) - pad_h of the group's channels, zero-padded to wp columns, one plane of
+// plane_len elements per channel (zero past its rows): floats, or (T = uint16_t, for the bf16 kernels) bf16 bit
+// patterns, each row then staged as floats in `row` (wp floats) first.
+template <typename T, typename FillRow>
+void stage_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, int64_t plane_rows, T* planes,
+                  int64_t plane_len, float* row, const FillRow& fill_row) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, uint16_t>);
   const int64_t wp = p.wp();
   for (int64_t c = 0; c < p.in_c; ++c) {
-    float* plane = planes + c * plane_len;
+    T* plane = planes + c * plane_len;
     for (int64_t t = 0; t < plane_rows; ++t) {
-      float* dst = plane + t * wp;
+      T* dst = plane + t * wp;
       const int64_t ih = oh0 + t - p.pad_h;
       if (ih < 0 || ih >= p.h) {
-        std::fill(dst, dst + wp, 0.f);
+        std::fill(dst, dst + wp, T(0));
+      } else if constexpr (std::is_same_v<T, float>) {
+        stage_row(p, n, group, c, ih, dst, fill_row);
+      } else {
+        stage_row(p, n, group, c, ih, row, fill_row);
+        for (int64_t i = 0; i < wp; ++i) dst[i] = static_cast<uint16_t>(bf16_bits(row[i]));
+      }
+    }
+    std::fill(plane + plane_rows * wp, plane + plane_len, T(0));
+  }
+}
+
+// stage_planes for block_bf16: one plane per pair of channels, each column the bf16 bits of channel 2 cp (low half)
+// and 2 cp + 1 (high half; zero past in_c), the two rows staged as floats in rows[0, 2 wp) first.
+template <typename FillRow>
+void stage_pair_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, int64_t plane_rows, uint32_t* planes,
+                       int64_t plane_len, float* rows, const FillRow& fill_row) {
+  const int64_t wp = p.wp();
+  float* const lo = rows;
+  float* const hi = rows + wp;
+  for (int64_t cp = 0; cp < (p.in_c + 1) / 2; ++cp) {
+    uint32_t* plane = planes + cp * plane_len;
+    for (int64_t t = 0; t < plane_rows; ++t) {
+      uint32_t* dst = plane + t * wp;
+      const int64_t ih = oh0 + t - p.pad_h;
+      if (ih < 0 || ih >= p.h) {
+        std::fill(dst, dst + wp, 0u);
         continue;
       }
-      std::fill(dst, dst + p.pad_w, 0.f);
-      fill_row(n, group * p.in_c + c, ih, dst + p.pad_w);
-      std::fill(dst + p.pad_w + p.w, dst + wp, 0.f);
+      stage_row(p, n, group, 2 * cp, ih, lo, fill_row);
+      if (2 * cp + 1 < p.in_c) {
+        stage_row(p, n, group, 2 * cp + 1, ih, hi, fill_row);
+      } else {
+        std::fill(hi, hi + wp, 0.f);
+      }
+      for (int64_t i = 0; i < wp; ++i) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
     }
-    std::fill(plane + plane_rows * wp, plane + plane_len, 0.f);
+    std::fill(plane + plane_rows * wp, plane + plane_len, 0u);
   }
 }
 
 // The engine: fill_row(n, c, ih, dst) writes the w values of input row ih of channel c (of the whole tensor) of image
 // n into dst as float; store_row(n, o, oh, src) stores the ow values at src as output row oh of channel o.
-template <typename FillRow, typename StoreRow>
+// kBf16: the inputs and the packed weights (pack_weight_pairs) hold bf16 values, computed by block_bf16.
+template <bool kBf16, typename FillRow, typename StoreRow>
 void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, const StoreRow& store_row) {
   const Kernel& kern = kernel();
   const int64_t wp = p.wp(), rows = rows_per_task(p), bands = (p.oh + rows - 1) / rows;
@@ -163,21 +261,35 @@ void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, co
   const int64_t plane_len = round_up(columns_max + (p.r - 1) * wp + p.s - 1, 16);
   const int64_t blocks = (p.out_c + kern.channels - 1) / kern.channels;
   const int64_t tasks = p.images * p.groups * bands;
-  const ThreadScratch scratch(spread_tasks(tasks), p.in_c * plane_len + kern.channels * columns_max,
-                              packed.options());
-  const float* wpk = packed.const_data_ptr<float>();
-  const int64_t block_size = p.in_c * p.r * p.s * kern.channels;
+  // Per thread, in 4-byte words: the planes (fp32: one per channel; bf16: one per channel pair), the two float rows
+  // the bf16 planes are staged through, the output block.
+  const int64_t plane_count = kBf16 ? (p.in_c + 1) / 2 : p.in_c, staging = kBf16 ? 2 * wp : 0;
+  const ThreadScratch scratch(spread_tasks(tasks), plane_count * plane_len + staging + kern.channels * columns_max,
+                              packed.options().dtype(at::kFloat));
+  const int64_t block_size = plane_count * p.r * p.s * kern.channels;
   run_tasks(tasks, scratch.spread, [&](int64_t begin, int64_t end) {
     float* const planes = scratch.mine<float>();
-    float* const out = planes + p.in_c * plane_len;
+    float* const rows_f = planes + plane_count * plane_len;
+    float* const out = rows_f + staging;
+    auto* const pairs = reinterpret_cast<uint32_t*>(planes);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / (p.groups * bands), group = task / bands % p.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, p.oh - oh0);
       const int64_t plane_rows = count + p.r - 1, columns = count * wp;
-      stage_planes(p, n, group, oh0, plane_rows, planes, plane_len, fill_row);
+      if constexpr (kBf16) {
+        stage_pair_planes(p, n, group, oh0, plane_rows, pairs, plane_len, rows_f, fill_row);
+      } else {
+        stage_planes(p, n, group, oh0, plane_rows, planes, plane_len, rows_f, fill_row);
+      }
       for (int64_t b = 0; b < blocks; ++b) {
-        kern.block(planes, plane_len, p.in_c, wpk + (group * blocks + b) * block_size, p.r, p.s, wp, columns, out,
-                   columns_max);
+        if constexpr (kBf16) {
+          const auto* wpk = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>());
+          kern.block_bf16(pairs, plane_len, plane_count, wpk + (group * blocks + b) * block_size, p.r, p.s, wp,
+                          columns, out, columns_max);
+        } else {
+          kern.block(planes, plane_len, p.in_c, packed.const_data_ptr<float>() + (group * blocks + b) * block_size,
+                     p.r, p.s, wp, columns, out, columns_max);
+        }
         for (int64_t o = 0; o < kern.channels && b * kern.channels + o < p.out_c; ++o) {
           for (int64_t t = 0; t < count; ++t) {
             store_row(n, group * p.out_c + b * kern.channels + o, oh0 + t, out + o * columns_max + t * wp);
@@ -186,6 +298,22 @@ void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, co
       }
     }
   });
+}
+
+// Whether a pass whose two operands have dtypes a and b runs on the bf16 kernels: both bf16 (their products are then
+// exact in fp32 either way), and a CPU with AVX512-BF16. FCNKERN_CONV_BF16_DOT=0 keeps the fp32 kernels (read per
+// call, for A/B measurements and the tests).
+bool bf16_dot(at::ScalarType a, at::ScalarType b) {
+  return a == at::kBFloat16 && b == at::kBFloat16 && kernel().block_bf16 != nullptr &&
+         env_setting("FCNKERN_CONV_BF16_DOT") != "0";
+}
+
+// Packs the weights for the fp32 or the bf16 kernels and runs the engine on them.
+template <typename WeightOf, typename FillRow, typename StoreRow>
+void pack_and_run(const Problem& p, bool bf16, const at::TensorOptions& options, const WeightOf& weight_of,
+                  const FillRow& fill_row, const StoreRow& store_row) {
+  if (bf16) return run<true>(p, pack_weight_pairs(p, options, weight_of), fill_row, store_row);
+  run<false>(p, pack_weights(p, options, weight_of), fill_row, store_row);
 }
 
 // Stores float rows into a 4-d tensor (y, dx: any strides, any dtype), adding `add` and applying the ReLU on the way.
@@ -201,6 +329,9 @@ struct OutputRows {
     scalar_t* dst = data + n * strides[0] + c * strides[1] + r * strides[2];
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (strides[3] == 1) return bias_relu_row_f(src, add, relu, width, dst);
+    }
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (strides[3] == 1) return bias_relu_row_bf16(src, add, relu, width, reinterpret_cast<uint16_t*>(dst));
     }
     for (int64_t i = 0; i < width; ++i) {
       const float v = src[i] + add;
@@ -229,14 +360,17 @@ inline double row_sum(const float* row, int64_t count) {
 // The wide grid's s - 1 extra columns per row multiply a zero dy' by real x values: an inf in x would turn a dW that
 // PyTorch gives as +-inf into NaN (0 * inf). So each task checks the x planes it staged, and the call returns false
 // (its sums dropped) when x holds an inf or NaN, for the caller's GEMM path, whose products are exactly the conv's.
-template <typename scalar_t>
+// kBf16 (x and dy both bf16): the planes and dy' rows hold bf16 bit patterns for wgrad_block_bf16, which takes 2 kLanes
+// columns a step; dy' is staged as floats first (its bias-gradient sum is taken there).
+template <typename scalar_t, bool kBf16>
 bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, bool relu,
            const at::Tensor& dw, const at::Tensor& db) {
   const Kernel& kern = kernel();
   const Problem p{g.n, g.groups, g.c_g, g.k_g, g.h, g.w, g.oh, g.ow, g.r, g.s, g.pad_h, g.pad_w};
-  const int64_t wp = p.wp(), k_pad = round_up(g.k_g, kern.wgrad_rows);
+  using Elem = std::conditional_t<kBf16, uint16_t, float>;
+  const int64_t wp = p.wp(), k_pad = round_up(g.k_g, kern.wgrad_rows), granule = kBf16 ? 2 * kern.lanes : kern.lanes;
   const int64_t rows = rows_per_task(p, k_pad), bands = (g.oh + rows - 1) / rows;
-  const int64_t columns_max = round_up(rows * wp, kern.lanes);
+  const int64_t columns_max = round_up(rows * wp, granule);
   const int64_t plane_len = round_up(columns_max + (g.r - 1) * wp + g.s - 1, 16);
   const int64_t taps = g.r * g.s, tap_groups = (taps + kWgradTaps - 1) / kWgradTaps;
   std::vector<int64_t> offsets(tap_groups * kWgradTaps, 0);  // past the last tap: a dummy tap whose sums are dropped
@@ -245,12 +379,13 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
   // Per thread: its partial sums, [group][k_pad / rows per call][c_g][tap_groups][rows per call][3] (one call's sums
   // adjacent) then [K], then the x planes and the dy' rows. Each thread zeroes its own partials when it starts (in
   // parallel, and they stay in its cache) and, when done, writes them into its row of `sums` ([K][c_g][taps] then
-  // [K]), the rows of threads that got no task staying zero.
+  // [K]), the rows of threads that got no task staying zero. kBf16: then a float row of columns_max to stage through.
   const int64_t call_sums = kern.wgrad_rows * kWgradTaps, per_block = g.c_g * tap_groups * call_sums;
   const int64_t part_w = g.groups * (k_pad / kern.wgrad_rows) * per_block;
   const int64_t parts_size = part_w + g.k, sums_w = g.k * g.c_g * taps + g.k;
-  const ThreadScratch scratch(spread_tasks(tasks), parts_size + g.c_g * plane_len + k_pad * columns_max,
-                              x.options().dtype(at::kFloat));
+  const int64_t operands = round_up((g.c_g * plane_len + k_pad * columns_max) * int64_t(sizeof(Elem)), 4) / 4;
+  const int64_t staging = kBf16 ? columns_max : 0;
+  const ThreadScratch scratch(spread_tasks(tasks), parts_size + operands + staging, x.options().dtype(at::kFloat));
   const at::Tensor sums = at::zeros({scratch.work.size(0), sums_w}, x.options().dtype(at::kFloat));
   std::vector<uint8_t> started(scratch.work.size(0), 0);  // one slot per thread: written by that thread only
   const InputRows<scalar_t, float> x_rows(x);
@@ -260,27 +395,35 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
     const int64_t tid = scratch.spread ? at::get_thread_num() : 0;
     float* const part = scratch.mine<float>();
     float* const db_part = part + part_w;
-    float* const planes = part + parts_size;
-    float* const dyw = planes + g.c_g * plane_len;
+    Elem* const planes = reinterpret_cast<Elem*>(part + parts_size);
+    Elem* const dyw = planes + g.c_g * plane_len;
+    float* const staged = part + parts_size + operands;  // kBf16 only
     if (started[tid] == 0) std::fill(part, part + parts_size, 0.f);
     started[tid] = 1;
     for (int64_t task = begin; task < end && finite; ++task) {
       const int64_t n = task / (g.groups * bands), group = task / bands % g.groups, band = task % bands;
       const int64_t oh0 = band * rows, count = std::min(rows, g.oh - oh0);
-      const int64_t columns = round_up(count * wp, kern.lanes);
-      stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len, x_rows);
+      const int64_t columns = round_up(count * wp, granule);
+      stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len, staged, x_rows);
       bool bad = false;
-      for (int64_t q = 0; q < g.c_g * plane_len; ++q) bad |= non_finite(planes[q]);
+      for (int64_t q = 0; q < g.c_g * plane_len; ++q) {
+        if constexpr (kBf16) {
+          bad |= (planes[q] & 0x7f80) == 0x7f80;  // exponent all ones: inf or NaN
+        } else {
+          bad |= non_finite(planes[q]);
+        }
+      }
       if (bad) {
         finite = false;
         break;
       }
       for (int64_t kk = 0; kk < k_pad; ++kk) {
-        float* row = dyw + kk * columns_max;
+        Elem* const dst = dyw + kk * columns_max;
         if (kk >= g.k_g) {
-          std::fill(row, row + columns, 0.f);
+          std::fill(dst, dst + columns, Elem(0));
           continue;
         }
+        float* const row = kBf16 ? staged : reinterpret_cast<float*>(dst);
         const int64_t k = group * g.k_g + kk;
         for (int64_t t = 0; t < count; ++t) {
           dy_rows(n, k, oh0 + t, row + t * wp);
@@ -288,14 +431,23 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
         }
         std::fill(row + count * wp, row + columns, 0.f);
         db_part[k] += static_cast<float>(row_sum(row, count * wp));
+        if constexpr (kBf16) {
+          for (int64_t q = 0; q < columns; ++q) dst[q] = static_cast<uint16_t>(bf16_bits(row[q]));
+        }
       }
       float* const group_part = part + group * (k_pad / kern.wgrad_rows) * per_block;
       for (int64_t c = 0; c < g.c_g; ++c) {
         for (int64_t kb = 0; kb < k_pad; kb += kern.wgrad_rows) {
           float* const acc = group_part + (kb / kern.wgrad_rows) * per_block + c * tap_groups * call_sums;
           for (int64_t tg = 0; tg < tap_groups; ++tg) {
-            kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, offsets.data() + tg * kWgradTaps,
-                       columns, acc + tg * call_sums);
+            const int64_t* const taps_of = offsets.data() + tg * kWgradTaps;
+            if constexpr (kBf16) {
+              kern.wgrad_bf16(dyw + kb * columns_max, columns_max, planes + c * plane_len, taps_of, columns,
+                              acc + tg * call_sums);
+            } else {
+              kern.wgrad(dyw + kb * columns_max, columns_max, planes + c * plane_len, taps_of, columns,
+                         acc + tg * call_sums);
+            }
           }
         }
       }
@@ -355,6 +507,8 @@ at::Tensor hw_swapped_copy(const at::Tensor& t) { return t.transpose(2, 3).conti
 
 }  // namespace
 
+bool blocked_bf16_dot_available() { return bf16_dot(at::kBFloat16, at::kBFloat16); }
+
 bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
   // FCNKERN_CONV_BLOCKED: "0" never; "fwd" the forward only; "all" both passes on every geometry they can compute
   // (the tests reach them so). Read per call, for A/B measurements in one process.
@@ -394,14 +548,15 @@ void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::o
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* wd = w.const_data_ptr<float>();
   const float* bd = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  const at::Tensor packed = pack_weights(p, x.options(), [&](int64_t grp, int64_t o, int64_t c, int64_t i, int64_t j) {
+  const auto weight_of = [&](int64_t grp, int64_t o, int64_t c, int64_t i, int64_t j) {
     return wd[(((grp * g.k_g + o) * g.c_g + c) * g.r + i) * g.s + j];
-  });
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked", [&] {
     const OutputRows<scalar_t> out(y);
-    run(p, packed, InputRows<scalar_t, float>(x), [&](int64_t n, int64_t k, int64_t oh, const float* src) {
-      out(n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
-    });
+    pack_and_run(p, bf16_dot(x.scalar_type(), weight.scalar_type()), x.options(), weight_of,
+                 InputRows<scalar_t, float>(x), [&](int64_t n, int64_t k, int64_t oh, const float* src) {
+                   out(n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
+                 });
   });
 }
 
@@ -417,13 +572,14 @@ void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float* wd = w.const_data_ptr<float>();
   // dx's output c reads dy' channel k through W[k][c] flipped in both axes.
-  const at::Tensor packed = pack_weights(p, dx.options(), [&](int64_t grp, int64_t c, int64_t k, int64_t i, int64_t j) {
+  const auto weight_of = [&](int64_t grp, int64_t c, int64_t k, int64_t i, int64_t j) {
     return wd[(((grp * g.k_g + k) * g.c_g + c) * g.r + (g.r - 1 - i)) * g.s + (g.s - 1 - j)];
-  });
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_blocked_dgrad", [&] {
     const OutputRows<scalar_t> out(dx);
-    run(p, packed, MaskedGradRows<scalar_t, float>(grad, y, relu),
-        [&](int64_t n, int64_t c, int64_t ih, const float* src) { out(n, c, ih, src, 0.f, false); });
+    pack_and_run(p, bf16_dot(grad.scalar_type(), weight.scalar_type()), dx.options(), weight_of,
+                 MaskedGradRows<scalar_t, float>(grad, y, relu),
+                 [&](int64_t n, int64_t c, int64_t ih, const float* src) { out(n, c, ih, src, 0.f, false); });
   });
 }
 
@@ -438,8 +594,10 @@ bool blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   dw = need_w ? at::empty({g.k, g.c_g, g.r, g.s}, x.options().dtype(at::kFloat)) : at::Tensor();
   db = need_b ? at::empty({g.k}, x.options().dtype(at::kFloat)) : at::Tensor();
   bool done = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked_wgrad",
-                                  [&] { done = wgrad<scalar_t>(g, grad, y, x, relu, dw, db); });
+  const bool bf16 = bf16_dot(x.scalar_type(), grad.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked_wgrad", [&] {
+    done = bf16 ? wgrad<scalar_t, true>(g, grad, y, x, relu, dw, db) : wgrad<scalar_t, false>(g, grad, y, x, relu, dw, db);
+  });
   if (!done) dw = db = at::Tensor();
   return done;
 }

@@ -1,7 +1,8 @@
 // Register-blocked direct convolution for the CPU's small stride-1 layers (few channels, small maps), where
 // im2col + GEMM ran at 0.4-0.8x oneDNN's own convolution: FMA micro-kernels over a zero-padded fp32 copy of the
-// input rows, for the forward and for dx (the stride-1 transposed convolution, a convolution of dy' with the
-// flipped, transposed weight). Declared here, defined in conv_relu_blocked_cpu.cpp, called from conv_relu_cpu.cpp.
+// input rows (bf16 layers: AVX512-BF16 dot products over a bf16 copy, where the CPU has them), for the forward and
+// for dx (the stride-1 transposed convolution, a convolution of dy' with the flipped, transposed weight). Declared
+// here, defined in conv_relu_blocked_cpu.cpp, called from conv_relu_cpu.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +14,10 @@
 namespace fcnkern {
 
 enum class BlockedPass { kForward, kDgrad, kWgrad };
+
+// Whether bf16 layers on the direct path run on the AVX512-BF16 dot-product kernels (the CPU has AVX512-BF16 and
+// FCNKERN_CONV_BF16_DOT is not "0"); otherwise they compute in fp32 like fp16 layers.
+bool blocked_bf16_dot_available();
 
 // Whether the CPU kernel takes the direct path for this geometry and pass (FCNKERN_CONV_BLOCKED=0|fwd|all overrides).
 bool use_blocked(const ConvGeometry& g, BlockedPass pass);

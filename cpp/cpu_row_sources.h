@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 
 #include <array>
 #include <cstdint>
@@ -33,6 +34,9 @@ struct InputRows {
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
       if (strides[3] == 1) return copy_row_f(src, width, dst);
     }
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      if (strides[3] == 1) return bf16_row_to_f(reinterpret_cast<const uint16_t*>(src), width, dst);
+    }
     for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<acc_t>(src[i * strides[3]]);
   }
 };
@@ -49,6 +53,12 @@ struct MaskedGradRows {
     if (grad.dense_float() && y.dense_float()) {
       return masked_row_f(reinterpret_cast<const float*>(gr), reinterpret_cast<const float*>(yr), grad.width,
                           reinterpret_cast<float*>(dst));
+    }
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      if (grad.strides[3] == 1 && y.strides[3] == 1) {
+        return masked_row_bf16(reinterpret_cast<const uint16_t*>(gr), reinterpret_cast<const uint16_t*>(yr),
+                               grad.width, dst);
+      }
     }
     for (int64_t i = 0; i < grad.width; ++i) {
       const acc_t v = static_cast<acc_t>(gr[i * grad.strides[3]]);

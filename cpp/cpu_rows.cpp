@@ -1,6 +1,8 @@
 #include "cpu_rows.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "cpu_math.h"
 
@@ -21,6 +23,41 @@ FCNK_MULTIVERSION void bias_relu_row_f(const float* src, float add, bool relu, i
     for (int64_t i = 0; i < width; ++i) dst[i] = std::max(src[i] + add, 0.f);
   } else {
     for (int64_t i = 0; i < width; ++i) dst[i] = src[i] + add;
+  }
+}
+
+namespace {
+
+inline __attribute__((always_inline)) float bf16_to_f(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// c10::BFloat16's round-to-nearest-even, written without a branch so that the row loops vectorise.
+inline __attribute__((always_inline)) uint16_t f_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint16_t rounded = static_cast<uint16_t>((bits + ((bits >> 16) & 1) + 0x7fff) >> 16);
+  return v != v ? uint16_t(0x7fc0) : rounded;
+}
+
+}  // namespace
+
+FCNK_MULTIVERSION void bf16_row_to_f(const uint16_t* src, int64_t width, float* dst) {
+  for (int64_t i = 0; i < width; ++i) dst[i] = bf16_to_f(src[i]);
+}
+
+FCNK_MULTIVERSION void masked_row_bf16(const uint16_t* grad, const uint16_t* y, int64_t width, float* dst) {
+  for (int64_t i = 0; i < width; ++i) dst[i] = bf16_to_f(y[i]) <= 0.f ? 0.f : bf16_to_f(grad[i]);
+}
+
+FCNK_MULTIVERSION void bias_relu_row_bf16(const float* src, float add, bool relu, int64_t width, uint16_t* dst) {
+  if (relu) {
+    for (int64_t i = 0; i < width; ++i) dst[i] = f_to_bf16(std::max(src[i] + add, 0.f));
+  } else {
+    for (int64_t i = 0; i < width; ++i) dst[i] = f_to_bf16(src[i] + add);
   }
 }
 

@@ -1,4 +1,4 @@
-// Unit-stride fp32 row loops of the CPU convolution kernels, compiled once per ISA level (target_clones in
+// Unit-stride fp32 (and bf16) row loops of the CPU convolution kernels, compiled once per ISA level (target_clones in
 // cpu_rows.cpp). The kernels' generic loops take runtime strides and any dtype; GCC vectorises neither those nor,
 // at the extension's baseline ISA, templates and lambdas, so the common case (NCHW fp32 rows) comes here.
 #pragma once
@@ -16,5 +16,13 @@ void masked_row_f(const float* grad, const float* y, int64_t width, float* dst);
 void add_row_f(const float* src, int64_t width, float* dst);
 // dst[i] = src[i] + add, then max(., 0) if relu (NaN stays NaN, as torch.relu keeps it)
 void bias_relu_row_f(const float* src, float add, bool relu, int64_t width, float* dst);
+
+// The same loops for bf16 tensors, whose elements are passed as their bit patterns (c10::BFloat16's uint16_t):
+// dst[i] = src[i] as float (exact)
+void bf16_row_to_f(const uint16_t* src, int64_t width, float* dst);
+// masked_row_f on bf16 grad and y, into floats
+void masked_row_bf16(const uint16_t* grad, const uint16_t* y, int64_t width, float* dst);
+// bias_relu_row_f into bf16, rounded to nearest even as c10::BFloat16's conversion rounds (a NaN becomes 0x7fc0)
+void bias_relu_row_bf16(const float* src, float add, bool relu, int64_t width, uint16_t* dst);
 
 }  // namespace fcnkern

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "common.h"
+#include "conv_relu_blocked_cpu.h"
 #include "cpu_tasks.h"
 #include "cross_entropy.h"
 #include "large_block_cache.h"
@@ -135,6 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_bytes", [] { return fcnkern::large_block_cache().cached_bytes(); });
   m.def("cpu_gemm_library", [] { return std::string(fcnkern::gemm_library_name()); },
         "Which library the CPU kernels' fp32 GEMMs use: 'onednn' or 'mkl' (FCNKERN_CPU_GEMM; see cpu_tasks.h).");
+  m.def("cpu_conv_bf16_dot", &fcnkern::blocked_bf16_dot_available,
+        "Whether the CPU's register-blocked convolution kernels compute bf16 layers with AVX512-BF16 dot products "
+        "(this CPU has it, FCNKERN_CONV_BF16_DOT is not 0).");
 #ifdef FCNKERN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

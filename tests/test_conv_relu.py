@@ -364,6 +364,79 @@ def test_cpu_blocked_transposed_non_square_kernel_and_padding(monkeypatch, mode,
     _check("cpu", "cpu", torch.float32, (x, weight, bias), {"padding": (2, 0), "groups": 2})
 
 
+def _cpu_bf16_dot() -> bool:
+    """Whether the CPU extension runs bf16 layers of the blocked path on AVX512-BF16 dot products here."""
+    status = fcnkern._ext.load()
+    return status.module is not None and bool(status.module.cpu_conv_bf16_dot())
+
+
+def _require_cpu_bf16_dot() -> None:
+    require_backend("cpu")
+    if not _cpu_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: its bf16 layers compute in fp32 (test_cpu_stride1_paths_forced)")
+
+
+# The blocked cases, plus a 64-channel VGG layer and odd channel counts with a weight gradient on the blocked path
+# (>= 8 channels in): the dot kernels pair input channels, an odd count's last pair padded with a zero channel.
+BF16_DOT_CASES = [*BLOCKED_CASES, (2, 64, 33, 29, 64, 3, 1, 1, 1, 1), (1, 9, 20, 37, 13, 3, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("path", ["blocked", "blocked_transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+@pytest.mark.parametrize("case", BF16_DOT_CASES, ids=_case_id)
+def test_cpu_bf16_dot_kernels_match_pytorch(monkeypatch, case, layout, path):
+    """bf16 layers on the register-blocked path run on AVX512-BF16 dot products (forward, dx, dW) where the CPU has
+    them: forward and every gradient against PyTorch, judged like every bf16 result (against fp32, no worse than
+    twice PyTorch's own bf16 error), on maps as they are and transposed."""
+    _require_cpu_bf16_dot()
+    for name, value in BLOCKED_ORIENTATION[path].items():
+        monkeypatch.setenv(name, value)
+    (x, weight, bias), geometry = _inputs(case, torch.bfloat16, "cpu", layout, "bf16-dot")
+    x, weight = _layout(x, weight, layout)
+    _check("cpu", "cpu", torch.bfloat16, (x, weight, bias), geometry)
+
+
+def test_cpu_bf16_dot_kernels_are_the_default_and_agree_with_fp32_math():
+    """A bf16 64 -> 64 layer: by default (FCNKERN_CONV_BF16_DOT unset) the blocked kernels take the dot products, whose
+    sums run in another order than the fp32 kernels' (FCNKERN_CONV_BF16_DOT=0): some roundings of y and dW differ, and
+    every value is within a bf16 rounding or two of the other's (each product is exact in fp32 both ways)."""
+    _require_cpu_bf16_dot()
+    tensors, geometry = _inputs((2, 64, 33, 29, 64, 3, 1, 1, 1, 1), torch.bfloat16, "cpu", "bf16-dot-default")
+    runs = {}
+    for mode in ("default", "0"):
+        env = {} if mode == "default" else {"FCNKERN_CONV_BF16_DOT": mode}
+        with mock.patch.dict(os.environ, env):
+            assert _cpu_bf16_dot() == (mode == "default")
+            out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
+        runs[mode] = (out, *grads)
+    assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs["0"], strict=True))
+    for a, b in zip(runs["default"], runs["0"], strict=True):
+        scale = b.float().abs().max()
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-8 * scale)
+
+
+@pytest.mark.parametrize("dot", ["1", "0"])
+def test_cpu_bf16_blocked_kernels_non_finite(monkeypatch, dot):
+    """bf16 with inf in x and a NaN bias on the blocked path (dot products and fp32 math): NaN and inf where the fp32
+    convolution of the same values has them (the dW kernels decline an inf x, whose wide-grid columns would make
+    0 * inf; the NaN outputs pass their gradient), the finite values within bf16 rounding."""
+    require_backend("cpu")
+    monkeypatch.setenv("FCNKERN_CONV_BLOCKED", "all")
+    monkeypatch.setenv("FCNKERN_CONV_BF16_DOT", dot)
+    (x, weight, bias), geometry = _inputs(CASES[1], torch.bfloat16, "cpu", "bf16-non-finite")
+    x, bias = x.clone(), bias.clone()
+    x[0, 0, 1, 1], x[-1, -1, 2, 3] = float("inf"), float("-inf")
+    bias[3] = float("nan")
+    ours = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), (x, weight, bias), 5)
+    ref = _run(lambda *a: _reference(*a, **geometry), [t.float() for t in (x, weight, bias)], 5)
+    assert ref[0].isinf().any() and ref[0][:, 3].isnan().all() and ref[1][1].isinf().any()
+    for a, b in zip((ours[0], *ours[1]), (ref[0], *ref[1]), strict=True):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite].float(), b[finite], rtol=2**-7, atol=2**-7 * b[finite].abs().max())
+
+
 def test_cpu_concurrent_calls_get_their_own_scratch():
     """The CPU kernels lend one kept scratch block to one call at a time (a second concurrent call gets a fresh
     buffer): Python threads running convolutions at once get exactly the results of running them one by one. Each
