@@ -415,6 +415,27 @@ def test_cpu_bf16_dot_kernels_are_the_default_and_agree_with_fp32_math():
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-8 * scale)
 
 
+def test_cpu_bf16_64_channel_layer_prefers_the_dot_kernels_to_winograd():
+    """A bf16 64 -> 64 layer on a 160 x 160 map, which fp32 sends to Winograd (from 1e8 multiply-adds per tap): with
+    the dot kernels here it takes the blocked path instead, forward and backward, bit for bit what
+    FCNKERN_CONV_WINOGRAD=0 gives and not Winograd's sums (FCNKERN_CONV_WINOGRAD=all)."""
+    _require_cpu_bf16_dot()
+    tensors, geometry = _inputs((1, 64, 160, 160, 64, 3, 1, 1, 1, 1), torch.bfloat16, "cpu", "bf16-dot-winograd")
+    runs = {}
+    for mode in ("default", "0", "all"):
+        env = {} if mode == "default" else {"FCNKERN_CONV_WINOGRAD": mode}
+        with mock.patch.dict(os.environ, env):
+            out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
+        runs[mode] = (out, *grads)
+    assert all(torch.equal(a, b) for a, b in zip(runs["default"], runs["0"], strict=True))
+    assert not torch.equal(runs["default"][0], runs["all"][0])
+    _check("cpu", "cpu", torch.bfloat16, tensors, geometry)
+    fp32 = [t.float() for t in tensors]  # the premise: in fp32 the default is Winograd's result
+    with mock.patch.dict(os.environ, {"FCNKERN_CONV_WINOGRAD": "all"}):
+        y_winograd = conv2d_relu(*fp32, backend="cpu", **geometry)
+    assert torch.equal(conv2d_relu(*fp32, backend="cpu", **geometry), y_winograd)
+
+
 @pytest.mark.parametrize("dot", ["1", "0"])
 def test_cpu_bf16_blocked_kernels_non_finite(monkeypatch, dot):
     """bf16 with inf in x and a NaN bias on the blocked path (dot products and fp32 math): NaN and inf where the fp32
