@@ -138,18 +138,21 @@ int64_t rows_per_task(const Problem& p, int64_t extra_channels = 0) {
   return rows;
 }
 
-// Calls fn(g, o, c, i, j) for every weight of the problem's groups.
+// Calls fn(g, o, c, i, j) for every weight of the problem's groups, the (group, output) pairs spread over threads
+// (a forward or dx packs its weights per call: on one thread, the other waiting, that was 3 % of a 64-channel
+// 17 x 17 layer's backward).
 template <typename Fn>
 void for_each_weight(const Problem& p, const Fn& fn) {
-  for (int64_t g = 0; g < p.groups; ++g) {
-    for (int64_t o = 0; o < p.out_c; ++o) {
+  at::parallel_for(0, p.groups * p.out_c, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t go = begin; go < end; ++go) {
+      const int64_t g = go / p.out_c, o = go % p.out_c;
       for (int64_t c = 0; c < p.in_c; ++c) {
         for (int64_t i = 0; i < p.r; ++i) {
           for (int64_t j = 0; j < p.s; ++j) fn(g, o, c, i, j);
         }
       }
     }
-  }
+  });
 }
 
 // The bf16 bit pattern of a float that holds a bf16 value (a bf16 tensor's element read as float: exact).
@@ -406,12 +409,10 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
       const int64_t columns = round_up(count * wp, granule);
       stage_planes(p, n, group, oh0, count + g.r - 1, planes, plane_len, staged, x_rows);
       bool bad = false;
-      for (int64_t q = 0; q < g.c_g * plane_len; ++q) {
-        if constexpr (kBf16) {
-          bad |= (planes[q] & 0x7f80) == 0x7f80;  // exponent all ones: inf or NaN
-        } else {
-          bad |= non_finite(planes[q]);
-        }
+      if constexpr (kBf16) {
+        bad = any_non_finite_bf16(planes, g.c_g * plane_len);
+      } else {
+        for (int64_t q = 0; q < g.c_g * plane_len; ++q) bad |= non_finite(planes[q]);
       }
       if (bad) {
         finite = false;

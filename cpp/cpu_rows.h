@@ -24,5 +24,7 @@ void bf16_row_to_f(const uint16_t* src, int64_t width, float* dst);
 void masked_row_bf16(const uint16_t* grad, const uint16_t* y, int64_t width, float* dst);
 // bias_relu_row_f into bf16, rounded to nearest even as c10::BFloat16's conversion rounds (a NaN becomes 0x7fc0)
 void bias_relu_row_bf16(const float* src, float add, bool relu, int64_t width, uint16_t* dst);
+// Whether any of the n bf16 values is inf or NaN (exponent bits all ones)
+bool any_non_finite_bf16(const uint16_t* v, int64_t n);
 
 }  // namespace fcnkern
