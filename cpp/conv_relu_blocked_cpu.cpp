@@ -510,6 +510,109 @@ at::Tensor hw_swapped_copy(const at::Tensor& t) { return t.transpose(2, 3).conti
 
 bool blocked_bf16_dot_available() { return bf16_dot(at::kBFloat16, at::kBFloat16); }
 
+at::Tensor pack_bf16_left(const at::Tensor& a) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16, "pack_bf16_left: a 2-d bf16 matrix");
+  const int64_t rows = a.size(0), depth = a.size(1), kb = kernel().channels;
+  const int64_t blocks = (rows + kb - 1) / kb, pairs = (depth + 1) / 2;
+  at::Tensor packed = at::zeros({blocks, pairs, kb}, a.options().dtype(at::kInt));
+  auto* const dst = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>());
+  const auto* const src = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
+  const int64_t s0 = a.stride(0), s1 = a.stride(1);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t valid = std::min(kb, rows - b * kb);
+      uint32_t* const out = dst + b * pairs * kb;
+      if (s1 == 1) {  // rows along K: a row's pair is two adjacent values
+        for (int64_t r = 0; r < valid; ++r) {
+          const uint16_t* row = src + (b * kb + r) * s0;
+          for (int64_t p = 0; p < depth / 2; ++p) out[p * kb + r] = row[2 * p] | uint32_t(row[2 * p + 1]) << 16;
+          if (depth % 2 != 0) out[depth / 2 * kb + r] = row[depth - 1];
+        }
+      } else {  // columns along M (a transposed weight): a block's 8 values of a pair's two rows are runs of s0
+        for (int64_t p = 0; p < pairs; ++p) {
+          const uint16_t* lo = src + b * kb * s0 + 2 * p * s1;
+          const uint16_t* hi = lo + s1;
+          const bool has_hi = 2 * p + 1 < depth;
+          for (int64_t r = 0; r < valid; ++r) out[p * kb + r] = lo[r * s0] | (has_hi ? uint32_t(hi[r * s0]) << 16 : 0u);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+at::Tensor pack_bf16_right(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kBFloat16, "pack_bf16_right: a 2-d bf16 matrix");
+  const int64_t depth = b.size(0), n = b.size(1), pairs = (depth + 1) / 2, n_pad = round_up(n, kernel().chunk);
+  at::Tensor packed = at::empty({pairs, n_pad}, b.options().dtype(at::kInt));
+  auto* const dst = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>());
+  const auto* const src = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
+  const int64_t s0 = b.stride(0), s1 = b.stride(1);
+  if (s1 == 1 || s0 != 1) {  // rows along N (im2col columns, dy): a pair is the same column of two rows
+    at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const uint16_t* lo = src + 2 * p * s0;
+        uint32_t* out = dst + p * n_pad;
+        if (2 * p + 1 < depth) {
+          const uint16_t* hi = lo + s0;
+          for (int64_t c = 0; c < n; ++c) out[c] = lo[c * s1] | uint32_t(hi[c * s1]) << 16;
+        } else {
+          for (int64_t c = 0; c < n; ++c) out[c] = lo[c * s1];
+        }
+        std::fill(out + n, out + n_pad, 0u);
+      }
+    });
+  } else {  // columns along K (im2col columns transposed, for dW): a pair is two adjacent values of a column
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const uint16_t* col = src + c * s1;
+        for (int64_t p = 0; p < depth / 2; ++p) dst[p * n_pad + c] = col[2 * p] | uint32_t(col[2 * p + 1]) << 16;
+        if (depth % 2 != 0) dst[depth / 2 * n_pad + c] = col[depth - 1];
+      }
+    });
+    at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) std::fill(dst + p * n_pad + n, dst + (p + 1) * n_pad, 0u);
+    });
+  }
+  return packed;
+}
+
+void gemm_bf16(const at::Tensor& out, const at::Tensor& left, const at::Tensor& right, int64_t depth,
+               bool overwrite) {
+  const Kernel& kern = kernel();
+  TORCH_CHECK(kern.block_bf16 != nullptr, "gemm_bf16: this CPU has no AVX512-BF16");
+  const int64_t m = out.size(0), n = out.size(1), kb = kern.channels, pairs = (depth + 1) / 2;
+  const int64_t blocks = (m + kb - 1) / kb, n_pad = round_up(n, kern.chunk);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && left.size(0) == blocks && left.size(1) == pairs &&
+                  right.size(0) == pairs && right.size(1) == n_pad,
+              "gemm_bf16: operands packed for another shape");
+  if (m == 0 || n == 0) return;
+  // Tasks: (panel of columns, block of kb rows), a panel's blocks adjacent so that a thread's run of tasks reads the
+  // same columns of the right operand; each computes a kb x panel tile and stores its valid part.
+  const int64_t panel = std::min<int64_t>(n_pad, 4 * kern.chunk), panels = (n_pad + panel - 1) / panel;
+  const auto* const lp = reinterpret_cast<const uint32_t*>(left.const_data_ptr<int32_t>());
+  const auto* const rp = reinterpret_cast<const uint32_t*>(right.const_data_ptr<int32_t>());
+  float* const op = out.mutable_data_ptr<float>();
+  const int64_t o0 = out.stride(0), o1 = out.stride(1);
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kb * panel);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t q0 = task / blocks * panel, blk = task % blocks;
+      const int64_t width = std::min(panel, n_pad - q0), valid = std::min(width, n - q0);
+      kern.block_bf16(rp + q0, n_pad, pairs, lp + blk * pairs * kb, 1, 1, 0, width, tile.data(), panel);
+      for (int64_t r = 0; r < kb && blk * kb + r < m; ++r) {
+        float* dst = op + (blk * kb + r) * o0 + q0 * o1;
+        const float* row = tile.data() + r * panel;
+        if (overwrite) {
+          for (int64_t c = 0; c < valid; ++c) dst[c * o1] = row[c];
+        } else {
+          for (int64_t c = 0; c < valid; ++c) dst[c * o1] += row[c];
+        }
+      }
+    }
+  });
+}
+
 bool use_blocked(const ConvGeometry& g, BlockedPass pass) {
   // FCNKERN_CONV_BLOCKED: "0" never; "fwd" the forward only; "all" both passes on every geometry they can compute
   // (the tests reach them so). Read per call, for A/B measurements in one process.

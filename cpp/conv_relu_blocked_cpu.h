@@ -19,6 +19,15 @@ enum class BlockedPass { kForward, kDgrad, kWgrad };
 // FCNKERN_CONV_BF16_DOT is not "0"); otherwise they compute in fp32 like fp16 layers.
 bool blocked_bf16_dot_available();
 
+// GEMMs of bf16 operands on the same dot-product micro-kernel, for the batch-wide GEMMs of bf16 layers where
+// blocked_bf16_dot_available(): out (M x N, fp32, any strides) = a @ b, or += where !overwrite, each product exact
+// in fp32. The operands are packed from bf16 tensors (any strides) by word copies: the left one (pack_bf16_left:
+// a, M x K) as [ceil(M / 8)][ceil(K / 2)][8] int32 of bf16 pairs along K, the right one (pack_bf16_right: b, K x N)
+// as [ceil(K / 2)][N rounded up to 48] int32 of pairs along K, zero past K and N.
+at::Tensor pack_bf16_left(const at::Tensor& a);
+at::Tensor pack_bf16_right(const at::Tensor& b);
+void gemm_bf16(const at::Tensor& out, const at::Tensor& left, const at::Tensor& right, int64_t depth, bool overwrite);
+
 // Whether the CPU kernel takes the direct path for this geometry and pass (FCNKERN_CONV_BLOCKED=0|fwd|all overrides).
 bool use_blocked(const ConvGeometry& g, BlockedPass pass);
 

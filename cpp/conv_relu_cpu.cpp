@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -672,12 +673,29 @@ at::Tensor batch_columns(const at::Tensor& x, const ConvGeometry& g, at::ScalarT
   return cols.permute({1, 0, 2}).reshape({g.groups, g.j, -1});
 }
 
-// a[grp] @ b[grp] for every group, through the GEMM library of the direct kernels (oneDNN's ran fc7's 512 x 512 x 72
-// product in about half at::bmm's time here).
+// a[grp] @ b[grp] for every group, in fp32, through the GEMM library of the direct kernels (oneDNN's ran fc7's
+// 512 x 512 x 72 product in about half at::bmm's time here), or for bf16 a and b on the dot-product kernels
+// (gemm_bf16: the products exact, twice the FMA rate).
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = empty_large({a.size(0), a.size(1), b.size(2)}, a.options(), at::MemoryFormat::Contiguous);
-  for (int64_t grp = 0; grp < a.size(0); ++grp) mm_into(out[grp], a[grp], b[grp], true);
+  const auto options = a.options().dtype(a.scalar_type() == at::kBFloat16 ? at::kFloat : a.scalar_type());
+  at::Tensor out = empty_large({a.size(0), a.size(1), b.size(2)}, options, at::MemoryFormat::Contiguous);
+  for (int64_t grp = 0; grp < a.size(0); ++grp) {
+    if (a.scalar_type() == at::kBFloat16) {
+      gemm_bf16(out[grp], pack_bf16_left(a[grp]), pack_bf16_right(b[grp]), a.size(2), true);
+    } else {
+      mm_into(out[grp], a[grp], b[grp], true);
+    }
+  }
   return out;
+}
+
+// The dtype the batch-wide GEMMs read a layer's operands in: bf16 where all are bf16 and the dot-product kernels run
+// here (blocked_bf16_dot_available), else the accumulation type.
+at::ScalarType batched_operand_type(std::initializer_list<at::ScalarType> dtypes, at::ScalarType acc) {
+  for (const at::ScalarType t : dtypes) {
+    if (t != at::kBFloat16) return acc;
+  }
+  return blocked_bf16_dot_available() ? at::kBFloat16 : acc;
 }
 
 // m (G x K/G x N.OH.OW) stored into out (N x K x OH x OW, any layout and dtype): batch_pixels' inverse.
@@ -687,9 +705,9 @@ void store_batch_pixels(const at::Tensor& m, const at::Tensor& out) {
 
 void batched_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& y, const ConvGeometry& g, bool relu) {
-  const auto acc = acc_type_of(x);
-  const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.j});
-  at::Tensor out = grouped_mm(w, batch_columns(x, g, acc));
+  const auto acc = acc_type_of(x), operands = batched_operand_type({x.scalar_type(), weight.scalar_type()}, acc);
+  const at::Tensor w = weight.to(operands).reshape({g.groups, g.k_g, g.j});
+  at::Tensor out = grouped_mm(w, batch_columns(x, g, operands));
   if (bias.has_value()) out.add_(bias->to(acc).view({g.groups, g.k_g, 1}));
   if (relu) out.relu_();
   store_batch_pixels(out, y);
@@ -701,13 +719,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& gra
                                                            std::array<bool, 3> output_mask) {
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
+  const auto operands = batched_operand_type({grad.scalar_type(), x.scalar_type(), weight.scalar_type()}, acc);
   // threshold_backward is PyTorch's ReLU mask itself: no gradient where y <= 0, a NaN output passes it.
-  const at::Tensor dy = batch_pixels((relu ? at::threshold_backward(grad, y, 0) : grad).to(acc), g.groups);
+  const at::Tensor dy = batch_pixels((relu ? at::threshold_backward(grad, y, 0) : grad).to(operands), g.groups);
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor dx = none, dw = none, db = none;
   if (need_x) {
-    const at::Tensor w = weight.to(acc).reshape({g.groups, g.k_g, g.j});
-    const at::Tensor cols = grouped_mm(w.transpose(1, 2), dy);  // G x C/G.R.S x N.OH.OW
+    const at::Tensor w = weight.to(operands).reshape({g.groups, g.k_g, g.j});
+    const at::Tensor cols = grouped_mm(w.transpose(1, 2), dy);  // G x C/G.R.S x N.OH.OW, fp32
     dx = empty_like_format(x, x.sizes(), x.scalar_type());
     if (columns_are_x(g)) {
       store_batch_pixels(cols, dx);
@@ -718,9 +737,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& gra
     }
   }
   if (need_w) {
-    dw = grouped_mm(dy, batch_columns(x, g, acc).transpose(1, 2)).reshape(weight.sizes()).to(weight.scalar_type());
+    dw = grouped_mm(dy, batch_columns(x, g, operands).transpose(1, 2)).reshape(weight.sizes()).to(weight.scalar_type());
   }
-  if (need_b) db = dy.sum(2).reshape({g.k}).to(x.scalar_type());
+  if (need_b) db = dy.sum(2, false, acc).reshape({g.k}).to(x.scalar_type());
   return {dx, dw, db};
 }
 

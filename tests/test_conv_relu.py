@@ -415,6 +415,24 @@ def test_cpu_bf16_dot_kernels_are_the_default_and_agree_with_fp32_math():
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-8 * scale)
 
 
+def test_cpu_bf16_batch_wide_gemms_take_the_dot_kernels():
+    """fc6 of the main job's network in bf16 (8 images, 64 -> 512 channels, 7 x 7 on 9 x 9: the batch-wide GEMMs): by
+    default its three GEMMs run on the dot-product kernels (gemm_bf16), whose sums run in another order than the fp32
+    GEMMs' (FCNKERN_CONV_BF16_DOT=0): some roundings differ, every value within a bf16 rounding or two."""
+    _require_cpu_bf16_dot()
+    tensors, geometry = _inputs((8, 64, 9, 9, 512, 7, 1, 0, 1, 1), torch.bfloat16, "cpu", "bf16-dot-batched")
+    runs = {}
+    for mode in ("default", "0"):
+        env = {} if mode == "default" else {"FCNKERN_CONV_BF16_DOT": mode}
+        with mock.patch.dict(os.environ, env):
+            out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
+        runs[mode] = (out, *grads)
+    assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs["0"], strict=True))
+    for a, b in zip(runs["default"], runs["0"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-8 * b.float().abs().max())
+    _check("cpu", "cpu", torch.bfloat16, tensors, geometry)
+
+
 def test_cpu_bf16_64_channel_layer_prefers_the_dot_kernels_to_winograd():
     """A bf16 64 -> 64 layer on a 160 x 160 map, which fp32 sends to Winograd (from 1e8 multiply-adds per tap): with
     the dot kernels here it takes the blocked path instead, forward and backward, bit for bit what
