@@ -396,35 +396,24 @@ def test_cpu_bf16_dot_kernels_match_pytorch(monkeypatch, case, layout, path):
     _check("cpu", "cpu", torch.bfloat16, (x, weight, bias), geometry)
 
 
-def test_cpu_bf16_dot_kernels_are_the_default_and_agree_with_fp32_math():
-    """A bf16 64 -> 64 layer: by default (FCNKERN_CONV_BF16_DOT unset) the blocked kernels take the dot products, whose
-    sums run in another order than the fp32 kernels' (FCNKERN_CONV_BF16_DOT=0): some roundings of y and dW differ, and
-    every value is within a bf16 rounding or two of the other's (each product is exact in fp32 both ways)."""
+@pytest.mark.parametrize(
+    "case",
+    [(2, 64, 33, 29, 64, 3, 1, 1, 1, 1), (8, 64, 9, 9, 512, 7, 1, 0, 1, 1)],
+    ids=["blocked-64to64", "batch-wide-fc6"],
+)
+def test_cpu_bf16_dot_kernels_are_the_default_and_agree_with_fp32_math(case):
+    """bf16 layers run on the dot-product kernels by default (FCNKERN_CONV_BF16_DOT unset): a 64 -> 64 layer on the
+    register-blocked kernels, and fc6 of the main job's network (8 images, 64 -> 512 channels, 7 x 7 on 9 x 9) on the
+    batch-wide GEMMs (gemm_bf16). Their sums run in another order than the fp32 kernels' (FCNKERN_CONV_BF16_DOT=0):
+    some roundings of the results differ, every value is within a bf16 rounding or two of the other's (each product
+    is exact in fp32 both ways), and both match PyTorch."""
     _require_cpu_bf16_dot()
-    tensors, geometry = _inputs((2, 64, 33, 29, 64, 3, 1, 1, 1, 1), torch.bfloat16, "cpu", "bf16-dot-default")
+    tensors, geometry = _inputs(case, torch.bfloat16, "cpu", "bf16-dot-default")
     runs = {}
     for mode in ("default", "0"):
         env = {} if mode == "default" else {"FCNKERN_CONV_BF16_DOT": mode}
         with mock.patch.dict(os.environ, env):
             assert _cpu_bf16_dot() == (mode == "default")
-            out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
-        runs[mode] = (out, *grads)
-    assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs["0"], strict=True))
-    for a, b in zip(runs["default"], runs["0"], strict=True):
-        scale = b.float().abs().max()
-        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-8 * scale)
-
-
-def test_cpu_bf16_batch_wide_gemms_take_the_dot_kernels():
-    """fc6 of the main job's network in bf16 (8 images, 64 -> 512 channels, 7 x 7 on 9 x 9: the batch-wide GEMMs): by
-    default its three GEMMs run on the dot-product kernels (gemm_bf16), whose sums run in another order than the fp32
-    GEMMs' (FCNKERN_CONV_BF16_DOT=0): some roundings differ, every value within a bf16 rounding or two."""
-    _require_cpu_bf16_dot()
-    tensors, geometry = _inputs((8, 64, 9, 9, 512, 7, 1, 0, 1, 1), torch.bfloat16, "cpu", "bf16-dot-batched")
-    runs = {}
-    for mode in ("default", "0"):
-        env = {} if mode == "default" else {"FCNKERN_CONV_BF16_DOT": mode}
-        with mock.patch.dict(os.environ, env):
             out, grads = _run(lambda *a: conv2d_relu(*a, backend="cpu", **geometry), tensors, 3)
         runs[mode] = (out, *grads)
     assert not all(torch.equal(a, b) for a, b in zip(runs["default"], runs["0"], strict=True))
