@@ -303,14 +303,6 @@ void run(const Problem& p, const at::Tensor& packed, const FillRow& fill_row, co
   });
 }
 
-// Whether a pass whose two operands have dtypes a and b runs on the bf16 kernels: both bf16 (their products are then
-// exact in fp32 either way), and a CPU with AVX512-BF16. FCNKERN_CONV_BF16_DOT=0 keeps the fp32 kernels (read per
-// call, for A/B measurements and the tests).
-bool bf16_dot(at::ScalarType a, at::ScalarType b) {
-  return a == at::kBFloat16 && b == at::kBFloat16 && kernel().block_bf16 != nullptr &&
-         env_setting("FCNKERN_CONV_BF16_DOT") != "0";
-}
-
 // Packs the weights for the fp32 or the bf16 kernels and runs the engine on them.
 template <typename WeightOf, typename FillRow, typename StoreRow>
 void pack_and_run(const Problem& p, bool bf16, const at::TensorOptions& options, const WeightOf& weight_of,
@@ -508,7 +500,12 @@ at::Tensor hw_swapped_copy(const at::Tensor& t) { return t.transpose(2, 3).conti
 
 }  // namespace
 
-bool blocked_bf16_dot_available() { return bf16_dot(at::kBFloat16, at::kBFloat16); }
+bool bf16_dot_products(std::initializer_list<at::ScalarType> operands) {
+  for (const at::ScalarType t : operands) {
+    if (t != at::kBFloat16) return false;
+  }
+  return kernel().block_bf16 != nullptr && env_setting("FCNKERN_CONV_BF16_DOT") != "0";
+}
 
 at::Tensor pack_bf16_left(const at::Tensor& a) {
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16, "pack_bf16_left: a 2-d bf16 matrix");
@@ -657,7 +654,7 @@ void blocked_forward(const at::Tensor& x, const at::Tensor& weight, const std::o
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked", [&] {
     const OutputRows<scalar_t> out(y);
-    pack_and_run(p, bf16_dot(x.scalar_type(), weight.scalar_type()), x.options(), weight_of,
+    pack_and_run(p, bf16_dot_products({x.scalar_type(), weight.scalar_type()}), x.options(), weight_of,
                  InputRows<scalar_t, float>(x), [&](int64_t n, int64_t k, int64_t oh, const float* src) {
                    out(n, k, oh, src, bd != nullptr ? bd[k] : 0.f, relu);
                  });
@@ -681,7 +678,7 @@ void blocked_dgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "conv2d_relu_blocked_dgrad", [&] {
     const OutputRows<scalar_t> out(dx);
-    pack_and_run(p, bf16_dot(grad.scalar_type(), weight.scalar_type()), dx.options(), weight_of,
+    pack_and_run(p, bf16_dot_products({grad.scalar_type(), weight.scalar_type()}), dx.options(), weight_of,
                  MaskedGradRows<scalar_t, float>(grad, y, relu),
                  [&](int64_t n, int64_t c, int64_t ih, const float* src) { out(n, c, ih, src, 0.f, false); });
   });
@@ -698,7 +695,7 @@ bool blocked_wgrad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor
   dw = need_w ? at::empty({g.k, g.c_g, g.r, g.s}, x.options().dtype(at::kFloat)) : at::Tensor();
   db = need_b ? at::empty({g.k}, x.options().dtype(at::kFloat)) : at::Tensor();
   bool done = false;
-  const bool bf16 = bf16_dot(x.scalar_type(), grad.scalar_type());
+  const bool bf16 = bf16_dot_products({x.scalar_type(), grad.scalar_type()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_blocked_wgrad", [&] {
     done = bf16 ? wgrad<scalar_t, true>(g, grad, y, x, relu, dw, db) : wgrad<scalar_t, false>(g, grad, y, x, relu, dw, db);
   });

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <optional>
 
 #include "conv_relu.h"
@@ -15,12 +16,13 @@ namespace fcnkern {
 
 enum class BlockedPass { kForward, kDgrad, kWgrad };
 
-// Whether bf16 layers on the direct path run on the AVX512-BF16 dot-product kernels (the CPU has AVX512-BF16 and
-// FCNKERN_CONV_BF16_DOT is not "0"); otherwise they compute in fp32 like fp16 layers.
-bool blocked_bf16_dot_available();
+// Whether a pass whose operands have these dtypes runs on the AVX512-BF16 dot-product kernels: every one bf16 (their
+// products are then exact in fp32 either way), a CPU with AVX512-BF16, and FCNKERN_CONV_BF16_DOT not "0" (read per
+// call, for A/B measurements and the tests). Otherwise bf16 layers compute in fp32 like fp16 layers.
+bool bf16_dot_products(std::initializer_list<at::ScalarType> operands);
 
 // GEMMs of bf16 operands on the same dot-product micro-kernel, for the batch-wide GEMMs of bf16 layers where
-// blocked_bf16_dot_available(): out (M x N, fp32, any strides) = a @ b, or += where !overwrite, each product exact
+// bf16_dot_products(): out (M x N, fp32, any strides) = a @ b, or += where !overwrite, each product exact
 // in fp32. The operands are packed from bf16 tensors (any strides) by word copies: the left one (pack_bf16_left:
 // a, M x K) as [ceil(M / 8)][ceil(K / 2)][8] int32 of bf16 pairs along K, the right one (pack_bf16_right: b, K x N)
 // as [ceil(K / 2)][N rounded up to 48] int32 of pairs along K, zero past K and N.

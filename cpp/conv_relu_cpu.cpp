@@ -37,7 +37,6 @@
 
 #include <algorithm>
 #include <array>
-#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -689,15 +688,6 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// The dtype the batch-wide GEMMs read a layer's operands in: bf16 where all are bf16 and the dot-product kernels run
-// here (blocked_bf16_dot_available), else the accumulation type.
-at::ScalarType batched_operand_type(std::initializer_list<at::ScalarType> dtypes, at::ScalarType acc) {
-  for (const at::ScalarType t : dtypes) {
-    if (t != at::kBFloat16) return acc;
-  }
-  return blocked_bf16_dot_available() ? at::kBFloat16 : acc;
-}
-
 // m (G x K/G x N.OH.OW) stored into out (N x K x OH x OW, any layout and dtype): batch_pixels' inverse.
 void store_batch_pixels(const at::Tensor& m, const at::Tensor& out) {
   out.copy_(m.view({out.size(1), out.size(0), out.size(2), out.size(3)}).permute({1, 0, 2, 3}));
@@ -705,7 +695,9 @@ void store_batch_pixels(const at::Tensor& m, const at::Tensor& out) {
 
 void batched_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& y, const ConvGeometry& g, bool relu) {
-  const auto acc = acc_type_of(x), operands = batched_operand_type({x.scalar_type(), weight.scalar_type()}, acc);
+  // bf16 operands where the dot-product kernels take them (grouped_mm then runs gemm_bf16), else fp32 / fp64.
+  const auto acc = acc_type_of(x);
+  const auto operands = bf16_dot_products({x.scalar_type(), weight.scalar_type()}) ? at::kBFloat16 : acc;
   const at::Tensor w = weight.to(operands).reshape({g.groups, g.k_g, g.j});
   at::Tensor out = grouped_mm(w, batch_columns(x, g, operands));
   if (bias.has_value()) out.add_(bias->to(acc).view({g.groups, g.k_g, 1}));
@@ -719,7 +711,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& gra
                                                            std::array<bool, 3> output_mask) {
   const auto [need_x, need_w, need_b] = output_mask;
   const auto acc = acc_type_of(x);
-  const auto operands = batched_operand_type({grad.scalar_type(), x.scalar_type(), weight.scalar_type()}, acc);
+  const auto operands =
+      bf16_dot_products({grad.scalar_type(), x.scalar_type(), weight.scalar_type()}) ? at::kBFloat16 : acc;
   // threshold_backward is PyTorch's ReLU mask itself: no gradient where y <= 0, a NaN output passes it.
   const at::Tensor dy = batch_pixels((relu ? at::threshold_backward(grad, y, 0) : grad).to(operands), g.groups);
   const at::Tensor none = at::empty({0}, x.options());
@@ -745,13 +738,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_bwd(const at::Tensor& gra
 
 // Whether a pass goes to Winograd: where use_winograd says so, except bf16 layers that the register-blocked kernels
 // take on AVX512-BF16 dot products (64 -> 64 channels, VGG's conv1_2 at full width), twice the fp32 rate that
-// Winograd's fp32 GEMMs run at: 1 x 64 x 200^2 bf16, forward 13.7 -> 8.0 ms, backward 31.4 -> 22.5 (eager bf16:
+// Winograd's fp32 GEMMs run at: 1 x 64 x 200^2 bf16, forward 13.7 -> 7.8 ms, backward 31.4 -> 22.1 (eager bf16:
 // 7.5 and 17.4). FCNKERN_CONV_WINOGRAD=all still forces Winograd.
 bool winograd_first(const ConvGeometry& g, WinogradPass pass, BlockedPass blocked_pass, const at::Tensor& x,
                     const at::Tensor& weight) {
   if (!use_winograd(g, pass)) return false;
-  const bool dot = x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-                   blocked_bf16_dot_available() && use_blocked(g, blocked_pass);
+  const bool dot = bf16_dot_products({x.scalar_type(), weight.scalar_type()}) && use_blocked(g, blocked_pass);
   return !dot || env_setting("FCNKERN_CONV_WINOGRAD") == "all";
 }
 

@@ -136,9 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_bytes", [] { return fcnkern::large_block_cache().cached_bytes(); });
   m.def("cpu_gemm_library", [] { return std::string(fcnkern::gemm_library_name()); },
         "Which library the CPU kernels' fp32 GEMMs use: 'onednn' or 'mkl' (FCNKERN_CPU_GEMM; see cpu_tasks.h).");
-  m.def("cpu_conv_bf16_dot", &fcnkern::blocked_bf16_dot_available,
-        "Whether the CPU's register-blocked convolution kernels compute bf16 layers with AVX512-BF16 dot products "
-        "(this CPU has it, FCNKERN_CONV_BF16_DOT is not 0).");
+  m.def("cpu_conv_bf16_dot", [] { return fcnkern::bf16_dot_products({at::kBFloat16}); },
+        "Whether the CPU convolution kernels compute bf16 layers with AVX512-BF16 dot products where they can (the "
+        "register-blocked kernels, the batch-wide GEMMs): this CPU has it and FCNKERN_CONV_BF16_DOT is not 0.");
 #ifdef FCNKERN_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
