@@ -24,7 +24,6 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -155,13 +154,6 @@ void for_each_weight(const Problem& p, const Fn& fn) {
   });
 }
 
-// The bf16 bit pattern of a float that holds a bf16 value (a bf16 tensor's element read as float: exact).
-inline uint32_t bf16_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof b);
-  return b >> 16;
-}
-
 // Weights packed per block of kernel().channels outputs: [group][block][c][i][j][o], zero past out_c.
 // weight_of(g, o, c, i, j) gives the weight of output o, input c, tap (i, j) of group g.
 template <typename WeightOf>
@@ -217,7 +209,7 @@ void stage_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, int64
         stage_row(p, n, group, c, ih, dst, fill_row);
       } else {
         stage_row(p, n, group, c, ih, row, fill_row);
-        for (int64_t i = 0; i < wp; ++i) dst[i] = static_cast<uint16_t>(bf16_bits(row[i]));
+        f_row_to_bf16_bits(row, wp, dst);
       }
     }
     std::fill(plane + plane_rows * wp, plane + plane_len, T(0));
@@ -247,7 +239,7 @@ void stage_pair_planes(const Problem& p, int64_t n, int64_t group, int64_t oh0, 
       } else {
         std::fill(hi, hi + wp, 0.f);
       }
-      for (int64_t i = 0; i < wp; ++i) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
+      bf16_pair_row(lo, hi, wp, dst);
     }
     std::fill(plane + plane_rows * wp, plane + plane_len, 0u);
   }
@@ -424,9 +416,7 @@ bool wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& y, c
         }
         std::fill(row + count * wp, row + columns, 0.f);
         db_part[k] += static_cast<float>(row_sum(row, count * wp));
-        if constexpr (kBf16) {
-          for (int64_t q = 0; q < columns; ++q) dst[q] = static_cast<uint16_t>(bf16_bits(row[q]));
-        }
+        if constexpr (kBf16) f_row_to_bf16_bits(row, columns, dst);
       }
       float* const group_part = part + group * (k_pad / kern.wgrad_rows) * per_block;
       for (int64_t c = 0; c < g.c_g; ++c) {

@@ -45,6 +45,14 @@ inline __attribute__((always_inline)) uint16_t f_to_bf16(float v) {
 
 }  // namespace
 
+FCNK_MULTIVERSION void f_row_to_bf16_bits(const float* src, int64_t width, uint16_t* dst) {
+  for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<uint16_t>(bf16_bits(src[i]));
+}
+
+FCNK_MULTIVERSION void bf16_pair_row(const float* lo, const float* hi, int64_t width, uint32_t* dst) {
+  for (int64_t i = 0; i < width; ++i) dst[i] = bf16_bits(lo[i]) | bf16_bits(hi[i]) << 16;
+}
+
 FCNK_MULTIVERSION void bf16_row_to_f(const uint16_t* src, int64_t width, float* dst) {
   for (int64_t i = 0; i < width; ++i) dst[i] = bf16_to_f(src[i]);
 }
