@@ -61,9 +61,10 @@ step info 30 python3 -m fcnkern info
 # -v: each result is logged as it comes, so a run cut off by its limit still shows what passed.
 # Not cuda_problems / cuda_elements: those check CUDA index maths on the CPU (CI runs them). The FCN twin test's GPU
 # cases are named by backend (triton, cuda), not device; test_tf32 runs on the GPU only. FCNKERN_FAILURE_LOG: each
-# failure's traceback as it happens, since the limit can stop pytest before its summary.
+# failure's traceback as it happens, since the limit can stop pytest before its summary. test_triton_wide_index: the
+# Triton kernels at claimed sizes whose int32 products wrap (run 12's fault), on the GPU's compiled code.
 FCNKERN_FAILURE_LOG="$LOGS/failures.log" step tests 200 python3 -m pytest tests -v -p no:cacheprovider -n 12 \
-  --timeout=150 -k "${TESTS_K:-(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32}" &
+  --timeout=150 -k "${TESTS_K:-(cuda and not cuda_problems and not cuda_elements) or (matches_pytorch_twin and triton) or tf32 or wide_index}" &
 # The Triton runs compile every kernel under the sanitizer, which took them past 200 s before the head in run 3: two
 # processes per tool, the never-sanitized head first. The CUDA C++ upsampling has its own process since run 9, where
 # racecheck of all CUDA C++ ops in one process ran past 200 s inside it.

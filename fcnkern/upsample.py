@@ -466,6 +466,15 @@ def _triton_upsample_bwd(
     return dx, dw, db
 
 
+def _check_bilinear_rows(n: int, c: int, h: int) -> None:
+    """The Triton bilinear passes number their N x C x H rows in int32 (kernels/upsample.py, _row_tile)."""
+    if n * c * h >= 2**31 - 64:
+        raise ValueError(
+            f"bilinear_upsample_crop on the triton backend: {n} x {c} x {h} = {n * c * h} rows of output (or of its "
+            "gradient) is more than its kernels index (2**31 - 64); split the batch or use the cuda backend"
+        )
+
+
 @torch.library.custom_op("fcnkern::triton_bilinear_upsample_crop", mutates_args=())
 def _triton_bilinear(x: Tensor, factor: int, top: int, left: int, out_h: int, out_w: int) -> Tensor:
     from fcnkern.kernels import upsample as k
@@ -473,6 +482,7 @@ def _triton_bilinear(x: Tensor, factor: int, top: int, left: int, out_h: int, ou
     n, c, h, w = x.shape
     out = _ext.maybe_poison(_out_like(x, (n, c, out_h, out_w)))
     if out.numel() > 0:
+        _check_bilinear_rows(n, c, out_h)
         rows, block = k.bilinear_block(out_w)
         k.bilinear_fwd_kernel[(_cdiv(n * c * out_h, rows) * _cdiv(out_w, block),)](
             x, out, n, c, h, w, out_h, out_w, *x.stride(), *out.stride(), factor, top, left,
@@ -489,6 +499,7 @@ def _triton_bilinear_bwd(grad: Tensor, factor: int, top: int, left: int, in_h: i
     dx = _ext.maybe_poison(_out_like(grad, (n, c, in_h, in_w)))
     if dx.numel() == 0:
         return dx
+    _check_bilinear_rows(n, c, max(out_h, in_h))
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     by_col = _ext.maybe_poison(torch.empty((n, c, out_h, in_w), dtype=acc_dtype, device=grad.device))
     acc = _acc(grad.dtype)

@@ -5,7 +5,11 @@ right result; the launcher makes the channel stride 1 (below), which is what mak
 The launcher hands every kernel channels_last activations and a weight stored K x R x S x C (channel stride 1;
 copies only where a tensor is not so already), so that a tile row of channels is one contiguous 16-byte-aligned
 load: on sm_90 these compile to pipelined cp.async loads feeding wgmma. Pixel and offset arithmetic is 32-bit
-(INDEX = int32) whenever every tensor's offsets fit, since a 64-bit division is a long subroutine on a GPU.
+(INDEX = int32) whenever every tensor's offsets fit, since a 64-bit division is a long subroutine on a GPU. In the
+64-bit plan the flat indices are int64 but sizes and strides arrive as int32 scalars, whose products are int32: a
+product of two sizes is taken in INDEX (``tl.cast(OW, INDEX) * OH``) and a channel index widened before it meets a
+stride. ``m // (OW * OH)`` wrapped for a 46341 x 46341 output plane and the forward read out of bounds (H200, run
+12). In the 32-bit plan the casts are no-ops: the same code as before, ptxas's choices included.
 
 Forward, per group g: Y[m, k] = relu(sum_j X[m, j] W[j, k] + b[k]) with m = (n, oh, ow) output pixels, k the
 group's output channels, and j = (c, r, s) the reduction. The reduction is one loop over (tap, BLOCK_K-channel
@@ -115,10 +119,10 @@ def conv_fwd_kernel(
     k_ok = kk < K_G
     ow = m % OW
     oh = (m // OW) % OH
-    n = m // (OW * OH)
+    n = m // (tl.cast(OW, INDEX) * OH)  # tl.cast: OW may be a constexpr 1
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_base = x_ptr + n * x_sn + group * C_G * x_sc
+    x_base = x_ptr + n * x_sn + (group * C_G).to(INDEX) * x_sc
     w_base = w_ptr + (group * K_G + kk) * w_sk
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -132,7 +136,7 @@ def conv_fwd_kernel(
             ih = ih0[:, None] + (r * dil_h)[None, :]
             iw = iw0[:, None] + (s * dil_w)[None, :]
             a_ok = m_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_base[:, None] + c[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=a_ok, other=0.0)
+            a = tl.load(x_base[:, None] + c.to(INDEX)[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=a_ok, other=0.0)
             b_off = (c * w_sc + r * w_sr + s * w_ss)[:, None]
             b = tl.load(w_base[None, :] + b_off, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
@@ -151,14 +155,14 @@ def conv_fwd_kernel(
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_row = x_base + ih * x_sh + iw * x_sw
             b_col = w_base + r * w_sr + s * w_ss
-            a = tl.load(a_row[:, None] + c[None, :] * x_sc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            a = tl.load(a_row[:, None] + c.to(INDEX)[None, :] * x_sc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_col[None, :] + (c * w_sc)[:, None], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
 
     acc += tl.load(b_ptr + group * K_G + kk, mask=k_ok, other=0.0).to(ACC)[None, :]
     # not tl.maximum, which turns NaN into 0; torch.relu keeps NaN
     acc = tl.where((acc < 0.0) & relu, 0.0, acc)
-    y_off = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + ((group * K_G + kk) * y_sc)[None, :]
+    y_off = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + ((group * K_G + kk).to(INDEX) * y_sc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
@@ -191,7 +195,7 @@ def conv_dgrad_kernel(
     c_ok = cc < C_G
     iw = m % W
     ih = (m // W) % H
-    n = m // (W * H)
+    n = m // (tl.cast(W, INDEX) * H)
     w_base = w_ptr + group * K_G * w_sk + cc * w_sc
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -209,14 +213,14 @@ def conv_dgrad_kernel(
         ow = tl.where(ow_num >= 0, ow_num, 0) // stride_w
         pix_ok = m_ok & (oh_num >= 0) & (ow_num >= 0) & (oh * stride_h == oh_num) & (ow * stride_w == ow_num)
         pix_ok = pix_ok & (oh < OH) & (ow < OW)
-        g_row = n * g_sn + group * K_G * g_sc + oh * g_sh + ow * g_sw
+        g_row = n * g_sn + (group * K_G).to(INDEX) * g_sc + oh * g_sh + ow * g_sw
         b_col = w_base + r * w_sr + s * w_ss
         a_ok = pix_ok[:, None] & k_ok[None, :]
-        a = _masked_grad(g_ptr, y_ptr, g_row[:, None] + (k * g_sc)[None, :], a_ok, relu)
+        a = _masked_grad(g_ptr, y_ptr, g_row[:, None] + (k.to(INDEX) * g_sc)[None, :], a_ok, relu)
         b = tl.load(b_col[None, :] + (k * w_sk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION)
 
-    dx_off = (n * dx_sn + ih * dx_sh + iw * dx_sw)[:, None] + ((group * C_G + cc) * dx_sc)[None, :]
+    dx_off = (n * dx_sn + ih * dx_sh + iw * dx_sw)[:, None] + ((group * C_G + cc).to(INDEX) * dx_sc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -255,8 +259,8 @@ def conv_wgrad_kernel(
         j = rs * C_G + c
         r = tl.zeros([BLOCK_N], tl.int32) + rs // S
         s = tl.zeros([BLOCK_N], tl.int32) + rs % S
-    x_chan = (group * C_G + c) * x_sc
-    g_chan = (group * K_G + k) * g_sc
+    x_chan = (group * C_G + c).to(INDEX) * x_sc
+    g_chan = (group * K_G + k).to(INDEX) * g_sc
     p_start = split.to(INDEX) * PIX_PER_SPLIT
     p_stop = tl.minimum(p_start + PIX_PER_SPLIT, M)
 
@@ -273,7 +277,7 @@ def conv_wgrad_kernel(
         p_ok = p < p_stop
         ow = p % OW
         oh = (p // OW) % OH
-        n = p // (OW * OH)
+        n = p // (tl.cast(OW, INDEX) * OH)
         a_ok = k_ok[:, None] & p_ok[None, :]
         a = _masked_grad(g_ptr, y_ptr, g_chan[:, None] + (n * g_sn + oh * g_sh + ow * g_sw)[None, :], a_ok, relu)
         ih = (oh * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]

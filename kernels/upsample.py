@@ -108,8 +108,10 @@ def cell_blocks(elem_bytes: int) -> dict[str, tuple[int, int, int, int]]:
 
 @triton.jit
 def _cells(c, N, QH, QW, SH, SW, TOP, LEFT):
-    """Image, full-output cell row and column (in strides) of cell indices c over N x QH x QW, and which exist."""
-    return c // (QW * QH), TOP // SH + (c // QW) % QH, LEFT // SW + c % QW, c < N * QH * QW
+    """Image, full-output cell row and column (in strides) of cell indices c over N x QH x QW, and which exist. The
+    size products in c's type (INDEX), as in the conv kernels (kernels/conv_relu.py)."""
+    plane = tl.cast(QW, c.dtype) * QH
+    return c // plane, TOP // SH + (c // QW) % QH, LEFT // SW + c % QW, c < tl.cast(N, c.dtype) * QH * QW
 
 
 @triton.jit
@@ -241,11 +243,12 @@ def upsample_dgrad_fold_kernel(
     # gathers its TH x TW cells (those the window touches) from every split, in a fixed order: no atomics, the same
     # sum run to run.
     e = tl.program_id(0).to(INDEX) * BLOCK + tl.arange(0, BLOCK)
-    ok = e < N * CIN_G * GROUPS * H * W
+    hw = tl.cast(W, INDEX) * H  # size products in INDEX, as in the conv kernels
+    ok = e < tl.cast(N, INDEX) * CIN_G * GROUPS * H * W
     j = e % W
     i = (e // W) % H
-    c = (e // (W * H)) % (CIN_G * GROUPS)
-    n = e // (W * H * CIN_G * GROUPS)
+    c = (e // hw) % (CIN_G * GROUPS)
+    n = e // (hw * CIN_G * GROUPS)
     group = c // CIN_G
     depth = CIN_G * TH * TW
     acc = tl.zeros([BLOCK], ACC)
@@ -289,7 +292,7 @@ def upsample_wgrad_cells_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     c_start = split.to(INDEX) * CELLS_PER_SPLIT
-    c_end = tl.minimum(c_start + CELLS_PER_SPLIT, N * QH * QW)
+    c_end = tl.minimum(c_start + CELLS_PER_SPLIT, tl.cast(N, INDEX) * QH * QW)
     for c0 in range(c_start, c_end, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         n, cy, cx, c_ok = _cells(c, N, QH, QW, SH, SW, TOP, LEFT)
@@ -318,10 +321,10 @@ def upsample_fwd_direct_kernel(
     m_block = pid % M_BLOCKS
     group = pid // M_BLOCKS
     m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < N * OH * OW
+    m_ok = m < tl.cast(N, INDEX) * OH * OW  # size products and channel offsets in INDEX, as in the conv kernels
     ox = m % OW
     oy = (m // OW) % OH
-    n = m // (OW * OH)
+    n = m // (tl.cast(OW, INDEX) * OH)
     py = (TOP + oy) % SH
     qy = (TOP + oy) // SH
     px = (LEFT + ox) % SW
@@ -330,7 +333,7 @@ def upsample_fwd_direct_kernel(
     co_ok = co < COUT_G
     TH = (KH + SH - 1) // SH
     TW = (KW + SW - 1) // SW
-    x_base = x_ptr + n * x_sn + group * CIN_G * x_sc
+    x_base = x_ptr + n * x_sn + (group * CIN_G).to(INDEX) * x_sc
     w_base = w_ptr + group * CIN_G * w_si
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -345,14 +348,14 @@ def upsample_fwd_direct_kernel(
         ih = qy[:, None] - th[None, :]
         iw = qx[:, None] - tw[None, :]
         ok = m_ok[:, None] & k_ok[None, :] & (ky < KH) & (kx < KW) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=ok, other=0.0)
+        a = tl.load(x_base[:, None] + ci.to(INDEX)[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=ok, other=0.0)
         w_off = ci[None, :] * w_si + ky * w_sh + kx * w_sw
         b = tl.load(w_base + w_off[:, :, None] + (co * w_so)[None, None, :], mask=ok[:, :, None] & co_ok[None, None, :],
                     other=0.0)  # fmt: skip
         acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC), axis=1)
     c_out = group * COUT_G + co
     acc += tl.load(b_ptr + c_out, mask=co_ok & has_bias, other=0.0).to(ACC)[None, :]
-    o_off = (n * o_sn + oy * o_sh + ox * o_sw)[:, None] + (c_out * o_sc)[None, :]
+    o_off = (n * o_sn + oy * o_sh + ox * o_sw)[:, None] + (c_out.to(INDEX) * o_sc)[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
@@ -371,13 +374,13 @@ def upsample_dgrad_kernel(
     m_block = pid % M_BLOCKS
     group = pid // M_BLOCKS
     m = m_block.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < N * H * W
+    m_ok = m < tl.cast(N, INDEX) * H * W  # size products and channel offsets in INDEX, as in the conv kernels
     j = m % W
     i = (m // W) % H
-    n = m // (W * H)
+    n = m // (tl.cast(W, INDEX) * H)
     ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_ok = ci < CIN_G
-    g_base = g_ptr + n * g_sn + group * COUT_G * g_sc
+    g_base = g_ptr + n * g_sn + (group * COUT_G).to(INDEX) * g_sc
     w_base = w_ptr + (group * CIN_G + ci) * w_si
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -390,11 +393,11 @@ def upsample_dgrad_kernel(
         oy = (i * SH - TOP)[:, None] + ky[None, :]
         ox = (j * SW - LEFT)[:, None] + kx[None, :]
         a_ok = m_ok[:, None] & k_ok[None, :] & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
-        a = tl.load(g_base[:, None] + co[None, :] * g_sc + oy * g_sh + ox * g_sw, mask=a_ok, other=0.0)
+        a = tl.load(g_base[:, None] + co.to(INDEX)[None, :] * g_sc + oy * g_sh + ox * g_sw, mask=a_ok, other=0.0)
         w_off = co * w_so + ky * w_sh + kx * w_sw
         b = tl.load(w_base[None, :] + w_off[:, None], mask=k_ok[:, None] & ci_ok[None, :], other=0.0)
         acc = _mac(a, b, acc, USE_DOT, DOT_PRECISION)
-    dx_off = (n * dx_sn + i * dx_sh + j * dx_sw)[:, None] + ((group * CIN_G + ci) * dx_sc)[None, :]
+    dx_off = (n * dx_sn + i * dx_sh + j * dx_sw)[:, None] + ((group * CIN_G + ci).to(INDEX) * dx_sc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
 
 
@@ -421,18 +424,18 @@ def upsample_wgrad_kernel(
     co = jj // (KH * KW)
     ky = (jj // KW) % KH
     kx = jj % KW
-    x_chan = (group * CIN_G + ci) * x_sc
-    g_chan = (group * COUT_G + co) * g_sc
+    x_chan = (group * CIN_G + ci).to(INDEX) * x_sc  # size products and channel offsets in INDEX, as in the conv
+    g_chan = (group * COUT_G + co).to(INDEX) * g_sc  # kernels
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     p_start = split.to(INDEX) * PIX_PER_SPLIT
-    p_end = tl.minimum(p_start + PIX_PER_SPLIT, N * H * W)
+    p_end = tl.minimum(p_start + PIX_PER_SPLIT, tl.cast(N, INDEX) * H * W)
     for p0 in range(p_start, p_end, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         p_ok = p < p_end
         j = p % W
         i = (p // W) % H
-        n = p // (W * H)
+        n = p // (tl.cast(W, INDEX) * H)
         a_off = x_chan[:, None] + (n * x_sn + i * x_sh + j * x_sw)[None, :]
         a = tl.load(x_ptr + a_off, mask=ci_ok[:, None] & p_ok[None, :], other=0.0)
         oy = (i * SH - TOP)[:, None] + ky[None, :]
@@ -461,7 +464,8 @@ def _row_tile(D0, D1, D2, D3, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """This program's ROWS consecutive rows (a0, a1, a2) of a D0 x D1 x D2 x D3 tensor walked row by row, and BLOCK of
     their columns a3: (a0, a1) as int64 row vectors, a2 an int32 row vector, a3 an int32 column vector, and the
     ROWS x BLOCK mask. A few divisions per row instead of four 64-bit divisions per element, and the column axis
-    stays visibly contiguous (the CE kernels' lesson)."""
+    stays visibly contiguous (the CE kernels' lesson). Rows, and so D1 D2 and D0 D1 D2, are int32: the launcher
+    refuses D0 D1 D2 >= 2**31 - 64."""
     blocks_per_row = tl.cdiv(D3, BLOCK)
     pid = tl.program_id(0)
     row = (pid // blocks_per_row) * ROWS + tl.arange(0, ROWS)
