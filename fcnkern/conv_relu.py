@@ -49,6 +49,13 @@ IntPair = int | Sequence[int]
 
 
 def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    # The usual forms first (an int, or nn.Conv2d's tuple of two ints): this runs three times per call, and on a GPU
+    # a layer's host time is most of a small call (issue 5).
+    cls = type(value)
+    if cls is int:
+        return value, value
+    if cls is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
@@ -85,14 +92,17 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
     """(OH, OW) of the convolution of x by weight."""
-    oh, ow = (conv_output_size(x.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    (h, w), (r, s) = x.shape[2:], weight.shape[2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return oh, ow
 
 
 def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor) or t.dim() != 4:  # an unbatched x was given its batch axis before this
-            raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4):
+        for name, t in (("x", x), ("weight", weight)):
+            if not isinstance(t, Tensor) or t.dim() != 4:  # an unbatched x was given its batch axis before this
+                raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fcnkern import _amp, _autograd, _ext
 from fcnkern import backend as _backend
-from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _index_type, _wgrad_splits
+from fcnkern.conv_relu import _acc, _cdiv, _dot_precision, _index_type, _pair, _wgrad_splits
 from fcnkern.second_order import register_reference_double_backward
 
 __all__ = ["bilinear_kernel", "bilinear_upsample_crop", "bilinear_weight", "upsample_crop"]
@@ -63,13 +63,6 @@ def bilinear_weight(channels: int, kernel_size: int, dtype: torch.dtype = torch.
     weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=dtype)
     weight[range(channels), range(channels)] = bilinear_kernel(kernel_size, dtype)
     return weight
-
-
-def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _check_window(full: tuple[int, int], crop: tuple[int, int], out_size: tuple[int, int]) -> None:
