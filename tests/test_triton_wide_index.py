@@ -172,3 +172,32 @@ def test_bilinear_refuses_more_rows_than_its_int32_row_index():
     _check_bilinear_rows(8, 21, 512)  # no error
     with pytest.raises(ValueError, match="split the batch"):
         _check_bilinear_rows(1, 21, 2**27)
+
+
+def test_upsample_cell_forward_splits_cells_past_int32_products():
+    """The learned upsampling's tensor-core forward (k4 s2, 8 channels) over cells of a claimed TALL x 64 grid (one
+    cell = a 2 x 2 block of output): two programs of 64 cells compute cell rows 0 and 1, output rows 0-3, which input
+    rows 0 and 1 reach. The wrapped split put cell row 1 in image 1 and its bounds check dropped it."""
+    from fcnkern.kernels import upsample as u
+
+    from fcnkern.upsample import _cell_weight
+
+    g = torch.Generator().manual_seed(7)
+    ch = 8
+    x = torch.randn(2, ch, 2, WIDE, generator=g).to(DEVICE)  # rows 0-1; H is TALL
+    w = torch.randn(ch, ch, 4, 4, generator=g).to(DEVICE)
+    out = _nan_like((2, ch, 4, 2 * WIDE))
+    a = _cell_weight(w, 1, (2, 2), (2, 2))
+    bm, bn, bk, warps = u.cell_blocks(4)["fwd"]
+    assert bn == 64
+    u.upsample_fwd_cells_kernel[(2, triton.cdiv(a.shape[1], bm), 1)](
+        a, x, a, out,
+        1, ch, TALL, WIDE, ch, 2 * TALL, 2 * WIDE,
+        *x.stride(), *out.stride(),
+        2, 2, 0, 0, 2, 2, TALL, WIDE, False,
+        ACC=_acc(x.dtype), INDEX=tl.int64, DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    want = F.conv_transpose2d(x[:1].double(), w.double(), stride=2)[:, :, :4, : 2 * WIDE].float()
+    torch.testing.assert_close(out[:1], want, rtol=1e-5, atol=1e-5)
+    assert out[1].isnan().all(), "a program wrote into the second image"
