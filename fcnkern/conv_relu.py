@@ -93,16 +93,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
     """(OH, OW) of the convolution of x by weight."""
     (h, w), (r, s) = x.shape[2:], weight.shape[2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return oh, ow
+    return (
+        conv_output_size(h, r, stride[0], padding[0], dilation[0]),
+        conv_output_size(w, s, stride[1], padding[1], dilation[1]),
+    )
 
 
 def _validate(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4):
-        for name, t in (("x", x), ("weight", weight)):
-            if not isinstance(t, Tensor) or t.dim() != 4:  # an unbatched x was given its batch axis before this
-                raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dim() != 4:  # an unbatched x was given its batch axis before this
+            raise ValueError(f"{name} must be a 4-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 (or float64), got {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:
