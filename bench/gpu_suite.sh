@@ -21,7 +21,7 @@ LOGS=$(mktemp -d /tmp/fcnkern-gpu-logs.XXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-build info tests memcheck racecheck floors probe ncu bench train cli}
+STEPS=${STEPS:-build info tests memcheck racecheck floors probe hostprof ncu bench train cli}
 
 pack() {
   cp "$LOGS"/summary.txt "$LOGS"/env.txt "$OUT"/ 2>/dev/null
@@ -79,6 +79,9 @@ done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
 step probe 90 python3 bench/gpu_probe.py
+# Where the host time of the calls goes: per-call host microseconds per op and backend, cProfile of the Triton conv
+# and of the FCN-8s training step (issues 3 and 5).
+step hostprof 90 python3 bench/gpu_host_profile.py
 # Not in the default STEPS: the Triton cell kernels' tile and split sweep (STEPS="... sweep ...").
 step sweep 150 python3 bench/gpu_cells_sweep.py
 # Nsight Compute on the slow kernels named in bench/gpu_ncu_run.py, if the machine has ncu and lets it read the
