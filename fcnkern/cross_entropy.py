@@ -380,8 +380,7 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, ops: _DeviceOps):
-        with torch._C._AutoDispatchBelowAutograd():
-            loss, grad = ops.fwd_grad(logits, target, weight, ignore_index)
+        loss, grad = _autograd.kernel(ops.fwd_grad, logits, target, weight, ignore_index)
         ctx.save_for_backward(logits, target, weight)
         ctx.grad, ctx.ops, ctx.ignore_index = grad, ops, ignore_index
         return loss
@@ -393,15 +392,15 @@ class _GradInForward(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient that autograd can differentiate again
             return _differentiable_grad(logits, target, weight, ii, grad_loss), None, None, None, None
         grad, scale = ctx.grad, _one_upstream_value(grad_loss)
-        with torch._C._AutoDispatchBelowAutograd():
-            if grad is None:  # handed on by an earlier backward through this graph: recompute it, for upstream 1
-                _, stats = ctx.ops.fwd(logits, target, weight, ii)
-                grad = ctx.ops.bwd(grad_loss.new_ones(()).expand(grad_loss.shape), logits, target, weight, stats, ii)
-                ctx.grad = grad
-            if scale is not None:  # the same scaling whichever backward this is: reentrant, bit for bit
-                ctx.grad = None
-                ctx.ops.scale_grad_(grad, scale)
-                return grad, None, None, None, None
+        if grad is None:  # handed on by an earlier backward through this graph: recompute it, for upstream 1
+            _, stats = _autograd.kernel(ctx.ops.fwd, logits, target, weight, ii)
+            ones = grad_loss.new_ones(()).expand(grad_loss.shape)
+            grad = _autograd.kernel(ctx.ops.bwd, ones, logits, target, weight, stats, ii)
+            ctx.grad = grad
+        if scale is not None:  # the same scaling whichever backward this is: reentrant, bit for bit
+            ctx.grad = None
+            _autograd.kernel(ctx.ops.scale_grad_, grad, scale)
+            return grad, None, None, None, None
         return _scale_precomputed_grad(grad, grad_loss, target, ii), None, None, None, None
 
 

@@ -198,8 +198,7 @@ def _register(fwd_name: str, bwd_op, scale_op) -> None:
                 grad = _autograd.backward_call(bwd_op, ones, scores, target, weight, *ctx.args)
             scaled = scale_by_cpu_scalar(grad, grad_loss)
             if scaled is None:  # a device upstream value, or a CPU one that is not finite
-                with torch._C._AutoDispatchBelowAutograd():
-                    scale_op(grad, grad_loss.as_strided((1,), (1,)))
+                _autograd.kernel(scale_op, grad, grad_loss.as_strided((1,), (1,)))
                 scaled = grad
             grad = scaled
         return (grad.to(scores.dtype),) + (None,) * 7

@@ -90,3 +90,83 @@ def test_eager_call_uses_the_function():
     w = torch.randn(2, 3, 3, 3, requires_grad=True)
     y = fcnkern.conv2d_relu(x, w, padding=1, backend="triton")
     assert type(y.grad_fn).__name__ == "fcnkern_triton_conv2d_relu_eagerBackward"
+
+
+def _triton_or_skip() -> None:
+    reason = skip_reason("cpu", "triton")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("case", list(_cases(torch.Generator().manual_seed(0))))
+def test_triton_kernels_called_directly(case, monkeypatch):
+    """Eagerly, the Triton backend's custom ops run their Python functions without the dispatcher's round trip
+    (fcnkern._autograd.kernel), forward and backward, with the same values and gradients bit for bit as through
+    the ops."""
+    _triton_or_skip()
+    fn, inputs = _cases(generator("direct", case))[case]
+    _run(fn, "triton", inputs, generator("direct-up", case))  # resolves every op this case calls
+    calls: dict[str, int] = {}
+
+    def counting(name, inner):
+        def run(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return inner(*args)
+
+        return run
+
+    for op, found in list(_autograd._python_kernels.items()):
+        if found is not None:
+            name = getattr(op, "_qualname", None) or op._name
+            monkeypatch.setitem(_autograd._python_kernels, op, (counting(name, found[0]), found[1]))
+    direct_out, direct_grads = _run(fn, "triton", inputs, generator("direct-up", case))
+    assert any(not name.endswith(("_bwd", "_scale_grad_")) for name in calls), calls  # the forward
+    # The backward too, except where it needs no kernel: the gradient written by the forward, scaled by torch ops
+    # for a per-pixel upstream (ce_none) or on the host for a CPU scalar one (head_sum).
+    if case not in ("ce_none", "head_sum"):
+        assert any(name.endswith(("_bwd", "_scale_grad_")) for name in calls), calls
+
+    monkeypatch.setattr(_autograd, "_python_kernel", lambda op: None)  # every kernel through its op
+    op_out, op_grads = _run(fn, "triton", inputs, generator("direct-up", case))
+    assert torch.equal(direct_out, op_out)
+    for d, o in zip(direct_grads, op_grads, strict=True):
+        assert torch.equal(d, o)
+
+
+def test_cpp_ops_are_not_python_kernels():
+    reason = skip_reason("cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    assert _autograd._python_kernel(torch.ops.fcnkern.conv2d_relu.default) is None
+    assert _autograd._python_kernel(torch.ops.fcnkern.triton_conv2d_relu.default) is not None
+
+
+def test_direct_kernel_bumps_the_version_of_what_it_mutates():
+    """The in-place scaling op, called directly, still tells autograd that its tensor changed."""
+    _triton_or_skip()
+    op = torch.ops.fcnkern.triton_pixelwise_ce_scale_grad_.default
+    found = _autograd._python_kernel(op)
+    assert found is not None and found[1] == (0,)
+    grad = torch.randn(2, 3, 4, 5, generator=generator("bump"))
+    expected = grad * 0.5
+    before = grad._version
+    _autograd.kernel(op, grad, torch.tensor([0.5]))
+    assert grad._version > before
+    torch.testing.assert_close(grad, expected)
+
+
+def test_dispatch_modes_and_the_profiler_see_the_op():
+    """Where something other than the kernel may look at the call, the op itself is called: under FakeTensorMode
+    its fake implementation runs (the Triton function on fake tensors would fail), and the autograd profiler
+    records the op by name."""
+    _triton_or_skip()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(1, 3, 6, 6, generator=generator("modes"))
+    w = torch.randn(4, 3, 3, 3, generator=generator("modes-w"))
+    with FakeTensorMode() as mode:
+        y = fcnkern.conv2d_relu(mode.from_tensor(x), mode.from_tensor(w), padding=1, backend="triton")
+    assert tuple(y.shape) == (1, 4, 6, 6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fcnkern.conv2d_relu(x, w, padding=1, backend="triton")
+    assert any("fcnkern::triton_conv2d_relu" in e.key for e in prof.key_averages())
