@@ -4,7 +4,8 @@ One JSON line per case:
 - ce: the Triton cross-entropy took 0.76 ms on 1 x 21 x 500 x 500 logits but 0.20 ms on 8 x 21 x 512 x 512 (H100,
   bench/results/h100-*): the forward at batch 1 and 8, sides 500 and 512, next to the CUDA C++ kernel and
   F.cross_entropy.
-- ce_train: cross-entropy forward + backward, device time per step (see ce_train_probe).
+- ce_train: cross-entropy forward + backward, do_bench time per step (see ce_train_probe) and the device time of
+  its kernels (`<backend>_kernels`, torch.profiler; see kernels_ms).
 - bilinear_index: the CUDA bilinear forward with its 32-bit multiply-shift index plan (the default) against the
   64-bit plan (FCNKERN_CUDA_WIDE_INDEX=1), FCN-32s's final layer at batch 1 and 8; predicted 0.61 -> ~0.1-0.15 ms
   at batch 8 on the H100 (cpp/fast_div.h).
@@ -82,6 +83,7 @@ def ce_train_probe(g: torch.Generator) -> None:
                 leaf.grad = None
 
             row[name] = bench(step)
+            row[f"{name}_kernels"] = kernels_ms(step)
         print(json.dumps(row), flush=True)
 
 
@@ -140,6 +142,15 @@ def _profiled_events(fn, calls: int):
         torch.cuda.synchronize()
     device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
     return prof.key_averages(), device_us
+
+
+def kernels_ms(fn, calls: int = 20) -> float:
+    """Device time of the kernels of one call of fn (torch.profiler, mean of `calls`): the GPU's own work, which
+    do_bench's event timing shows only when the host keeps ahead of the GPU. Run 14 found fcnkern's Triton-backend
+    calls taking 0.4-1.2 ms of host time per forward + backward, more than their kernels (bench/gpu_host_profile.py),
+    so the do_bench numbers of runs 1-13 for them were partly host time."""
+    events, device_us = _profiled_events(fn, calls)
+    return sum(device_us(e) for e in events) / calls / 1e3
 
 
 def head_profile_probe(g: torch.Generator) -> None:
@@ -215,6 +226,7 @@ def _conv_row(name: str, x, w, b, dy, layout: str) -> dict:
     for backend in ("triton", "cudnn"):
         step = lambda: torch.autograd.grad(_conv_relu(xr, wr, b, backend), (xr, wr), dy)  # noqa: B023, E731
         row[f"{backend}_fwd_bwd_ms"] = bench(step)
+        row[f"{backend}_fwd_bwd_kernels_ms"] = kernels_ms(step)
     c, side = x.shape[1], x.shape[2]
     row["tflops_triton_fwd"] = 2 * c * c * 9 * side * side / row["triton_fwd_ms"] / 1e9
     return row
