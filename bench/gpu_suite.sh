@@ -90,7 +90,7 @@ NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /usr/local/cuda*/bin/ncu /opt/nv
 step ncu 50 "${NCU:-ncu}" --profile-from-start off -k "regex:conv_|gather_gemm|upsample_|bilinear" --section SpeedOfLight --section MemoryWorkloadAnalysis \
   --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/gpu_ncu_run.py
 step bench 120 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
-  --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and not interleaved}" --benchmark-json="$LOGS/bench.json"
+  --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and (not interleaved or (cuda-b8 and alternating))}" --benchmark-json="$LOGS/bench.json"
 step train 90 python3 -m fcnkern train --device cuda --out "$LOGS/run" --compare-steps 20 --json "$LOGS/train.json"
 # Mixed precision, the usual way to train on a GPU (fp32 weights, bf16 autocast): learns, and its step against the
 # twin's under the same autocast (logs.tar.gz: train-amp.log and .json).
