@@ -104,6 +104,48 @@ def test_every_triton_config_compiles_for_sm80_and_sm90():
     assert not missing, f"no tensor-core instructions in {missing[:5]}"
 
 
+# FCN-8s layers whose channel counts are multiples of 16 on both sides: full tiles, aligned strides.
+_WIDE_CONV_LAYERS = ("conv1_2", "conv2_1", "conv3_2", "conv4_1", "conv5_1", "fc6", "fc7")
+
+
+def test_fcn_conv_launches_pipeline_on_tensor_cores():
+    """The conv + ReLU kernels as a GPU launch for FCN-8s's layers specialises them (compile_check --launched: each
+    pointer and stride divisible by 16 marked so, unit strides constant), bf16 and TF32, sm_80 and sm_90. For every
+    layer with channel counts that are multiples of 16, the forward, dgrad and wgrad must copy their operands with
+    cp.async in a pipelined loop (at least two stages' worth of copies in the PTX: an unpipelined loop has one),
+    run on tensor cores (mma.sync / wgmma) and spill nothing. fc7's forward, a 1 x 1 kernel, failed all of that
+    until its weight's unit strides were made 0 (fcnkern.conv_relu._weight_channels_last)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, "-m", "fcnkern.kernels.compile_check", "--launched", arch],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arch in ("80", "90")
+    }
+    records = []
+    for proc in procs.values():
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, stderr[-3000:]
+        records += [json.loads(line) for line in stdout.splitlines()]
+    assert {r["cc"] for r in records} == {80, 90}
+    assert all(0 < r["registers"] <= 255 for r in records)
+    wide = [r for r in records if any(f"_{layer}_" in r["kernel"] for layer in _WIDE_CONV_LAYERS)]
+    for kind in ("fwd", "dgrad", "wgrad"):
+        for dtype in ("bfloat16", "float32"):
+            assert any(r["kernel"].startswith(f"conv_{kind}_") and r["kernel"].endswith(dtype) for r in wide)
+    bad = [
+        (r["kernel"], r["cc"], r["cp_async"], r["stack_bytes"])
+        for r in wide
+        if r["cp_async"] < 24 or r["stack_bytes"] > 0 or not (r["wgmma"] if r["cc"] == 90 else r["mma"])
+    ]
+    assert not bad, f"(kernel, cc, cp.async copies, spill bytes) not pipelined on tensor cores: {bad}"
+
+
 def test_triton_kernels_compile_with_integer_arguments_of_one():
     """At launch Triton turns an int argument equal to 1 (N = 1, C = 1, a unit stride) into a constexpr Python int;
     each kernel must compile that way too (``N.to(...)`` on one broke the fused head at batch 1 on the GPU)."""
