@@ -5,8 +5,8 @@ the PTX declares local memory, which matrix instructions (mma / wgmma) it has, a
 cuobjdump reads them: registers per thread and stack bytes per thread. The PTX cannot show register spills (ptxas's
 register allocation makes them); the cubin's stack frame holds them, so STACK > 0 means spills or stack arrays.
 ``--ints-of-one`` compiles instead each kernel with all its integer arguments equal to 1 (see ``ones_variants``).
-``--launched`` compiles the conv + ReLU kernels exactly as a GPU launch for FCN-8s's layers specialises them (see
-``launched_variants``), and adds how many cp.async copies the PTX has.
+``--launched`` compiles the conv + ReLU and learned-upsampling kernels exactly as a GPU launch for the FCN layers
+specialises them (see ``launched_variants``).
 Must run with TRITON_INTERPRET unset: the interpreter replaces kernels with Python functions.
 
 Why ``--launched``: the default records compile each config with no argument hints, the variant Triton builds for
@@ -72,6 +72,12 @@ FCN8S_CONV_LAYERS = (
     ("score_fr", 4096, 21, 1, 0, 16, False),
     ("score_pool4", 512, 21, 1, 0, 44, False),
 )
+# The learned upsampling layers (21 classes, kernel 2 x stride): (layer, stride, input side, crop, output side).
+FCN_UPSAMPLE_LAYERS = (
+    ("upscore2", 2, 16, 0, 34),  # FCN-8s at 500 x 500: score_fr's 16^2 -> 34^2, cropped later by the skip's offset
+    ("upscore_pool4", 2, 34, 0, 70),
+    ("upscore32", 32, 16, 19, 500),  # FCN-32s's final layer when learned
+)
 _POINTER_TYPES = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32"}
 
 
@@ -112,43 +118,73 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def launched_variants():
-    """The conv + ReLU kernels that fcnkern's Triton launchers (forward, and backward with every gradient) start for
-    each layer of ``FCN8S_CONV_LAYERS``, batch 1, NCHW input, in bf16 and in fp32 (TF32, PyTorch's default for
-    convolutions), specialised as a launch would (``_launch_specialization``): the launchers run on CPU tensors with
-    the kernels replaced by recorders, and the GPU's dot precision is put back in place of the CPU interpreter's.
-    Launches that specialise alike are compiled once."""
+def _recorded_launches(module, run) -> list:
+    """The kernel launches (fn, args, kwargs) that ``run()`` makes from ``module``'s @triton.jit kernels, which are
+    replaced by recorders meanwhile (outputs stay unwritten: only the launches' arguments matter)."""
+    from triton.runtime.jit import JITFunction
+
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, JITFunction)}
+    launches: list = []
+    for name, fn in kernels.items():
+        setattr(module, name, _Capture(fn, launches))
+    try:
+        run()
+    finally:
+        for name, fn in kernels.items():
+            setattr(module, name, fn)
+    return launches
+
+
+def _conv_run(dtype, layer):
     import torch
-    from fcnkern.kernels import conv_relu as k
 
     from fcnkern import conv_relu as launcher
 
-    names = ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
-    originals = {name: getattr(k, name) for name in names}
+    _, cin, cout, size, pad, side, relu = layer
+    x = torch.empty(1, cin, side, side, dtype=dtype)
+    w = torch.empty(cout, cin, size, size, dtype=dtype)
+    geometry = ([1, 1], [pad, pad], [1, 1], 1, relu)
+    y = launcher._triton_fwd._init_fn(x, w, torch.empty(cout, dtype=dtype), *geometry)
+    launcher._triton_bwd._init_fn(torch.empty_like(y), y, x, w, *geometry, [True, True, True])
+
+
+def _upsample_run(dtype, layer):
+    import torch
+
+    from fcnkern import upsample as launcher
+
+    _, stride, side, crop, out = layer
+    x = torch.empty(1, 21, side, side, dtype=dtype)
+    w = torch.empty(21, 21, 2 * stride, 2 * stride, dtype=dtype)
+    y = launcher._triton_upsample._init_fn(x, w, None, [stride, stride], [crop, crop], [out, out], 1)
+    launcher._triton_upsample_bwd._init_fn(torch.empty_like(y), x, w, [stride, stride], [crop, crop], 1,
+                                            [True, True, False])  # fmt: skip
+
+
+def launched_variants():
+    """The Triton kernels that fcnkern's conv + ReLU launchers (forward, and backward with every gradient) start
+    for each layer of ``FCN8S_CONV_LAYERS``, and the learned upsampling's for ``FCN_UPSAMPLE_LAYERS``, batch 1,
+    NCHW input, in bf16 and in fp32 (TF32, PyTorch's default for convolutions), specialised as a launch would
+    (``_launch_specialization``): the launchers run on CPU tensors with the kernels replaced by recorders, and the
+    GPU's dot precision is put back in place of the CPU interpreter's. Launches that specialise alike are compiled
+    once."""
+    import torch
+    from fcnkern.kernels import conv_relu, upsample
+
+    scenarios = [(conv_relu, _conv_run, layer) for layer in FCN8S_CONV_LAYERS]
+    scenarios += [(upsample, _upsample_run, layer) for layer in FCN_UPSAMPLE_LAYERS]
     seen = set()
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
-        for layer, cin, cout, size, pad, side, relu in FCN8S_CONV_LAYERS:
-            launches: list = []
-            for name in names:
-                setattr(k, name, _Capture(originals[name], launches))
-            try:
-                x = torch.empty(1, cin, side, side, dtype=dtype)
-                w = torch.empty(cout, cin, size, size, dtype=dtype)
-                b = torch.empty(cout, dtype=dtype)
-                geometry = ([1, 1], [pad, pad], [1, 1], 1, relu)
-                y = launcher._triton_fwd._init_fn(x, w, b, *geometry)
-                launcher._triton_bwd._init_fn(torch.empty_like(y), y, x, w, *geometry, [True, True, True])
-            finally:
-                for name, fn in originals.items():
-                    setattr(k, name, fn)
-            for fn, args, kwargs in launches:
+        for module, run, layer in scenarios:
+            for fn, args, kwargs in _recorded_launches(module, functools.partial(run, dtype, layer)):
                 signature, constexprs, attrs, num_warps = _launch_specialization(fn, args, kwargs)
-                constexprs["DOT_PRECISION"] = precision
+                if "DOT_PRECISION" in constexprs:
+                    constexprs["DOT_PRECISION"] = precision
                 key = (fn.__name__, str(signature), str(constexprs), str(attrs), num_warps)
                 if key not in seen:
                     seen.add(key)
                     kind = fn.__name__.removesuffix("_kernel")
-                    yield f"{kind}_{layer}_{str(dtype)[6:]}", fn, signature, constexprs, num_warps, attrs
+                    yield f"{kind}_{layer[0]}_{str(dtype)[6:]}", fn, signature, constexprs, num_warps, attrs
 
 
 def compile_all(cc: int, configs=None):
