@@ -5,8 +5,8 @@ the PTX declares local memory, which matrix instructions (mma / wgmma) it has, a
 cuobjdump reads them: registers per thread and stack bytes per thread. The PTX cannot show register spills (ptxas's
 register allocation makes them); the cubin's stack frame holds them, so STACK > 0 means spills or stack arrays.
 ``--ints-of-one`` compiles instead each kernel with all its integer arguments equal to 1 (see ``ones_variants``).
-``--launched`` compiles the conv + ReLU and learned-upsampling kernels exactly as a GPU launch for the FCN layers
-specialises them (see ``launched_variants``).
+``--launched`` compiles the kernels exactly as a GPU launch for the FCN layers specialises them (conv + ReLU,
+learned and bilinear upsampling, cross-entropy, fused head; see ``launched_variants``).
 Must run with TRITON_INTERPRET unset: the interpreter replaces kernels with Python functions.
 
 Why ``--launched``: the default records compile each config with no argument hints, the variant Triton builds for
@@ -78,7 +78,7 @@ FCN_UPSAMPLE_LAYERS = (
     ("upscore_pool4", 2, 34, 0, 70),
     ("upscore32", 32, 16, 19, 500),  # FCN-32s's final layer when learned
 )
-_POINTER_TYPES = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32"}
+_POINTER_TYPES = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32", "torch.int64": "*i64"}
 
 
 def _launch_specialization(fn, args: tuple, kwargs: dict):
@@ -118,19 +118,19 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def _recorded_launches(module, run) -> list:
-    """The kernel launches (fn, args, kwargs) that ``run()`` makes from ``module``'s @triton.jit kernels, which are
-    replaced by recorders meanwhile (outputs stay unwritten: only the launches' arguments matter)."""
+def _recorded_launches(modules, run) -> list:
+    """The kernel launches (fn, args, kwargs) that ``run()`` makes from the @triton.jit kernels of ``modules``,
+    which are replaced by recorders meanwhile (outputs stay unwritten: only the launches' arguments matter)."""
     from triton.runtime.jit import JITFunction
 
-    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, JITFunction)}
+    kernels = [(m, name, fn) for m in modules for name, fn in vars(m).items() if isinstance(fn, JITFunction)]
     launches: list = []
-    for name, fn in kernels.items():
+    for module, name, fn in kernels:
         setattr(module, name, _Capture(fn, launches))
     try:
         run()
     finally:
-        for name, fn in kernels.items():
+        for module, name, fn in kernels:
             setattr(module, name, fn)
     return launches
 
@@ -161,6 +161,24 @@ def _upsample_run(dtype, layer):
                                             [True, True, False])  # fmt: skip
 
 
+def _head_run(dtype, layer):
+    """The cross-entropy (training forward with its gradient, eval forward, the in-place scaling) on FCN-32s's
+    1 x 21 x 500 x 500 logits, the fused head on its 1 x 21 x 17 x 17 scores, and the bilinear upsampling between."""
+    import torch
+
+    from fcnkern import cross_entropy, upsample, upsample_ce
+
+    logits = torch.empty(1, 21, 500, 500, dtype=dtype)
+    target = torch.zeros(1, 500, 500, dtype=torch.int64)
+    scores = torch.empty(1, 21, 17, 17, dtype=dtype)
+    _, grad = cross_entropy._triton_fwd_grad._init_fn(logits, target, None, 255)
+    cross_entropy._triton_fwd._init_fn(logits, target, None, 255)
+    cross_entropy._triton_scale_grad._init_fn(grad, torch.ones(1, dtype=torch.float32))
+    upsample_ce._triton_fwd._init_fn(scores, target, None, 32, 19, 19, 255, True)
+    upsample._triton_bilinear._init_fn(scores, 32, 19, 19, 500, 500)
+    upsample._triton_bilinear_bwd._init_fn(logits, 32, 19, 19, 17, 17)
+
+
 def launched_variants():
     """The Triton kernels that fcnkern's conv + ReLU launchers (forward, and backward with every gradient) start
     for each layer of ``FCN8S_CONV_LAYERS``, and the learned upsampling's for ``FCN_UPSAMPLE_LAYERS``, batch 1,
@@ -169,22 +187,25 @@ def launched_variants():
     GPU's dot precision is put back in place of the CPU interpreter's. Launches that specialise alike are compiled
     once."""
     import torch
-    from fcnkern.kernels import conv_relu, upsample
+    from fcnkern.kernels import conv_relu, cross_entropy, upsample, upsample_ce
 
-    scenarios = [(conv_relu, _conv_run, layer) for layer in FCN8S_CONV_LAYERS]
-    scenarios += [(upsample, _upsample_run, layer) for layer in FCN_UPSAMPLE_LAYERS]
-    seen = set()
+    scenarios = [((conv_relu,), _conv_run, layer) for layer in FCN8S_CONV_LAYERS]
+    scenarios += [((upsample,), _upsample_run, layer) for layer in FCN_UPSAMPLE_LAYERS]
+    scenarios.append(((cross_entropy, upsample, upsample_ce), _head_run, ("fcn32s_head",)))
+    seen, names = set(), {}
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
-        for module, run, layer in scenarios:
-            for fn, args, kwargs in _recorded_launches(module, functools.partial(run, dtype, layer)):
+        for modules, run, layer in scenarios:
+            for fn, args, kwargs in _recorded_launches(modules, functools.partial(run, dtype, layer)):
                 signature, constexprs, attrs, num_warps = _launch_specialization(fn, args, kwargs)
                 if "DOT_PRECISION" in constexprs:
                     constexprs["DOT_PRECISION"] = precision
                 key = (fn.__name__, str(signature), str(constexprs), str(attrs), num_warps)
                 if key not in seen:
                     seen.add(key)
-                    kind = fn.__name__.removesuffix("_kernel")
-                    yield f"{kind}_{layer[0]}_{str(dtype)[6:]}", fn, signature, constexprs, num_warps, attrs
+                    name = f"{fn.__name__.removesuffix('_kernel')}_{layer[0]}_{str(dtype)[6:]}"
+                    names[name] = names.get(name, 0) + 1  # a second variant of one kernel for the same layer
+                    name += f"_v{names[name]}" if names[name] > 1 else ""
+                    yield name, fn, signature, constexprs, num_warps, attrs
 
 
 def compile_all(cc: int, configs=None):
@@ -208,6 +229,8 @@ def compile_all(cc: int, configs=None):
             "mma": "mma.sync" in ptx,
             "wgmma": "wgmma" in ptx,
             "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
+            "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
             **cubin_resources(kernel.asm["cubin"]),
         }
 
