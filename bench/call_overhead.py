@@ -21,8 +21,10 @@ import torch.nn.functional as F
 import fcnkern
 
 
-def cases(device: str) -> dict:
-    be = "cpu" if device == "cpu" else "cuda"
+def cases(device: str, be: str | None = None) -> dict:
+    """name -> forward + backward call of each op on tiny inputs on ``device``, through backend ``be`` (default: the
+    C++ backend of that device), with PyTorch's own ops beside them."""
+    be = be or ("cpu" if device == "cpu" else "cuda")
     kw = {"device": device}
     s = torch.randn(1, 21, 2, 2, **kw, requires_grad=True)
     t = torch.randint(0, 21, (1, 8, 8), **kw)

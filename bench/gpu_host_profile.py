@@ -21,8 +21,8 @@ import pstats
 import statistics
 import time
 
+import call_overhead  # bench/, beside this script
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -51,40 +51,15 @@ def host_us(fn, calls: int = 100, repeats: int = 7) -> float:
 
 
 def op_cases() -> dict:
-    kw = {"device": "cuda"}
-    s = torch.randn(1, 21, 2, 2, **kw, requires_grad=True)
-    t = torch.randint(0, 21, (1, 8, 8), **kw)
-    x = torch.randn(1, 21, 8, 8, **kw, requires_grad=True)
-    c = torch.randn(1, 32, 8, 8, **kw, requires_grad=True)
-    w = torch.randn(32, 32, 3, 3, **kw, requires_grad=True)
-    b = torch.randn(32, **kw, requires_grad=True)
-    uw = torch.randn(21, 21, 4, 4, **kw, requires_grad=True)
-    p = [torch.empty(16, **kw) for _ in range(4)]
+    """bench/call_overhead.py's cases per backend, and an empty Triton launch. (Run 14 ran an earlier copy of
+    them here, with a 1 x 32 x 8 x 8 conv input where call_overhead has 1 x 3 x 8 x 8: host time, not work.)"""
+    p = [torch.empty(16, device="cuda") for _ in range(4)]
     args = (*p, *range(10), *range(10), *range(4))
-    cases = {
-        "empty triton kernel, 30 args": lambda: _empty_kernel[(1,)](*args, FLAG=True, BLOCK=64),
-        "torch.empty + torch.zeros": lambda: (torch.empty(32, **kw), torch.zeros(32, **kw)),
-        "F.relu(F.conv2d) fwd": lambda: F.relu(F.conv2d(c, w, b, padding=1)),
-        "F.relu(F.conv2d) fwd+bwd": lambda: F.relu(F.conv2d(c, w, b, padding=1)).sum().backward(),
-        "F.cross_entropy fwd+bwd": lambda: F.cross_entropy(x, t, ignore_index=255, reduction="sum").backward(),
-    }
+    result = {"empty triton kernel, 30 args": lambda: _empty_kernel[(1,)](*args, FLAG=True, BLOCK=64)}
     for be in ("triton", "cuda", "torch"):
-        ops = {
-            "conv2d_relu fwd": lambda be=be: fcnkern.conv2d_relu(c, w, b, padding=1, backend=be),
-            "conv2d_relu fwd+bwd": lambda be=be: fcnkern.conv2d_relu(c, w, b, padding=1, backend=be).sum().backward(),
-            "pixelwise_cross_entropy fwd+bwd": lambda be=be: fcnkern.pixelwise_cross_entropy(
-                x, t, backend=be
-            ).backward(),
-            "head fwd+bwd": lambda be=be: fcnkern.upsample_cross_entropy(s, t, 4, (2, 2), backend=be).backward(),
-            "bilinear fwd+bwd": lambda be=be: (
-                fcnkern.bilinear_upsample_crop(s, 4, (2, 2), (8, 8), backend=be).sum().backward()
-            ),
-            "upsample_crop fwd+bwd": lambda be=be: (
-                fcnkern.upsample_crop(s, uw, 2, (1, 1), (4, 4), backend=be).sum().backward()
-            ),
-        }
-        cases |= {f"{name} [{be}]": fn for name, fn in ops.items()}
-    return cases
+        ops = call_overhead.cases("cuda", be)
+        result |= {f"{name} [{be}]": fn for name, fn in ops.items() if "PyTorch" not in name or be == "triton"}
+    return result
 
 
 def profile_text(fn, calls: int, top: int) -> str:

@@ -46,13 +46,14 @@ def test_cuda_kernels_compiled_linked_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
-def test_every_triton_config_compiles_for_sm80_and_sm90():
+def _compile_check_records(*options: str) -> list[dict]:
+    """The records of ``python -m fcnkern.kernels.compile_check [options] ARCH`` for sm_80 and sm_90, one process
+    per architecture side by side."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # One process per architecture, side by side: about 8 minutes each on this 2-core machine.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fcnkern.kernels.compile_check", arch],
+            [sys.executable, "-m", "fcnkern.kernels.compile_check", *options, arch],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -65,6 +66,12 @@ def test_every_triton_config_compiles_for_sm80_and_sm90():
         stdout, stderr = proc.communicate(timeout=1800)
         assert proc.returncode == 0, stderr[-3000:]
         records += [json.loads(line) for line in stdout.splitlines()]
+    return records
+
+
+def test_every_triton_config_compiles_for_sm80_and_sm90():
+    # One process per architecture, side by side: about 8 minutes each on this 2-core machine.
+    records = _compile_check_records()
     if os.environ.get("FCNKERN_COMPILE_RECORDS"):  # keep the table (registers, stack) for bench/results
         with open(os.environ["FCNKERN_COMPILE_RECORDS"], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -116,23 +123,7 @@ def test_fcn_conv_launches_pipeline_on_tensor_cores():
     cp.async in a pipelined loop (at least two stages' worth of copies in the PTX: an unpipelined loop has one),
     run on tensor cores (mma.sync / wgmma) and spill nothing. fc7's forward, a 1 x 1 kernel, failed all of that
     until its weight's unit strides were made 0 (fcnkern.conv_relu._weight_channels_last)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {
-        arch: subprocess.Popen(
-            [sys.executable, "-m", "fcnkern.kernels.compile_check", "--launched", arch],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for arch in ("80", "90")
-    }
-    records = []
-    for proc in procs.values():
-        stdout, stderr = proc.communicate(timeout=1800)
-        assert proc.returncode == 0, stderr[-3000:]
-        records += [json.loads(line) for line in stdout.splitlines()]
+    records = _compile_check_records("--launched")
     assert {r["cc"] for r in records} == {80, 90}
     assert all(0 < r["registers"] <= 255 for r in records)
     wide = [r for r in records if any(f"_{layer}_" in r["kernel"] for layer in _WIDE_CONV_LAYERS)]
