@@ -3,7 +3,8 @@
 // elements and reads only what reaches them, so nothing outside the kept window is computed, there are no atomics
 // and results do not depend on scheduling.
 //
-// - bilinear forward: 2 x 2 taps per kept output pixel, a block per output row (the row's taps worked out once).
+// - bilinear forward: 2 x 2 taps per kept output pixel, a block per tile of 16 output rows (each row's taps and
+//   each column's worked out once for the tile).
 // - bilinear backward, separable: a pass along the height (each (input row, output column) sums its 2f window
 //   taps) into an fp32 intermediate one f-th the gradient's size, then one along the width.
 // - learned forward: each output (n, co, Y, X) sums over its group's input channels and only the sub-kernel taps
@@ -42,21 +43,35 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 
 int64_t grid_for(int64_t items) { return grid_blocks(items, kThreads, 32); }
 
+// Output rows per block of the bilinear forward: their taps go to shared memory, and each thread reuses its
+// columns' taps down them.
+constexpr int kBilinearTileRows = 16;
+
+// Blocks of the bilinear forward: one per tile of kBilinearTileRows output rows up to this many, then each takes
+// several tiles.
+constexpr int64_t kMaxRowBlocks = int64_t(1) << 20;
+
 // Each kernel runs its element function (cpp/upsample_cuda_elements.h) over its elements; the bilinear forward, its
-// row function over rows, one block per row at a time, the block's threads along the row.
+// row function over tiles of rows, one block per tile at a time, the block's threads along the rows.
 template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
 __global__ void __launch_bounds__(kThreads)
     bilinear_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                         const BilinearFwdPlan<index_t, div_t> plan, index_t rows) {
-  // An unsigned counter in the 32-bit plan: row < rows < 2^31 and gridDim.x <= kMaxRowBlocks, so no wrap.
+  // An unsigned counter in the 32-bit plan: rows < 2^31 and gridDim.x * kBilinearTileRows <= 2^24, so no wrap.
   using counter_t = std::conditional_t<sizeof(index_t) == 4, uint32_t, int64_t>;
-  for (counter_t row = blockIdx.x; row < counter_t(rows); row += gridDim.x) {
-    bilinear_fwd_row<scalar_t, acc_t>(index_t(row), index_t(threadIdx.x), index_t(blockDim.x), x, out, plan);
+  __shared__ BilinearRowTaps<acc_t, index_t> taps[kBilinearTileRows];
+  for (counter_t base = counter_t(blockIdx.x) * kBilinearTileRows; base < counter_t(rows);
+       base += counter_t(gridDim.x) * kBilinearTileRows) {
+    const index_t count = index_t(counter_t(rows) - base < kBilinearTileRows ? counter_t(rows) - base
+                                                                               : counter_t(kBilinearTileRows));
+    __syncthreads();  // the previous tile's taps are read by every thread before they are replaced
+    if (index_t(threadIdx.x) < count) {
+      taps[threadIdx.x] = bilinear_row_taps<acc_t>(index_t(base) + index_t(threadIdx.x), plan);
+    }
+    __syncthreads();
+    bilinear_fwd_rows<scalar_t, acc_t>(taps, count, index_t(threadIdx.x), index_t(blockDim.x), x, out, plan);
   }
 }
-
-// Blocks of the bilinear forward: one per output row up to this many, then each takes several rows.
-constexpr int64_t kMaxRowBlocks = int64_t(1) << 20;
 
 // FCNKERN_CUDA_WIDE_INDEX=1 forces the 64-bit plan: for timing one against the other on a GPU (bench/gpu_probe.py).
 bool wide_index_forced() {
@@ -129,7 +144,7 @@ at::Tensor bilinear_upsample_crop_cuda(const at::Tensor& x, int64_t factor, int6
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     // A block as wide as the row (whole warps), at most kThreads: narrow rows do not leave most of a block idle.
     const int64_t rows = N * C * out_h, threads = std::min<int64_t>(kThreads, (out_w + 31) / 32 * 32);
-    const int64_t blocks = std::min(rows, kMaxRowBlocks);
+    const int64_t blocks = std::min((rows + kBilinearTileRows - 1) / kBilinearTileRows, kMaxRowBlocks);
     if (bilinear_fwd_fits_32bit(x, out, factor) && !wide_index_forced()) {
       bilinear_fwd_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
           src, dst, bilinear_fwd_plan<int32_t, FastDiv32>(x, out, factor, top, left), int32_t(rows));

@@ -2,7 +2,7 @@
 
 Every thread of cpp/upsample_cuda.cu computes its output elements with a function from
 cpp/upsample_cuda_elements.h (host-and-device code): the bilinear forward's rows (a thread's share of a row's
-columns, each with its 2 x 2 taps), the two separable backward
+columns down a tile of rows, each column's and each row's taps worked out once), the two separable backward
 passes, the learned forward's sub-kernel taps, dgrad's kh x kw kept outputs, and wgrad's per-pixel terms (which the
 kernel sums with a shared-memory tree). Here those functions are compiled for the CPU and called for every element,
 in float64, against conv_transpose2d + slicing and autograd: a check of the gather maths without a GPU. The launch
@@ -21,6 +21,8 @@ import fcnkern
 
 SOURCE = r"""
 #include <ATen/ATen.h>
+#include <algorithm>
+#include <vector>
 #include "upsample_cuda_elements.h"
 
 using namespace fcnkern;
@@ -34,16 +36,25 @@ at::Tensor bilinear_fwd(at::Tensor x, int64_t f, int64_t top, int64_t left, int6
   TORCH_CHECK(bilinear_fwd_fits_32bit(x, out, f), "test sizes must fit the 32-bit plan");
   const double* src = x.data_ptr<double>();
   double* dst = out.data_ptr<double>();
-  // Each row as a block of `step` threads would share it (threads 0 .. step - 1, each every step-th column).
-  const int64_t rows = out.size(0) * out.size(1) * oh, step = 3;
+  // Tiles of `tile` rows (the last one short) as a block of `step` threads would share them: the tile's row taps
+  // first (the kernel's shared memory), then threads 0 .. step - 1, each every step-th column down the tile.
+  const int64_t rows = out.size(0) * out.size(1) * oh, step = 3, tile = 5;
   const auto narrow_plan = bilinear_fwd_plan<int32_t, FastDiv32>(x, out, f, top, left);
   const auto wide_plan = bilinear_fwd_plan<int64_t, PlainDiv64>(x, out, f, top, left);
-  for (int64_t row = 0; row < rows; ++row) {
+  for (int64_t base = 0; base < rows; base += tile) {
+    const int64_t count = std::min(tile, rows - base);
+    std::vector<BilinearRowTaps<double, int32_t>> narrow_taps;
+    std::vector<BilinearRowTaps<double, int64_t>> wide_taps;
+    for (int64_t i = 0; i < count; ++i) {
+      narrow_taps.push_back(bilinear_row_taps<double>(int32_t(base + i), narrow_plan));
+      wide_taps.push_back(bilinear_row_taps<double>(base + i, wide_plan));
+    }
     for (int64_t first = 0; first < step; ++first) {
       if (narrow) {
-        bilinear_fwd_row<double, double>(int32_t(row), int32_t(first), int32_t(step), src, dst, narrow_plan);
+        bilinear_fwd_rows<double, double>(narrow_taps.data(), int32_t(count), int32_t(first), int32_t(step), src,
+                                          dst, narrow_plan);
       } else {
-        bilinear_fwd_row<double, double>(row, first, step, src, dst, wide_plan);
+        bilinear_fwd_rows<double, double>(wide_taps.data(), count, first, step, src, dst, wide_plan);
       }
     }
   }
