@@ -79,14 +79,30 @@ bool wide_index_forced() {
   return v != nullptr && v[0] == '1';
 }
 
-template <int AXIS, typename src_t, typename dst_t, typename acc_t>
+template <int AXIS, typename src_t, typename dst_t, typename acc_t, typename index_t, typename div_t>
 __global__ void __launch_bounds__(kThreads)
-    bilinear_bwd_axis_kernel(const src_t* __restrict__ src, Strides4 ss, dst_t* __restrict__ dst, Strides4 ds,
-                             int64_t N, int64_t C, int64_t D2, int64_t D3, int64_t factor, int64_t start,
-                             int64_t length) {
-  FCNK_GRID_STRIDE(idx, N * C * D2 * D3) {
-    bilinear_bwd_axis_element<AXIS, src_t, dst_t, acc_t>(idx, src, ss, dst, ds, C, D2, D3, factor, start, length);
+    bilinear_bwd_axis_kernel(const src_t* __restrict__ src, dst_t* __restrict__ dst,
+                             const BilinearAxisPlan<index_t, div_t> plan, index_t total) {
+  // An unsigned counter in the 32-bit plan: idx < total < 2^31 and one grid's threads fit in 2^31, so no wrap.
+  using counter_t = std::conditional_t<sizeof(index_t) == 4, uint32_t, int64_t>;
+  const counter_t grid = counter_t(gridDim.x) * blockDim.x;
+  for (counter_t idx = counter_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < counter_t(total); idx += grid) {
+    bilinear_bwd_axis_element<AXIS, src_t, dst_t, acc_t>(index_t(idx), src, dst, plan);
   }
+}
+
+// Both passes of the bilinear backward in index plan (index_t, div_t).
+template <typename scalar_t, typename acc_t, typename index_t, typename div_t>
+void launch_bilinear_bwd(const at::Tensor& grad, const at::Tensor& by_row, const at::Tensor& dx, int64_t factor,
+                         int64_t top, int64_t left, cudaStream_t stream) {
+  bilinear_bwd_axis_kernel<2, scalar_t, acc_t, acc_t><<<grid_for(by_row.numel()), kThreads, 0, stream>>>(
+      grad.const_data_ptr<scalar_t>(), by_row.mutable_data_ptr<acc_t>(),
+      bilinear_axis_plan<index_t, div_t>(grad, by_row, factor, top, grad.size(2)), index_t(by_row.numel()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bilinear_bwd_axis_kernel<3, acc_t, scalar_t, acc_t><<<grid_for(dx.numel()), kThreads, 0, stream>>>(
+      by_row.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+      bilinear_axis_plan<index_t, div_t>(by_row, dx, factor, left, by_row.size(3)), index_t(dx.numel()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -162,7 +178,7 @@ at::Tensor bilinear_upsample_crop_bwd_cuda(const at::Tensor& grad, int64_t facto
   TORCH_CHECK_VALUE(grad.dim() == 4, "grad must be N x C x H x W");
   TORCH_CHECK_VALUE(factor >= 1 && top >= 0 && left >= 0 && in_h >= 1 && in_w >= 1, "bad bilinear geometry");
   const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t N = grad.size(0), C = grad.size(1), out_h = grad.size(2), out_w = grad.size(3);
+  const int64_t N = grad.size(0), C = grad.size(1), out_w = grad.size(3);
   at::Tensor dx = at::empty({N, C, in_h, in_w}, grad.options(), grad.suggest_memory_format());
   maybe_poison(dx);
   if (dx.numel() == 0) return dx;
@@ -175,14 +191,11 @@ at::Tensor bilinear_upsample_crop_bwd_cuda(const at::Tensor& grad, int64_t facto
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bilinear_upsample_crop_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bilinear_bwd_axis_kernel<2, scalar_t, acc_t, acc_t><<<grid_for(by_row.numel()), kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), strides_of(grad), by_row.mutable_data_ptr<acc_t>(), strides_of(by_row), N,
-        C, in_h, out_w, factor, top, out_h);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bilinear_bwd_axis_kernel<3, acc_t, scalar_t, acc_t><<<grid_for(dx.numel()), kThreads, 0, stream>>>(
-        by_row.const_data_ptr<acc_t>(), strides_of(by_row), dx.mutable_data_ptr<scalar_t>(), strides_of(dx), N, C,
-        in_h, in_w, factor, left, out_w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (bilinear_bwd_fits_32bit(grad, by_row, dx, factor) && !wide_index_forced()) {
+      launch_bilinear_bwd<scalar_t, acc_t, int32_t, FastDiv32>(grad, by_row, dx, factor, top, left, stream);
+    } else {
+      launch_bilinear_bwd<scalar_t, acc_t, int64_t, PlainDiv64>(grad, by_row, dx, factor, top, left, stream);
+    }
   });
   return dx;
 }

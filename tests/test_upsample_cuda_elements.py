@@ -73,19 +73,28 @@ at::Tensor fast_divmod(at::Tensor d, at::Tensor n) {
   return out;
 }
 
-at::Tensor bilinear_bwd(at::Tensor grad, int64_t f, int64_t top, int64_t left, int64_t h, int64_t w) {
+at::Tensor bilinear_bwd(at::Tensor grad, int64_t f, int64_t top, int64_t left, int64_t h, int64_t w, bool narrow) {
   const int64_t n = grad.size(0), c = grad.size(1), oh = grad.size(2), ow = grad.size(3);
-  // In the kernels' order: the height pass into by_row, then the width pass into dx.
+  // In the kernels' order: the height pass into by_row, then the width pass into dx; either index plan.
   at::Tensor by_row = at::full({n, c, h, ow}, NAN, grad.options());
   at::Tensor dx = at::full({n, c, h, w}, NAN, grad.options());
-  for (int64_t i = 0; i < by_row.numel(); ++i) {
-    bilinear_bwd_axis_element<2, double, double, double>(i, grad.data_ptr<double>(), strides_of(grad),
-                                                         by_row.data_ptr<double>(), strides_of(by_row), c, h, ow, f,
-                                                         top, oh);
-  }
-  for (int64_t i = 0; i < dx.numel(); ++i) {
-    bilinear_bwd_axis_element<3, double, double, double>(i, by_row.data_ptr<double>(), strides_of(by_row),
-                                                         dx.data_ptr<double>(), strides_of(dx), c, h, w, f, left, ow);
+  TORCH_CHECK(bilinear_bwd_fits_32bit(grad, by_row, dx, f), "test sizes must fit the 32-bit plan");
+  const double* g = grad.data_ptr<double>();
+  double *mid = by_row.data_ptr<double>(), *out = dx.data_ptr<double>();
+  if (narrow) {
+    const auto rows = bilinear_axis_plan<int32_t, FastDiv32>(grad, by_row, f, top, oh);
+    const auto cols = bilinear_axis_plan<int32_t, FastDiv32>(by_row, dx, f, left, ow);
+    for (int32_t i = 0; i < int32_t(by_row.numel()); ++i) {
+      bilinear_bwd_axis_element<2, double, double, double>(i, g, mid, rows);
+    }
+    for (int32_t i = 0; i < int32_t(dx.numel()); ++i) {
+      bilinear_bwd_axis_element<3, double, double, double>(i, mid, out, cols);
+    }
+  } else {
+    const auto rows = bilinear_axis_plan<int64_t, PlainDiv64>(grad, by_row, f, top, oh);
+    const auto cols = bilinear_axis_plan<int64_t, PlainDiv64>(by_row, dx, f, left, ow);
+    for (int64_t i = 0; i < by_row.numel(); ++i) bilinear_bwd_axis_element<2, double, double, double>(i, g, mid, rows);
+    for (int64_t i = 0; i < dx.numel(); ++i) bilinear_bwd_axis_element<3, double, double, double>(i, mid, out, cols);
   }
   return dx;
 }
@@ -169,8 +178,8 @@ def test_bilinear_elements_on_random_geometries(elements, data, c, h, w, f, layo
 
 
 def _check_bilinear(elements, case, layouts, g):
-    """Both forward index plans and the two backward passes against the diagonal ConvTranspose2d + crop in float64;
-    layouts are x's and the upstream gradient's."""
+    """Both index plans of the forward and of the two backward passes against the diagonal ConvTranspose2d + crop
+    in float64; layouts are x's and the upstream gradient's."""
     c, h, w, f, crop, size = case
     x = memory_layout(torch.randn(2, c, h, w, generator=g, dtype=torch.float64), layouts[0])
     weight = fcnkern.bilinear_kernel(2 * f, torch.float64).expand(c, 1, 2 * f, 2 * f)
@@ -181,7 +190,9 @@ def _check_bilinear(elements, case, layouts, g):
     for narrow in (True, False):
         out = elements.bilinear_fwd(x, f, *crop, *size, narrow)
         torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(elements.bilinear_bwd(upstream, f, *crop, h, w), ref_dx, rtol=1e-12, atol=1e-12)
+    for narrow in (True, False):
+        dx = elements.bilinear_bwd(upstream, f, *crop, h, w, narrow)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
 
 
 # (cin, cout_g, groups, h, w, kernel, stride, crop, out_size)
