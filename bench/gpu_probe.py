@@ -23,6 +23,8 @@ One JSON line per case:
 - head_profile: the fused head at batch 1 (1 x 21 x 17 x 17 scores -> 500 x 500, cuda and triton backends) under
   torch.profiler: host time, kernel launches and the costliest host ops per call (issue 8: a constant ~0.4-0.5 ms
   per forward + backward on the GPUs against ~0.11 ms of host time on the CPU machine).
+- head_device: the fused head against the unfused fcnkern ops and PyTorch's head, device time of the kernels per
+  forward + backward at batch 1 and 8 (issue 8).
 - triton_bilinear: the Triton bilinear forward and backward, tiled by output row since session 11 (no 64-bit
   division per element), against the CUDA kernel and F.interpolate, FCN-32s's final layer at batch 8. Before:
   1.156 ms forward (CUDA 0.248); predicted ~0.25 ms.
@@ -174,6 +176,42 @@ def head_profile_probe(g: torch.Generator) -> None:
         print(json.dumps(row), flush=True)
 
 
+def _head_calls(scores: torch.Tensor, t: torch.Tensor) -> dict:
+    """Forward + backward of FCN-32s's head on scores (N x 21 x q x q) against t (N x side x side): PyTorch's
+    (depthwise bilinear ConvTranspose2d + slice + F.cross_entropy), the fused head and the unfused fcnkern ops."""
+    side = t.shape[-1]
+    weight = fcnkern.bilinear_kernel(64).expand(21, 1, 64, 64).to("cuda")
+    window = (slice(None), slice(None), slice(19, 19 + side), slice(19, 19 + side))
+
+    def pytorch():
+        full = F.conv_transpose2d(scores, weight, stride=32, groups=21)
+        F.cross_entropy(full[window], t, ignore_index=255, reduction="sum").backward()
+
+    calls = {"pytorch": pytorch}
+    for be in ("cuda", "triton"):
+        calls[f"fused_{be}"] = lambda be=be: fcnkern.upsample_cross_entropy(
+            scores, t, 32, (19, 19), backend=be
+        ).backward()
+        calls[f"unfused_{be}"] = lambda be=be: fcnkern.pixelwise_cross_entropy(
+            fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (side, side), backend=be), t, backend=be
+        ).backward()
+    return calls
+
+
+def head_device_probe(g: torch.Generator) -> None:
+    """Issue 8's ratio in device time: the fused head against the unfused fcnkern ops and PyTorch's head (see
+    _head_calls), FCN-32s's geometry at batch 1 (500^2) and 8 (512^2): the kernels' time per call (kernels_ms), since
+    the synchronised single calls of bench/test_bench_head.py are mostly host time at these sizes."""
+    for n, side in ((1, 500), (8, 512)):
+        t = torch.randint(0, 21, (n, side, side), device="cuda", generator=g)
+        q = (side + 2 * 19) // 32 + 1
+        scores = torch.randn(n, 21, q, q, device="cuda", generator=g, requires_grad=True)
+        row = {"probe": "head_device", "shape": [n, 21, side, side]}
+        for name, fn in _head_calls(scores, t).items():
+            row[f"{name}_kernels_ms"] = kernels_ms(fn)
+        print(json.dumps(row), flush=True)
+
+
 def step_profile_probe() -> None:
     from fcnkern import models
 
@@ -251,6 +289,7 @@ def triton_bilinear_probe(g: torch.Generator) -> None:
         for backend in ("triton", "cuda"):
             fwd = lambda b=backend: fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend=b)  # noqa: E731
             row[f"{backend}_fwd_ms"] = bench(fwd)
+            row[f"{backend}_fwd_kernels_ms"] = kernels_ms(fwd)
         row["same_result"] = bool(
             torch.allclose(
                 fcnkern.bilinear_upsample_crop(scores, 32, (19, 19), (500, 500), backend="triton"),
@@ -262,7 +301,9 @@ def triton_bilinear_probe(g: torch.Generator) -> None:
     for backend in ("triton", "cuda"):
         s = scores.detach().requires_grad_()
         out = fcnkern.bilinear_upsample_crop(s, 32, (19, 19), (500, 500), backend=backend)
-        row[f"{backend}_bwd_ms"] = bench(lambda out=out, s=s: torch.autograd.grad(out, s, grad, retain_graph=True))
+        bwd = lambda out=out, s=s: torch.autograd.grad(out, s, grad, retain_graph=True)  # noqa: E731
+        row[f"{backend}_bwd_ms"] = bench(bwd)
+        row[f"{backend}_bwd_kernels_ms"] = kernels_ms(bwd)
     print(json.dumps(row), flush=True)
 
 
@@ -273,6 +314,7 @@ def main() -> None:
     bilinear_index_probe(g)
     call_path_probe(g)
     head_profile_probe(g)
+    head_device_probe(g)
     step_profile_probe()
     ce_train_probe(g)
     ce_probe(g)
