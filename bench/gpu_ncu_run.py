@@ -12,7 +12,11 @@ cudaProfilerStart/Stop, so that only that launch is profiled (gpu_suite.sh keeps
 - the FCN-32s fixed bilinear forward on the CUDA backend (0.21 ms against F.interpolate's 0.14-0.16; run 9: 269 us
   under ncu, issue-bound at ~130 instructions per output; session 15 made it walk rows, predicted 0.05-0.08 ms) and
   backward on the Triton backend (1.72 ms in run 4; session 12 made its width pass read runs of columns) and on the
-  CUDA backend (0.24 ms; session 15 put its height pass first, predicted 0.06-0.09 ms).
+  CUDA backend (0.24 ms; session 15 put its height pass first, predicted 0.06-0.09 ms). Session 32 gave the CUDA
+  forward tiles of 16 rows (predicted 0.05-0.065 ms at N = 8) and the backward a 32-bit index plan;
+- the cross-entropy's training forward (loss and gradient in one sweep) on 8 x 21 x 512 x 512 fp32 logits, CUDA and
+  Triton (issue 2: 85 % of the floor of reading the logits once and writing the gradient once, 352 MB), and the
+  fused head at FCN-32s's geometry, batch 8 (issue 8).
 """
 
 import torch
@@ -55,6 +59,13 @@ def main() -> None:
         up = fcnkern.bilinear_upsample_crop(leaf, 32, (19, 19), (500, 500), backend=backend)
         upstream = torch.randn_like(up)
         profiled(lambda up=up, upstream=upstream: torch.autograd.grad(up, leaf, upstream, retain_graph=True))
+
+    logits = torch.randn(8, 21, 512, 512, device="cuda", generator=g).requires_grad_()
+    t = torch.randint(0, 21, (8, 512, 512), device="cuda", generator=g)
+    head_scores = torch.randn(8, 21, 18, 18, device="cuda", generator=g).requires_grad_()
+    for backend in ("cuda", "triton"):
+        profiled(lambda be=backend: fcnkern.pixelwise_cross_entropy(logits, t, backend=be).backward())
+        profiled(lambda be=backend: fcnkern.upsample_cross_entropy(head_scores, t, 32, (19, 19), backend=be).backward())
 
 
 if __name__ == "__main__":
