@@ -87,7 +87,7 @@ step sweep 150 python3 bench/gpu_cells_sweep.py
 # Nsight Compute on the slow kernels named in bench/gpu_ncu_run.py, if the machine has ncu and lets it read the
 # counters: one launch each, fcnkern's kernels only (not the layout copies and reductions around them).
 NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-step ncu 80 "${NCU:-ncu}" --profile-from-start off -k "regex:conv_|gather_gemm|upsample_|bilinear|ce_|head_|combine" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+step ncu 80 "${NCU:-ncu}" --profile-from-start off -k "regex:conv_|gather_gemm|upsample_|bilinear|ce_fwd|ce_scale|ce_bwd|head_kernel|combine_kernel" --section SpeedOfLight --section MemoryWorkloadAnalysis \
   --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/gpu_ncu_run.py
 step bench 120 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 \
   --benchmark-columns=min,median,max -k "${BENCH_K:-cuda and not compile and (not interleaved or (cuda-b8 and alternating))}" --benchmark-json="$LOGS/bench.json"
