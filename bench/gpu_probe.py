@@ -23,6 +23,8 @@ One JSON line per case:
 - head_profile: the fused head at batch 1 (1 x 21 x 17 x 17 scores -> 500 x 500, cuda and triton backends) under
   torch.profiler: host time, kernel launches and the costliest host ops per call (issue 8: a constant ~0.4-0.5 ms
   per forward + backward on the GPUs against ~0.11 ms of host time on the CPU machine).
+- graph_step: the FCN-8s bf16 training step captured in a CUDA graph, fcnkern against the eager twin, batch 1 and 8
+  (issue 5 without host time; and whether fcnkern's ops capture).
 - head_device: the fused head against the unfused fcnkern ops and PyTorch's head, device time of the kernels per
   forward + backward at batch 1 and 8 (issue 8).
 - triton_bilinear: the Triton bilinear forward and backward, tiled by output row since session 11 (no 64-bit
@@ -307,6 +309,57 @@ def triton_bilinear_probe(g: torch.Generator) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _graphed_step(model, x: torch.Tensor, target: torch.Tensor):
+    """One SGD training step of model (forward with its loss, backward, step) captured whole in a CUDA graph, after
+    three warm-up steps on a side stream (PyTorch's whole-network capture recipe): its replay."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(x, target, reduction="sum").backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        model(x, target, reduction="sum").backward()
+        opt.step()
+    return graph.replay
+
+
+def graph_step_probe() -> None:
+    """Issue 5 without host time: the FCN-8s bf16 training step captured in a CUDA graph, fcnkern's network (no host
+    sync in its ops, so it should capture) against the eager twin's, at batch 1 x 500^2 and 8 x 512^2, beside the
+    same steps run eagerly (do_bench). A capture that fails is a finding of its own: its error is printed."""
+    from fcnkern import models
+
+    for n, side in ((1, 500), (8, 512)):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 3, side, side, generator=gen).to("cuda", torch.bfloat16)
+        target = torch.randint(0, 21, (n, side, side), generator=gen).to("cuda")
+        row = {"probe": "graph_step", "shape": [n, 3, side, side]}
+        for name, twin in (("fcnkern", False), ("pytorch-eager", True)):
+            torch.manual_seed(0)
+            model = models.fcn8s(21, twin=twin).to("cuda", torch.bfloat16).train()
+            opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+            def step(model=model, opt=opt, x=x, target=target):
+                opt.zero_grad(set_to_none=True)
+                model(x, target, reduction="sum").backward()
+                opt.step()
+
+            row[f"{name}_eager_ms"] = bench(step)
+            try:
+                row[f"{name}_graph_ms"] = bench(_graphed_step(model, x, target))
+            except Exception as exc:  # the finding: what in the step cannot be captured
+                row[f"{name}_graph_error"] = repr(exc)[:300]
+            del model, opt
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     triton_conv_probe(g)
@@ -318,6 +371,7 @@ def main() -> None:
     step_profile_probe()
     ce_train_probe(g)
     ce_probe(g)
+    graph_step_probe()
 
 
 if __name__ == "__main__":

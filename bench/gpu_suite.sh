@@ -78,7 +78,7 @@ for tool in memcheck racecheck; do
 done
 wait
 step floors 30 python3 bench/gpu_floors.py "$LOGS/floors.json"
-step probe 90 python3 bench/gpu_probe.py
+step probe 150 python3 bench/gpu_probe.py
 # Where the host time of the calls goes: per-call host microseconds per op and backend, cProfile of the Triton conv
 # and of the FCN-8s training step (issues 3 and 5).
 step hostprof 90 python3 bench/gpu_host_profile.py
