@@ -6,7 +6,8 @@ cuobjdump reads them: registers per thread and stack bytes per thread. The PTX c
 register allocation makes them); the cubin's stack frame holds them, so STACK > 0 means spills or stack arrays.
 ``--ints-of-one`` compiles instead each kernel with all its integer arguments equal to 1 (see ``ones_variants``).
 ``--launched`` compiles the kernels exactly as a GPU launch for the FCN layers specialises them (conv + ReLU,
-learned and bilinear upsampling, cross-entropy, fused head; see ``launched_variants``).
+learned and bilinear upsampling, cross-entropy, fused head; see ``launched_variants``); ``--launched-conv`` the
+conv + ReLU ones only (what test_build checks).
 Must run with TRITON_INTERPRET unset: the interpreter replaces kernels with Python functions.
 
 Why ``--launched``: the default records compile each config with no argument hints, the variant Triton builds for
@@ -179,7 +180,7 @@ def _head_run(dtype, layer):
     upsample._triton_bilinear_bwd._init_fn(logits, 32, 19, 19, 17, 17)
 
 
-def launched_variants():
+def launched_variants(conv_only: bool = False):
     """The Triton kernels that fcnkern's conv + ReLU launchers (forward, and backward with every gradient) start
     for each layer of ``FCN8S_CONV_LAYERS``, and the learned upsampling's for ``FCN_UPSAMPLE_LAYERS``, batch 1,
     NCHW input, in bf16 and in fp32 (TF32, PyTorch's default for convolutions), specialised as a launch would
@@ -190,8 +191,9 @@ def launched_variants():
     from fcnkern.kernels import conv_relu, cross_entropy, upsample, upsample_ce
 
     scenarios = [((conv_relu,), _conv_run, layer) for layer in FCN8S_CONV_LAYERS]
-    scenarios += [((upsample,), _upsample_run, layer) for layer in FCN_UPSAMPLE_LAYERS]
-    scenarios.append(((cross_entropy, upsample, upsample_ce), _head_run, ("fcn32s_head",)))
+    if not conv_only:
+        scenarios += [((upsample,), _upsample_run, layer) for layer in FCN_UPSAMPLE_LAYERS]
+        scenarios.append(((cross_entropy, upsample, upsample_ce), _head_run, ("fcn32s_head",)))
     seen, names = set(), {}
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
         for modules, run, layer in scenarios:
@@ -268,7 +270,11 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs TRITON_INTERPRET unset", file=sys.stderr)
         return 2
-    variants = {"--ints-of-one": ones_variants, "--launched": launched_variants}
+    variants = {
+        "--ints-of-one": ones_variants,
+        "--launched": launched_variants,
+        "--launched-conv": functools.partial(launched_variants, conv_only=True),
+    }
     chosen = [variants[a] for a in argv if a in variants]
     for arch in [a for a in argv if a not in variants] or ["80", "90"]:
         for record in compile_all(int(arch), chosen[0]() if chosen else None):
