@@ -51,6 +51,21 @@ struct BilinearTaps {
   FCNK_HD index_t c1(index_t size) const { return i1 < size ? i1 : size - 1; }
 };
 
+// 1 / factor, rounded once on the host for each accumulation type (a multiplication per tap, not a division).
+struct InvFactor {
+  float f32;
+  double f64;
+  static InvFactor of(int64_t factor) { return {float(1.0 / double(factor)), 1.0 / double(factor)}; }
+  template <typename acc_t>
+  FCNK_HD acc_t get() const {
+    if constexpr (sizeof(acc_t) == sizeof(double)) {
+      return f64;
+    } else {
+      return f32;
+    }
+  }
+};
+
 // The bilinear forward's sizes in index_t with div_t dividers (cpp/fast_div.h): FastDiv32 and int32_t where every
 // index and offset fits (bilinear_fwd_fits_32bit), else PlainDiv64 and int64_t.
 template <typename index_t, typename div_t>
@@ -58,16 +73,7 @@ struct BilinearFwdPlan {
   div_t oh, c, f;  // dividers by OH, C and the factor (rows are decoded, columns walked)
   index_t H, W, OW, top, left;
   StridesOf<index_t> xs, os;
-  float inv_f32;  // 1 / factor, rounded once on the host for each accumulation type
-  double inv_f64;
-  template <typename acc_t>
-  FCNK_HD acc_t inv_factor() const {
-    if constexpr (sizeof(acc_t) == sizeof(double)) {
-      return inv_f64;
-    } else {
-      return inv_f32;
-    }
-  }
+  InvFactor inv;
 };
 
 inline bool fits_int32(const at::Tensor& t) {
@@ -91,7 +97,7 @@ BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at:
   return {div_t(index_t(out.size(2))), div_t(index_t(out.size(1))), div_t(index_t(factor)),
           index_t(x.size(2)),          index_t(x.size(3)),          index_t(out.size(3)),
           index_t(top),                index_t(left),               strides(x),
-          strides(out),                float(1.0 / double(factor)), 1.0 / double(factor)};
+          strides(out),                InvFactor::of(factor)};
 }
 
 // The taps of one output row `row` = (n, c, oy) of the bilinear forward's N x C x OH x OW window at (top, left):
@@ -106,7 +112,7 @@ template <typename acc_t, typename index_t, typename div_t>
 FCNK_HD inline BilinearRowTaps<acc_t, index_t> bilinear_row_taps(index_t row, const BilinearFwdPlan<index_t, div_t>& p) {
   const index_t q = p.oh.div(row), n = p.c.div(q);
   const index_t oy = row - q * p.oh.d, c = q - n * p.c.d;
-  const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, p.template inv_factor<acc_t>(), p.H);
+  const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, p.inv.template get<acc_t>(), p.H);
   return {p.xs.at(n, c, r.c0(), 0), p.xs.at(n, c, r.c1(p.H), 0), p.os.at(n, c, oy, 0), r.w0, r.w1};
 }
 
@@ -122,7 +128,7 @@ FCNK_HD inline void bilinear_fwd_rows(const BilinearRowTaps<acc_t, index_t>* row
                                       const BilinearFwdPlan<index_t, div_t>& p) {
   // An unsigned counter in the 32-bit plan: ox < OW < 2^31 and step is a block's width, so ox + step cannot wrap.
   using counter_t = std::conditional_t<sizeof(index_t) == 4, uint32_t, int64_t>;
-  const acc_t inv_f = p.template inv_factor<acc_t>();
+  const acc_t inv_f = p.inv.template get<acc_t>();
   for (counter_t ox = counter_t(first); ox < counter_t(p.OW); ox += counter_t(step)) {
     const BilinearTaps<acc_t, index_t, div_t> k(p.left + index_t(ox), p.f, inv_f, p.W);
     const index_t c0 = k.c0() * p.xs.w, c1 = k.c1(p.W) * p.xs.w, o = index_t(ox) * p.os.w;
@@ -144,16 +150,7 @@ struct BilinearAxisPlan {
   div_t d3, d2, c;  // dividers of an element's decode into (n, c, a2, a3)
   index_t factor, start, length;
   StridesOf<index_t> ss, ds;
-  float inv_f32;  // 1 / factor, rounded once on the host for each accumulation type
-  double inv_f64;
-  template <typename acc_t>
-  FCNK_HD acc_t inv_factor() const {
-    if constexpr (sizeof(acc_t) == sizeof(double)) {
-      return inv_f64;
-    } else {
-      return inv_f32;
-    }
-  }
+  InvFactor inv;
 };
 
 // Whether the 32-bit plan holds both passes' indices: element counts and offsets of the gradient, the height
@@ -173,8 +170,7 @@ BilinearAxisPlan<index_t, div_t> bilinear_axis_plan(const at::Tensor& src, const
   };
   return {div_t(index_t(dst.size(3))), div_t(index_t(dst.size(2))), div_t(index_t(dst.size(1))),
           index_t(factor),             index_t(start),              index_t(length),
-          strides(src),                strides(dst),                float(1.0 / double(factor)),
-          1.0 / double(factor)};
+          strides(src),                strides(dst),                InvFactor::of(factor)};
 }
 
 // Element idx of the destination: dst[.., i, ..] = sum over t in [0, 2f) of k(t) * src[.., i f + t - start, ..]
@@ -191,7 +187,7 @@ FCNK_HD inline void bilinear_bwd_axis_element(index_t idx, const src_t* src, dst
   const index_t t0 = first < 0 ? -first : 0, t1 = p.length - first < 2 * p.factor ? p.length - first : 2 * p.factor;
   const index_t step = AXIS == 2 ? p.ss.h : p.ss.w;
   const src_t* base = src + (AXIS == 2 ? p.ss.at(n, c, 0, a3) : p.ss.at(n, c, a2, 0));
-  const acc_t inv_f = p.template inv_factor<acc_t>();
+  const acc_t inv_f = p.inv.template get<acc_t>();
   acc_t acc = 0;
   for (index_t t = t0; t < t1; ++t) {
     acc += bilinear_weight<acc_t>(t, p.factor, inv_f) * static_cast<acc_t>(base[(first + t) * step]);
