@@ -25,6 +25,7 @@ import call_overhead  # bench/, beside this script
 import torch
 import triton
 import triton.language as tl
+from gpu_probe import training_step  # bench/, beside this script
 
 import fcnkern
 from fcnkern import models
@@ -96,13 +97,7 @@ def main() -> None:
     for name, twin in (("fcnkern", False), ("pytorch-eager", True)):
         torch.manual_seed(0)
         model = models.fcn8s(21, twin=twin).to("cuda", torch.bfloat16).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            model(x, target, reduction="sum").backward()
-            opt.step()
-
+        _, step = training_step(model, x, target)
         row = {"probe": "host_us", "case": f"FCN-8s train step [{name}]", "us_per_call": host_us(step, 5, 3)}
         print(json.dumps(row), flush=True)
         print(f"== cProfile: 10 FCN-8s bf16 training steps, {name}\n" + profile_text(step, 10, 30), flush=True)

@@ -214,6 +214,19 @@ def head_device_probe(g: torch.Generator) -> None:
         print(json.dumps(row), flush=True)
 
 
+def training_step(model, x: torch.Tensor, target: torch.Tensor):
+    """(optimiser, step): an SGD optimiser of model and one training step of it on images x against target
+    (forward with the summed loss, backward, SGD step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x, target, reduction="sum").backward()
+        opt.step()
+
+    return opt, step
+
+
 def step_profile_probe() -> None:
     from fcnkern import models
 
@@ -225,13 +238,7 @@ def step_profile_probe() -> None:
     twin = models.fcn8s(21, twin=True).to("cuda", torch.bfloat16).train()
     twin.load_state_dict(ours.state_dict())
     for name, model in (("fcnkern", ours), ("pytorch-eager", twin)):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            model(x, target, reduction="sum").backward()
-            opt.step()
-
+        _, step = training_step(model, x, target)
         events, device_us = _profiled_events(step, 5)
         top = sorted(events, key=device_us, reverse=True)[:10]
         row = {
@@ -312,14 +319,12 @@ def triton_bilinear_probe(g: torch.Generator) -> None:
 def _graphed_step(model, x: torch.Tensor, target: torch.Tensor):
     """One SGD training step of model (forward with its loss, backward, step) captured whole in a CUDA graph, after
     three warm-up steps on a side stream (PyTorch's whole-network capture recipe): its replay."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
+    opt, step = training_step(model, x, target)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            model(x, target, reduction="sum").backward()
-            opt.step()
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
@@ -343,19 +348,12 @@ def graph_step_probe() -> None:
         for name, twin in (("fcnkern", False), ("pytorch-eager", True)):
             torch.manual_seed(0)
             model = models.fcn8s(21, twin=twin).to("cuda", torch.bfloat16).train()
-            opt = torch.optim.SGD(model.parameters(), lr=1e-10, momentum=0.99)
-
-            def step(model=model, opt=opt, x=x, target=target):
-                opt.zero_grad(set_to_none=True)
-                model(x, target, reduction="sum").backward()
-                opt.step()
-
-            row[f"{name}_eager_ms"] = bench(step)
+            row[f"{name}_eager_ms"] = bench(training_step(model, x, target)[1])
             try:
                 row[f"{name}_graph_ms"] = bench(_graphed_step(model, x, target))
             except Exception as exc:  # the finding: what in the step cannot be captured
                 row[f"{name}_graph_error"] = repr(exc)[:300]
-            del model, opt
+            del model
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
 

@@ -39,7 +39,7 @@ constexpr int kThreads = 256;
 
 using namespace up_elements;
 
-Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+Strides4 strides_of(const at::Tensor& t) { return strides_in<int64_t>(t); }
 
 int64_t grid_for(int64_t items) { return grid_blocks(items, kThreads, 32); }
 

@@ -76,6 +76,12 @@ struct BilinearFwdPlan {
   InvFactor inv;
 };
 
+// t's four strides in index_t.
+template <typename index_t>
+inline StridesOf<index_t> strides_in(const at::Tensor& t) {
+  return {index_t(t.stride(0)), index_t(t.stride(1)), index_t(t.stride(2)), index_t(t.stride(3))};
+}
+
 inline bool fits_int32(const at::Tensor& t) {
   int64_t last = 0;  // the largest element offset
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -91,13 +97,10 @@ inline bool bilinear_fwd_fits_32bit(const at::Tensor& x, const at::Tensor& out, 
 template <typename index_t, typename div_t>
 BilinearFwdPlan<index_t, div_t> bilinear_fwd_plan(const at::Tensor& x, const at::Tensor& out, int64_t factor,
                                                   int64_t top, int64_t left) {
-  const auto strides = [](const at::Tensor& t) {
-    return StridesOf<index_t>{index_t(t.stride(0)), index_t(t.stride(1)), index_t(t.stride(2)), index_t(t.stride(3))};
-  };
   return {div_t(index_t(out.size(2))), div_t(index_t(out.size(1))), div_t(index_t(factor)),
           index_t(x.size(2)),          index_t(x.size(3)),          index_t(out.size(3)),
-          index_t(top),                index_t(left),               strides(x),
-          strides(out),                InvFactor::of(factor)};
+          index_t(top),                index_t(left),               strides_in<index_t>(x),
+          strides_in<index_t>(out),    InvFactor::of(factor)};
 }
 
 // The taps of one output row `row` = (n, c, oy) of the bilinear forward's N x C x OH x OW window at (top, left):
@@ -109,7 +112,8 @@ struct BilinearRowTaps {
 };
 
 template <typename acc_t, typename index_t, typename div_t>
-FCNK_HD inline BilinearRowTaps<acc_t, index_t> bilinear_row_taps(index_t row, const BilinearFwdPlan<index_t, div_t>& p) {
+FCNK_HD inline BilinearRowTaps<acc_t, index_t> bilinear_row_taps(index_t row,
+                                                                  const BilinearFwdPlan<index_t, div_t>& p) {
   const index_t q = p.oh.div(row), n = p.c.div(q);
   const index_t oy = row - q * p.oh.d, c = q - n * p.c.d;
   const BilinearTaps<acc_t, index_t, div_t> r(p.top + oy, p.f, p.inv.template get<acc_t>(), p.H);
@@ -165,12 +169,9 @@ inline bool bilinear_bwd_fits_32bit(const at::Tensor& grad, const at::Tensor& by
 template <typename index_t, typename div_t>
 BilinearAxisPlan<index_t, div_t> bilinear_axis_plan(const at::Tensor& src, const at::Tensor& dst, int64_t factor,
                                                     int64_t start, int64_t length) {
-  const auto strides = [](const at::Tensor& t) {
-    return StridesOf<index_t>{index_t(t.stride(0)), index_t(t.stride(1)), index_t(t.stride(2)), index_t(t.stride(3))};
-  };
   return {div_t(index_t(dst.size(3))), div_t(index_t(dst.size(2))), div_t(index_t(dst.size(1))),
           index_t(factor),             index_t(start),              index_t(length),
-          strides(src),                strides(dst),                InvFactor::of(factor)};
+          strides_in<index_t>(src),    strides_in<index_t>(dst),    InvFactor::of(factor)};
 }
 
 // Element idx of the destination: dst[.., i, ..] = sum over t in [0, 2f) of k(t) * src[.., i f + t - start, ..]

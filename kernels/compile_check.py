@@ -182,11 +182,12 @@ def _head_run(dtype, layer):
 
 def launched_variants(conv_only: bool = False):
     """The Triton kernels that fcnkern's conv + ReLU launchers (forward, and backward with every gradient) start
-    for each layer of ``FCN8S_CONV_LAYERS``, and the learned upsampling's for ``FCN_UPSAMPLE_LAYERS``, batch 1,
-    NCHW input, in bf16 and in fp32 (TF32, PyTorch's default for convolutions), specialised as a launch would
-    (``_launch_specialization``): the launchers run on CPU tensors with the kernels replaced by recorders, and the
-    GPU's dot precision is put back in place of the CPU interpreter's. Launches that specialise alike are compiled
-    once."""
+    for each layer of ``FCN8S_CONV_LAYERS``, and unless ``conv_only`` the learned upsampling's for
+    ``FCN_UPSAMPLE_LAYERS`` and the cross-entropy's, fused head's and bilinear upsampling's for FCN-32s's head
+    (``_head_run``), batch 1, NCHW input, in bf16 and in fp32 (TF32, PyTorch's default for convolutions),
+    specialised as a launch would (``_launch_specialization``): the launchers run on CPU tensors with the kernels
+    replaced by recorders, and the GPU's dot precision is put back in place of the CPU interpreter's. Launches that
+    specialise alike are compiled once."""
     import torch
     from fcnkern.kernels import conv_relu, cross_entropy, upsample, upsample_ce
 

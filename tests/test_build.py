@@ -46,8 +46,8 @@ def test_cuda_kernels_compiled_linked_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
-def _compile_check_records(*options: str) -> list[dict]:
-    """The records of ``python -m fcnkern.kernels.compile_check [options] ARCH`` for sm_80 and sm_90, one process
+def _compile_check_records(*options: str, archs: tuple[str, ...] = ("80", "90"), timeout: int = 1800) -> list[dict]:
+    """The records of ``python -m fcnkern.kernels.compile_check [options] ARCH`` for each of ``archs``, one process
     per architecture side by side."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -59,11 +59,11 @@ def _compile_check_records(*options: str) -> list[dict]:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for arch in ("80", "90")
+        for arch in archs
     ]
     records = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=1800)
+        stdout, stderr = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, stderr[-3000:]
         records += [json.loads(line) for line in stdout.splitlines()]
     return records
@@ -141,14 +141,7 @@ def test_fcn_conv_launches_pipeline_on_tensor_cores():
 def test_triton_kernels_compile_with_integer_arguments_of_one():
     """At launch Triton turns an int argument equal to 1 (N = 1, C = 1, a unit stride) into a constexpr Python int;
     each kernel must compile that way too (``N.to(...)`` on one broke the fused head at batch 1 on the GPU)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fcnkern.kernels.compile_check", "90", "--ints-of-one"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    records = _compile_check_records("--ints-of-one", archs=("90",), timeout=900)
     kernels = {r["kernel"].split("_")[0] for r in records}
     assert {"ce", "conv", "upsample", "bilinear", "head"} <= kernels, kernels
     assert all(r["kernel"].endswith("_ints1") for r in records)
